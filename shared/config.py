@@ -1,0 +1,78 @@
+"""The optional TOML config file shared by the daemon and the clients.
+
+Example (every key is optional)::
+
+    model_dirs = ["~/models"]
+    default_model = "~/models/llama-3-70b.Q4_K_M.gguf"
+    n_gpu_layers = 24          # or "auto" to fit the VRAM budget
+    n_ctx = 4096
+    n_threads = 8
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vramchat.shared import paths
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class Config:
+    model_dirs: list[Path] = field(default_factory=list)
+    default_model: str | None = None
+    n_gpu_layers: int | str = 0
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    # Let `load` take any readable path, not only files under model_dirs (and the demo model).
+    allow_any_model_path: bool = True
+    source: Path | None = None
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], source: Path | None = None) -> "Config":
+        config = cls(source=source)
+        where = f" in {source}" if source else ""
+        dirs = raw.get("model_dirs", [])
+        if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+            raise ConfigError(f"model_dirs{where} must be a list of paths")
+        config.model_dirs = [Path(d).expanduser() for d in dirs]
+        if (model := raw.get("default_model")) is not None:
+            if not isinstance(model, str):
+                raise ConfigError(f"default_model{where} must be a path or a model name")
+            config.default_model = model
+        layers = raw.get("n_gpu_layers", config.n_gpu_layers)
+        if not (layers == "auto" or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)):
+            raise ConfigError(f'n_gpu_layers{where} must be a whole number >= 0 or "auto"')
+        config.n_gpu_layers = layers
+        for name in ("n_ctx", "n_threads"):
+            if name in raw:
+                value = raw[name]
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{name}{where} must be a whole number > 0")
+                setattr(config, name, value)
+        if "allow_any_model_path" in raw:
+            if not isinstance(raw["allow_any_model_path"], bool):
+                raise ConfigError(f"allow_any_model_path{where} must be true or false")
+            config.allow_any_model_path = raw["allow_any_model_path"]
+        return config
+
+
+def load_config(override: str | Path | None = None) -> Config:
+    """Read the config file; a missing default file means defaults, a missing explicit one is an error."""
+    path = paths.config_path(override)
+    if not path.exists():
+        if override or os.environ.get("VRAMCHAT_CONFIG"):
+            raise ConfigError(f"config file {path} does not exist")
+        return Config()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    return Config.from_mapping(raw, source=path)

@@ -1,0 +1,113 @@
+"""Tiny llama-architecture GGUF files with random weights, written with the gguf package.
+
+They load in milliseconds and generate (meaningless) tokens, so the daemon, the engine and the
+planner can be tested with real files of varied shapes: layer count, GQA, vocabulary size, tied
+embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter, LlamaFileType, TokenType
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 4
+    n_ff: int = 128
+    n_vocab: int = 320
+    n_ctx_train: int = 2048
+    tied_embeddings: bool = False
+    f16: bool = False
+    chat_template: str | None = CHATML_TEMPLATE
+    seed: int = 0
+
+
+def _vocabulary(n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+    """SentencePiece-style vocabulary: 3 specials, 256 byte tokens, then filler words."""
+    if n_vocab < 3 + 256 + 1:
+        raise ValueError("n_vocab must be at least 260 (3 specials + 256 bytes + 1 word)")
+    tokens = [b"<unk>", b"<s>", b"</s>"]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    tokens += [f"<0x{b:02X}>".encode() for b in range(256)]
+    types += [TokenType.BYTE] * 256
+    n_words = n_vocab - len(tokens)
+    tokens += [("\u2581w" + str(i)).encode() for i in range(n_words)]
+    types += [TokenType.NORMAL] * n_words
+    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(n_words)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write a llama GGUF for `spec` to `path` and return the path."""
+    if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
+        raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
+    rng = np.random.default_rng(spec.seed)
+    dtype = np.float16 if spec.f16 else np.float32
+    head_dim = spec.n_embd // spec.n_head
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(dtype)
+
+    def norm(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)  # norms stay f32, as llama.cpp's converters write them
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name(f"tiny-llama-{spec.n_layer}L-{spec.n_embd}d-kv{spec.n_head_kv}")
+    writer.add_file_type(LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32)
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(spec.n_vocab)
+
+    tokens, scores, types = _vocabulary(spec.n_vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    if spec.chat_template is not None:
+        writer.add_chat_template(spec.chat_template)
+
+    writer.add_tensor("token_embd.weight", weight(spec.n_vocab, spec.n_embd))
+    writer.add_tensor("output_norm.weight", norm(spec.n_embd))
+    if not spec.tied_embeddings:
+        writer.add_tensor("output.weight", weight(spec.n_vocab, spec.n_embd))
+    for i in range(spec.n_layer):
+        block = f"blk.{i}"
+        writer.add_tensor(f"{block}.attn_norm.weight", norm(spec.n_embd))
+        writer.add_tensor(f"{block}.attn_q.weight", weight(spec.n_head * head_dim, spec.n_embd))
+        writer.add_tensor(f"{block}.attn_k.weight", weight(spec.n_head_kv * head_dim, spec.n_embd))
+        writer.add_tensor(f"{block}.attn_v.weight", weight(spec.n_head_kv * head_dim, spec.n_embd))
+        writer.add_tensor(f"{block}.attn_output.weight", weight(spec.n_embd, spec.n_head * head_dim))
+        writer.add_tensor(f"{block}.ffn_norm.weight", norm(spec.n_embd))
+        writer.add_tensor(f"{block}.ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(f"{block}.ffn_up.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(f"{block}.ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
