@@ -77,7 +77,8 @@ ERROR_CODES: dict[str, str] = {
     "queue_full": "too many requests are queued",
     "rate_limited": "the client sends requests faster than allowed",
     "would_swap": "the load would push the system into swap; retry with force to override",
-    "busy": "the operation cannot run now (another load is in progress)",
+    "busy": "the operation cannot run now (another load is in progress, a reply is generating)",
+    "storage": "the conversation store failed (disk full, locked or damaged); nothing stored was lost",
     "internal": "a bug in the daemon; the daemon stays up",
 }
 
@@ -109,7 +110,7 @@ def unpack(data: bytes, *, max_bytes: int | None = None) -> Any:
             f"{max_bytes / 1048576:.0f} MiB. Send a shorter prompt.",
         )
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=len(data) + 1)
+        return msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("bad_request", f"not a msgpack frame: {exc}") from None
 

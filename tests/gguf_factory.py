@@ -43,7 +43,11 @@ def _vocabulary(n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
     tokens = [b"<unk>", b"<s>", b"</s>"]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
     tokens += [f"<0x{b:02X}>".encode() for b in range(256)]
-    types += [TokenType.BYTE] * 256
+    # NORMAL, not BYTE: a random model picks byte tokens at random, and the invalid UTF-8 they
+    # would decode to makes llama-cpp-python's streaming rescan its held-back text every token
+    # (400 tokens took 9 s). As NORMAL they decode to the literal text "<0xC3>", and the
+    # tokenizer still finds them by name for any byte of a prompt.
+    types += [TokenType.NORMAL] * 256
     n_words = n_vocab - len(tokens)
     tokens += [("\u2581w" + str(i)).encode() for i in range(n_words)]
     types += [TokenType.NORMAL] * n_words

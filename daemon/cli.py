@@ -1,0 +1,64 @@
+"""`vramchatd`: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from vramchat.daemon.server import Daemon, DaemonSettings
+from vramchat.daemon.store import StoreError
+from vramchat.shared import paths
+from vramchat.shared.config import ConfigError, load_config
+from vramchat.shared.paths import UnsafeDirectoryError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vramchatd", description="vramchat daemon: holds the model, serves chats and memory telemetry")
+    parser.add_argument("--runtime-dir", help="socket directory (env VRAMCHAT_RUNTIME_DIR; default $XDG_RUNTIME_DIR/vramchat)")
+    parser.add_argument("--data-dir", help="conversation store directory (env VRAMCHAT_DATA_DIR; default the XDG data dir)")
+    parser.add_argument("--config", help="TOML config file (env VRAMCHAT_CONFIG; default the XDG config dir)")
+    parser.add_argument("--models-dir", action="append", default=[], metavar="DIR", help="scan DIR for *.gguf (repeatable; adds to model_dirs)")
+    parser.add_argument("--model", help="model to load at start (default: default_model from the config, else the demo model)")
+    parser.add_argument("--no-load", action="store_true", help="start without loading a model")
+    parser.add_argument("--gpu-layers", type=int, help="n_gpu_layers for loads that do not say")
+    parser.add_argument("--ctx", type=int, help="n_ctx for loads that do not say")
+    parser.add_argument("--threads", type=int, help="CPU threads for loads that do not say")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"vramchatd: {exc}", file=sys.stderr)
+        return 2
+    config.model_dirs += [Path(d).expanduser() for d in args.models_dir]
+    for name, value in (("n_gpu_layers", args.gpu_layers), ("n_ctx", args.ctx), ("n_threads", args.threads)):
+        if value is not None:
+            setattr(config, name, value)
+    settings = DaemonSettings(
+        runtime_dir=paths.runtime_dir(args.runtime_dir),
+        data_dir=paths.data_dir(args.data_dir),
+        config=config,
+        startup_model=args.model,
+        load_on_start=not args.no_load,
+    )
+    try:
+        return asyncio.run(Daemon(settings).run())
+    except (StoreError, UnsafeDirectoryError) as exc:
+        print(f"vramchatd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

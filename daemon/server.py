@@ -1,0 +1,671 @@
+"""vramchatd's asyncio loop: the ROUTER for requests, the XPUB for events, the generation queue.
+
+The daemon owns the conversations and the engine's lifecycle, and it stays up whatever a client
+or the engine does: every handler error becomes an error reply, and an engine crash becomes a
+`model` event, an `interrupted` reply and an automatic reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+
+from vramchat.daemon import models
+from vramchat.daemon.store import NotFound, Store, StoreError
+from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
+from vramchat.shared import protocol
+from vramchat.shared.config import Config
+from vramchat.shared.paths import ensure_private_dir
+from vramchat.shared.protocol import Event, ProtocolError, Request, field_of
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+# Flush a growing reply to SQLite at most this often; the final text is always written at once.
+REPLY_FLUSH_INTERVAL_S = 0.5
+MAX_QUEUED_PER_CLIENT = 32
+MAX_QUEUED_TOTAL = 256
+# After this many engine crashes within CRASH_WINDOW_S, stop reloading by itself.
+MAX_AUTO_RELOADS = 3
+CRASH_WINDOW_S = 300.0
+SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": int,
+    "min_p": (int, float),
+    "repeat_penalty": (int, float),
+    "max_tokens": int,
+    "seed": int,
+}
+
+
+@dataclass
+class DaemonSettings:
+    runtime_dir: Path
+    data_dir: Path
+    config: Config
+    startup_model: str | None = None
+    load_on_start: bool = True
+    socket_dir_mode: int = 0o700
+
+
+@dataclass
+class Job:
+    request_id: str
+    conversation_id: str
+    client: bytes
+    sampling: dict[str, Any]
+    enqueued_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class InFlight:
+    job: Job
+    message_id: str
+    text: str = ""
+    cancel_requested: bool = False
+    cancel_reason: str | None = None
+
+
+class Daemon:
+    def __init__(self, settings: DaemonSettings) -> None:
+        self.settings = settings
+        self.config = settings.config
+        self.epoch = uuid.uuid4().hex[:16]
+        self.seq = 0
+        self.started_at = time.time()
+        self.context = zmq.asyncio.Context()
+        self.store: Store | None = None
+        self.engine: EngineProcess | None = None
+        self.model: dict[str, Any] = {"state": "idle"}
+        self.last_load_params: dict[str, Any] | None = None
+        self.pending: collections.deque[Job] = collections.deque()
+        self.in_flight: InFlight | None = None
+        self.subscribers = 0
+        self._queue_changed = asyncio.Event()
+        self._model_ready = asyncio.Event()
+        self._engine_lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()
+        self._crash_times: list[float] = []
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.handlers: dict[str, Callable[[Request, bytes], Awaitable[dict[str, Any]]]] = {
+            "hello": self.on_hello,
+            "snapshot": self.on_snapshot,
+            "status": self.on_status,
+            "models": self.on_models,
+            "load": self.on_load,
+            "chat": self.on_chat,
+            "regenerate": self.on_regenerate,
+            "cancel": self.on_cancel,
+            "conversation.create": self.on_conversation_create,
+            "conversation.list": self.on_conversation_list,
+            "conversation.get": self.on_conversation_get,
+            "conversation.update": self.on_conversation_update,
+            "conversation.delete": self.on_conversation_delete,
+        }
+        assert set(self.handlers) == set(protocol.REQUEST_TYPES), "protocol.REQUEST_TYPES and the handlers disagree"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        runtime_dir = ensure_private_dir(self.settings.runtime_dir, self.settings.socket_dir_mode)
+        self._lock_file = _take_instance_lock(runtime_dir)
+        self.store = Store(self.settings.data_dir / "conversations.sqlite3")
+        interrupted = self.store.mark_interrupted()
+        if interrupted:
+            log.warning("marked %d reply(ies) interrupted by the previous daemon's end", interrupted)
+
+        control_path = runtime_dir / protocol.CONTROL_SOCKET
+        events_path = runtime_dir / protocol.EVENTS_SOCKET
+        old_umask = os.umask(0o077 if self.settings.socket_dir_mode == 0o700 else 0o007)
+        try:
+            self.control = self._bind(zmq.ROUTER, control_path)
+            self.events = self._bind(zmq.XPUB, events_path)
+        finally:
+            os.umask(old_umask)
+        self.events.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self.events.setsockopt(zmq.SNDHWM, 100_000)
+        log.info("vramchatd %s listening in %s (epoch %s)", VERSION, runtime_dir, self.epoch)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self._spawn(self._serve_control())
+        self._spawn(self._watch_subscriptions())
+        self._spawn(self._generation_worker())
+        if self.settings.load_on_start and (startup := self._startup_model()):
+            self.model = {"state": "loading", "progress": 0.0}  # requests arriving now wait for it
+            self._spawn(self._load_quietly(startup))
+
+        await self._stopping.wait()
+        await self._shutdown()
+        return 0
+
+    def _bind(self, kind: int, path: Path) -> zmq.asyncio.Socket:
+        if len(str(path)) > 100:
+            raise SystemExit(f"socket path {path} is too long for a Unix socket; use a shorter --runtime-dir")
+        path.unlink(missing_ok=True)
+        socket = self.context.socket(kind)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, protocol.ZMQ_MAX_MESSAGE_BYTES)
+        socket.bind(f"ipc://{path}")
+        return socket
+
+    def _startup_model(self) -> dict[str, Any] | None:
+        name = self.settings.startup_model or self.config.default_model
+        if name is None:
+            demo = next((m for m in models.discover(self.config.model_dirs) if m["source"] == "demo"), None)
+            name = demo["path"] if demo else None
+        if name is None:
+            log.info("no model to load at start: configure default_model, or install the demo model")
+            return None
+        return {"model": name}
+
+    async def _load_quietly(self, body: dict[str, Any]) -> None:
+        try:
+            await self.load(body)
+        except ProtocolError as exc:
+            log.error("could not load the start-up model: %s", exc.message)
+            if self.model.get("state") == "loading":
+                self._set_model(state="error", error=exc.message, progress=None)
+
+    async def _shutdown(self) -> None:
+        """SIGTERM: let the running reply stop at the next token, store it, then exit."""
+        log.info("stopping")
+        if self.in_flight:
+            self._cancel_running("the daemon was stopped")
+            try:
+                await asyncio.wait_for(self._engine_lock.acquire(), 10)
+            except asyncio.TimeoutError:
+                log.warning("the running reply did not stop in 10 s; it will be marked interrupted")
+        if self.engine:
+            await self.engine.stop()
+        for task in self._tasks:
+            task.cancel()
+        self.control.close()
+        self.events.close()
+        self.context.term()
+        if self.store:
+            self.store.close()  # a reply still `generating` is marked interrupted at the next start
+        for name in (protocol.CONTROL_SOCKET, protocol.EVENTS_SOCKET):
+            (self.settings.runtime_dir / name).unlink(missing_ok=True)
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # --- events --------------------------------------------------------------------------------
+
+    def publish(self, topic: str, body: dict[str, Any]) -> None:
+        self.seq += 1
+        event = Event(topic=topic, epoch=self.epoch, seq=self.seq, body=body)
+        try:
+            self.events.send_multipart(event.frames(), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # a subscriber over its high-water mark; it will see the gap
+            log.debug("event %d not sent: %s", self.seq, exc)
+
+    async def _watch_subscriptions(self) -> None:
+        """XPUB hands us each (un)subscription. Publishing on every change also tells a new
+        subscriber that its subscription is active (it sees an event), which the Clone pattern's
+        snapshot-after-subscribe needs."""
+        while True:
+            frame = await self.events.recv()
+            if frame[:1] == b"\x01":
+                self.subscribers += 1
+            elif frame[:1] == b"\x00":
+                self.subscribers = max(0, self.subscribers - 1)
+            else:
+                continue
+            self.publish("clients", {"count": self.subscribers})
+
+    def _queue_state(self) -> dict[str, Any]:
+        running = self.in_flight.job if self.in_flight else None
+        return {
+            "running": _job_view(running, 0) if running else None,
+            "pending": [_job_view(job, position) for position, job in enumerate(self.pending, start=1)],
+        }
+
+    def _publish_queue(self) -> None:
+        self.publish("queue", self._queue_state())
+
+    def _set_model(self, **changes: Any) -> None:
+        self.model = {**self.model, **changes}
+        self.publish("model", self.model)
+
+    # --- control socket -----------------------------------------------------------------------
+
+    async def _serve_control(self) -> None:
+        while True:
+            frames = await self.control.recv_multipart(copy=True)
+            identity, payload = frames[0], frames[1:]
+            if len(payload) != 1:
+                self._reply_error(identity, None, ProtocolError("bad_request", "a request is exactly one frame"))
+                continue
+            try:
+                request = protocol.decode_request(payload[0])
+            except ProtocolError as error:
+                self._reply_error(identity, protocol.request_id_of(payload[0]), error)
+                continue
+            handler = self.handlers.get(request.type)
+            if handler is None:
+                known = ", ".join(sorted(self.handlers))
+                self._reply_error(
+                    identity, request.id, ProtocolError("unknown_type", f"unknown request type {request.type!r}; known: {known}")
+                )
+            elif request.type == "load":  # minutes long: must not hold up other clients
+                self._spawn(self._handle(handler, request, identity))
+            else:
+                await self._handle(handler, request, identity)
+
+    async def _handle(self, handler: Callable[[Request, bytes], Awaitable[dict[str, Any]]], request: Request, identity: bytes) -> None:
+        try:
+            body = await handler(request, identity)
+        except ProtocolError as error:
+            self._reply_error(identity, request.id, error)
+        except NotFound as exc:
+            self._reply_error(identity, request.id, ProtocolError("not_found", str(exc.args[0])))
+        except StoreError as exc:
+            self._reply_error(identity, request.id, ProtocolError("storage", str(exc)))
+        except Exception:
+            log.exception("handler for %r failed", request.type)
+            self._reply_error(identity, request.id, ProtocolError("internal", f"the daemon failed on {request.type!r}; see its log"))
+        else:
+            self.control.send_multipart([identity, protocol.encode_reply(request.id, body)])
+
+    def _reply_error(self, identity: bytes, request_id: str | None, error: ProtocolError) -> None:
+        self.control.send_multipart([identity, protocol.encode_error(request_id, error)])
+
+    # --- handlers: session -------------------------------------------------------------------
+
+    async def on_hello(self, request: Request, _identity: bytes) -> dict[str, Any]:
+        client_version = field_of(request.body, "protocol", int)
+        if client_version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(
+                "protocol_mismatch",
+                f"this daemon speaks protocol {protocol.PROTOCOL_VERSION}, the client {client_version}; "
+                "install the same vramchat version on both sides",
+            )
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "version": VERSION,
+            "epoch": self.epoch,
+            "pid": os.getpid(),
+            "max_request_bytes": protocol.MAX_REQUEST_BYTES,
+        }
+
+    async def on_snapshot(self, _request: Request, _identity: bytes) -> dict[str, Any]:
+        assert self.store
+        in_flight = None
+        if self.in_flight:
+            in_flight = {
+                "request": self.in_flight.job.request_id,
+                "conversation": self.in_flight.job.conversation_id,
+                "message": self.in_flight.message_id,
+                "text": self.in_flight.text,
+            }
+        return {
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "model": self.model,
+            "conversations": self.store.list_conversations(),
+            "in_flight": in_flight,
+            "queue": self._queue_state(),
+            "clients": self.subscribers,
+        }
+
+    async def on_status(self, _request: Request, _identity: bytes) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "version": VERSION,
+                "pid": os.getpid(),
+                "epoch": self.epoch,
+                "uptime_s": time.time() - self.started_at,
+                "clients": self.subscribers,
+                "runtime_dir": str(self.settings.runtime_dir),
+                "data_dir": str(self.settings.data_dir),
+            },
+            "model": self.model,
+            "queue": self._queue_state(),
+        }
+
+    async def on_models(self, _request: Request, _identity: bytes) -> dict[str, Any]:
+        found = models.discover(self.config.model_dirs)
+        loaded = self.model.get("path") if self.model.get("state") == "ready" else None
+        for model in found:
+            model["loaded"] = model["path"] == loaded
+        return {"models": found, "model_dirs": [str(d) for d in self.config.model_dirs]}
+
+    # --- handlers: models ----------------------------------------------------------------------
+
+    async def on_load(self, request: Request, _identity: bytes) -> dict[str, Any]:
+        return await self.load(request.body)
+
+    async def load(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Validate, then replace the engine with a fresh one holding the requested model."""
+        params = self._load_params(body)
+        if self._load_lock.locked():
+            raise ProtocolError("busy", "another load is in progress; wait for it to finish")
+        async with self._load_lock:
+            return await self._swap_engine(params)
+
+    def _load_params(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = field_of(body, "model", str)
+        path = models.resolve(name, self.config.model_dirs, allow_any_path=self.config.allow_any_model_path)
+        n_gpu_layers = field_of(body, "n_gpu_layers", int, self.config.n_gpu_layers if isinstance(self.config.n_gpu_layers, int) else 0)
+        if not 0 <= n_gpu_layers <= 100_000:
+            raise ProtocolError("invalid_value", f"n_gpu_layers must be between 0 and the model's layer count + 1, not {n_gpu_layers}")
+        n_ctx = field_of(body, "n_ctx", int, self.config.n_ctx)
+        if not 16 <= n_ctx <= 1 << 20:
+            raise ProtocolError("invalid_value", f"n_ctx must be between 16 and 1048576 tokens, not {n_ctx}")
+        cpus = os.cpu_count() or 1
+        n_threads = field_of(body, "n_threads", int, self.config.n_threads or cpus)
+        if not 1 <= n_threads <= cpus:
+            raise ProtocolError("invalid_value", f"n_threads must be between 1 and this machine's {cpus} CPUs, not {n_threads}")
+        return {"model_path": str(path), "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_threads": n_threads}
+
+    async def _swap_engine(self, params: dict[str, Any]) -> dict[str, Any]:
+        self._model_ready.clear()
+        self._set_model(
+            state="loading", progress=0.0, error=None, reloading=False, path=params["model_path"], name=Path(params["model_path"]).name,
+            n_gpu_layers=params["n_gpu_layers"], n_ctx=params["n_ctx"], n_threads=params["n_threads"],
+        )
+        if self.in_flight:
+            self._cancel_running("a new model was loaded")
+        async with self._engine_lock:
+            if self.engine:
+                await self.engine.stop()
+                self.engine = None
+            try:
+                engine, ready = await launch(
+                    self.context, self.settings.runtime_dir, params, lambda f: self._set_model(progress=round(f, 3))
+                )
+            except LoadFailed as exc:
+                self._set_model(state="error", error=str(exc), progress=None)
+                raise ProtocolError("load_failed", f"could not load {Path(params['model_path']).name}: {exc}") from None
+            self.engine = engine
+            self.last_load_params = params
+            self._spawn(self._watch_engine(engine))
+            self._set_model(
+                state="ready", progress=1.0, engine_pid=engine.pid, n_ctx=ready["n_ctx"],
+                load_seconds=ready["load_seconds"], chat_template=ready["chat_template"],
+            )
+            self._model_ready.set()
+        log.info("loaded %s in %.2f s", params["model_path"], ready["load_seconds"])
+        return {"model": self.model}
+
+    async def _watch_engine(self, engine: EngineProcess) -> None:
+        returncode = await engine.exited
+        if engine.stopping or self._stopping.is_set():
+            return
+        self._model_ready.clear()
+        reason = f"the engine {describe_exit(returncode)}"
+        now = time.monotonic()
+        self._crash_times = [t for t in self._crash_times if now - t < CRASH_WINDOW_S] + [now]
+        reloading = bool(self.last_load_params) and len(self._crash_times) <= MAX_AUTO_RELOADS
+        self._set_model(state="crashed", error=reason, engine_pid=None, reloading=reloading)
+        if reloading:
+            log.warning("%s; reloading %s", reason, self.last_load_params["model_path"])
+            async with self._load_lock:
+                if self.engine is engine:  # nobody loaded another model meanwhile
+                    self.engine = None
+                    try:
+                        await self._swap_engine(self.last_load_params)
+                    except ProtocolError as exc:
+                        log.error("automatic reload failed: %s", exc.message)
+        else:
+            log.error("%s; %d crashes in %.0f s, not reloading by itself: run `vramchat load`",
+                      reason, len(self._crash_times), CRASH_WINDOW_S)
+
+    # --- handlers: conversations ---------------------------------------------------------------
+
+    async def on_conversation_create(self, request: Request, _identity: bytes) -> dict[str, Any]:
+        assert self.store
+        conversation = self.store.create_conversation(
+            title=field_of(request.body, "title", str, "New conversation"),
+            system_prompt=field_of(request.body, "system_prompt", str, ""),
+            settings=_sampling(field_of(request.body, "settings", dict, {})),
+        )
+        self.publish("conversation", {"action": "created", "conversation": conversation})
+        return {"conversation": conversation}
+
+    async def on_conversation_list(self, _request: Request, _identity: bytes) -> dict[str, Any]:
+        assert self.store
+        return {"conversations": self.store.list_conversations()}
+
+    async def on_conversation_get(self, request: Request, _identity: bytes) -> dict[str, Any]:
+        assert self.store
+        conversation_id = self.store.resolve_conversation(field_of(request.body, "id", str))
+        return {"conversation": self.store.get_conversation(conversation_id), "messages": self.store.messages(conversation_id)}
+
+    async def on_conversation_update(self, request: Request, _identity: bytes) -> dict[str, Any]:
+        assert self.store
+        body = request.body
+        conversation_id = self.store.resolve_conversation(field_of(body, "id", str))
+        settings = field_of(body, "settings", dict, None)
+        conversation = self.store.update_conversation(
+            conversation_id,
+            title=field_of(body, "title", str, None),
+            system_prompt=field_of(body, "system_prompt", str, None),
+            settings=_sampling(settings) if settings is not None else None,
+        )
+        self.publish("conversation", {"action": "updated", "conversation": conversation})
+        return {"conversation": conversation}
+
+    async def on_conversation_delete(self, request: Request, _identity: bytes) -> dict[str, Any]:
+        assert self.store
+        conversation_id = self.store.resolve_conversation(field_of(request.body, "id", str))
+        if (self.in_flight and self.in_flight.job.conversation_id == conversation_id) or any(
+            job.conversation_id == conversation_id for job in self.pending
+        ):
+            raise ProtocolError("busy", "this conversation has a reply queued or generating; cancel it first")
+        self.store.delete_conversation(conversation_id)
+        self.publish("conversation", {"action": "deleted", "conversation": {"id": conversation_id}})
+        return {"deleted": conversation_id}
+
+    # --- handlers: generation ------------------------------------------------------------------
+
+    async def on_chat(self, request: Request, identity: bytes) -> dict[str, Any]:
+        assert self.store
+        body = request.body
+        content = field_of(body, "content", str)
+        if not content.strip():
+            raise ProtocolError("invalid_value", "the message is empty")
+        sampling = _sampling(field_of(body, "sampling", dict, {}))
+        self._check_queue_room(identity)
+        if conversation_ref := field_of(body, "conversation", str, None):
+            conversation = self.store.get_conversation(self.store.resolve_conversation(conversation_ref))
+        else:
+            conversation = self.store.create_conversation(title=_title_from(content))
+            self.publish("conversation", {"action": "created", "conversation": conversation})
+        user_message = self.store.add_message(conversation["id"], "user", content)
+        self.publish("msg", user_message)
+        return self._enqueue(request.id, conversation["id"], identity, sampling, user_message)
+
+    async def on_regenerate(self, request: Request, identity: bytes) -> dict[str, Any]:
+        """Drop the last reply of a conversation and queue a new one for the same question."""
+        assert self.store
+        conversation_id = self.store.resolve_conversation(field_of(request.body, "conversation", str))
+        if (self.in_flight and self.in_flight.job.conversation_id == conversation_id) or any(
+            job.conversation_id == conversation_id for job in self.pending
+        ):
+            raise ProtocolError("busy", "this conversation already has a reply queued or generating")
+        self._check_queue_room(identity)
+        messages = self.store.messages(conversation_id)
+        if not messages or not any(m["role"] == "user" for m in messages):
+            raise ProtocolError("invalid_value", "there is no message to answer again in this conversation")
+        if messages[-1]["role"] == "assistant":
+            self.store.delete_message(messages[-1]["id"])
+            self.publish("msg", {**messages[-1], "status": "deleted"})
+        sampling = _sampling(field_of(request.body, "sampling", dict, {}))
+        return self._enqueue(request.id, conversation_id, identity, sampling, None)
+
+    def _check_queue_room(self, identity: bytes) -> None:
+        if len(self.pending) >= MAX_QUEUED_TOTAL:
+            raise ProtocolError("queue_full", f"{len(self.pending)} requests are queued, the most the daemon holds; retry later")
+        mine = sum(1 for job in self.pending if job.client == identity)
+        if mine >= MAX_QUEUED_PER_CLIENT:
+            raise ProtocolError("queue_full", f"you have {mine} requests queued, the most one client may; wait for some to finish")
+
+    def _enqueue(self, request_id: str, conversation_id: str, identity: bytes, sampling: dict[str, Any], user_message: dict[str, Any] | None) -> dict[str, Any]:
+        if any(job.request_id == request_id for job in self.pending) or (self.in_flight and self.in_flight.job.request_id == request_id):
+            raise ProtocolError("bad_request", f"request id {request_id!r} is already queued; use a fresh id per request")
+        self.pending.append(Job(request_id, conversation_id, identity, sampling))
+        self._queue_changed.set()
+        self._publish_queue()
+        return {
+            "request": request_id,
+            "conversation": conversation_id,
+            "user_message": user_message,
+            "position": len(self.pending) + (1 if self.in_flight else 0),
+        }
+
+    async def on_cancel(self, request: Request, _identity: bytes) -> dict[str, Any]:
+        target = field_of(request.body, "request", str)
+        if self.in_flight and self.in_flight.job.request_id == target:
+            self._cancel_running("cancelled by a client")
+            return {"cancelled": "running"}
+        for job in self.pending:
+            if job.request_id == target:
+                self.pending.remove(job)
+                self._publish_queue()
+                return {"cancelled": "queued"}
+        raise ProtocolError("not_found", f"request {target!r} is neither queued nor running (it may have finished)")
+
+    def _cancel_running(self, reason: str) -> None:
+        if self.in_flight and not self.in_flight.cancel_requested and self.engine:
+            self.in_flight.cancel_requested = True
+            self.in_flight.cancel_reason = reason
+            self.engine.send({"op": "cancel", "request": self.in_flight.job.request_id})
+
+    # --- the generation worker -----------------------------------------------------------------
+
+    async def _generation_worker(self) -> None:
+        """Runs queued requests one at a time, in arrival order."""
+        while True:
+            if not self.pending:
+                self._queue_changed.clear()
+                await self._queue_changed.wait()
+                continue
+            reloading = self.model.get("state") == "crashed" and self.model.get("reloading")
+            if self.model.get("state") not in ("loading", "ready") and not reloading:
+                self._fail_job(self.pending.popleft(), "no model is loaded: load one with `vramchat load MODEL`")
+                continue
+            await self._model_ready.wait()
+            async with self._engine_lock:
+                if not self._model_ready.is_set() or not self.pending or self.engine is None:
+                    continue
+                job = self.pending.popleft()
+                await self._run_job(job, self.engine)
+
+    def _fail_job(self, job: Job, error: str) -> None:
+        assert self.store
+        message = self.store.add_message(job.conversation_id, "assistant", "", status="error")
+        self.store.update_message(message["id"], error=error)
+        self.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
+        self._publish_queue()
+
+    async def _run_job(self, job: Job, engine: EngineProcess) -> None:
+        assert self.store
+        try:
+            conversation = self.store.get_conversation(job.conversation_id)
+        except NotFound:
+            self._publish_queue()
+            return
+        history = self.store.messages(job.conversation_id)
+        message = self.store.add_message(job.conversation_id, "assistant", "", status="generating", model=self.model.get("name"))
+        self.in_flight = flight = InFlight(job, message["id"])
+        self.publish("msg", {**message, "request": job.request_id})
+        self._publish_queue()
+
+        prompt = [{"role": "system", "content": conversation["system_prompt"]}] if conversation["system_prompt"] else []
+        prompt += [{"role": m["role"], "content": m["content"]} for m in history if m["content"]]
+        sampling = {**conversation["settings"], **job.sampling}
+        engine.send({"op": "generate", "request": job.request_id, "messages": prompt, "sampling": sampling})
+
+        status, error, stats = "complete", None, None
+        last_flush = time.monotonic()
+        index = 0
+        while True:
+            event = await engine.events.get()
+            kind = event.get("ev")
+            if kind == "tok" and event["request"] == job.request_id:
+                flight.text += event["text"]
+                self.publish("tok", {"request": job.request_id, "conversation": job.conversation_id,
+                                     "message": message["id"], "index": index, "text": event["text"]})
+                index += 1
+                if time.monotonic() - last_flush > REPLY_FLUSH_INTERVAL_S:
+                    self.store.update_message(message["id"], content=flight.text)
+                    last_flush = time.monotonic()
+            elif kind == "done" and event["request"] == job.request_id:
+                stats = {**event["stats"], "finish_reason": event["finish_reason"]}
+                if event["finish_reason"] == "cancelled":
+                    status, error = "cancelled", flight.cancel_reason
+                break
+            elif kind == "failed" and event["request"] == job.request_id:
+                status, error = "error", event["error"]
+                break
+            elif kind == "exited":
+                status, error = "interrupted", f"the engine {describe_exit(event['returncode'])} during this reply"
+                break
+        self.in_flight = None
+        self.store.update_message(message["id"], content=flight.text, status=status, stats=stats, error=error)
+        self.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
+        self._publish_queue()
+
+
+def _job_view(job: Job, position: int) -> dict[str, Any]:
+    return {"request": job.request_id, "conversation": job.conversation_id, "position": position, "enqueued_at": job.enqueued_at}
+
+
+def _sampling(raw: dict[str, Any]) -> dict[str, Any]:
+    """Keep the known sampling fields, with their types checked."""
+    sampling = {}
+    for name, kind in SAMPLING_FIELDS.items():
+        if name in raw and raw[name] is not None:
+            sampling[name] = field_of(raw, name, kind)
+    if "max_tokens" in sampling and sampling["max_tokens"] < 1:
+        raise ProtocolError("invalid_value", "max_tokens must be at least 1")
+    if "temperature" in sampling and not 0 <= sampling["temperature"] <= 5:
+        raise ProtocolError("invalid_value", "temperature must be between 0 and 5")
+    return sampling
+
+
+def _title_from(content: str) -> str:
+    first_line = content.strip().splitlines()[0]
+    return first_line[:60] + ("…" if len(first_line) > 60 else "")
+
+
+def _take_instance_lock(runtime_dir: Path) -> Any:
+    """One daemon per runtime dir: a second one would steal the first one's sockets."""
+    lock = (runtime_dir / "vramchatd.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise SystemExit(f"another vramchatd (pid {holder}) already serves {runtime_dir}; stop it first") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock

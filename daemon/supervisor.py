@@ -1,0 +1,132 @@
+"""Starts and stops engine processes and turns their messages into an asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+_engine_numbers = itertools.count(1)
+
+
+class LoadFailed(Exception):
+    pass
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (a native crash in llama.cpp)" if name in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL") else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {returncode}"
+
+
+class EngineProcess:
+    """One running engine: the child process and the PAIR socket to it.
+
+    Every message from the engine lands in `events`; when the process ends, a final
+    ``{"ev": "exited", "returncode": N}`` follows, so whoever waits on the queue learns of a crash.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process, socket: zmq.asyncio.Socket, socket_path: Path) -> None:
+        self.process = process
+        self.socket = socket
+        self.socket_path = socket_path
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.stopping = False
+        self._reader = asyncio.create_task(self._read())
+        self._waiter = asyncio.create_task(self._wait())
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def spawn(cls, context: zmq.asyncio.Context, runtime_dir: Path) -> "EngineProcess":
+        socket_path = runtime_dir / f"engine-{next(_engine_numbers)}.sock"
+        socket = context.socket(zmq.PAIR)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(f"ipc://{socket_path}")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vramchat.daemon.engine", "--endpoint", f"ipc://{socket_path}",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sys.stderr,  # llama.cpp may print; keep the daemon's stdout clean
+        )
+        log.info("engine pid %d started", process.pid)
+        return cls(process, socket, socket_path)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.exited.done():
+            self.socket.send(msgpack.packb(message, use_bin_type=True), flags=zmq.NOBLOCK)
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.socket.recv()
+            self.events.put_nowait(msgpack.unpackb(frame, raw=False))
+
+    async def _wait(self) -> None:
+        returncode = await self.process.wait()
+        await asyncio.sleep(0.05)  # let the reader take what the engine sent before it ended
+        self._reader.cancel()
+        self.socket.close()
+        self.socket_path.unlink(missing_ok=True)
+        if not self.stopping:
+            log.warning("engine pid %d %s", self.pid, describe_exit(returncode))
+        self.events.put_nowait({"ev": "exited", "returncode": returncode})
+        self.exited.set_result(returncode)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the engine to exit, then kill it if it does not."""
+        self.stopping = True
+        if self.exited.done():
+            return
+        self.send({"op": "shutdown"})
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except asyncio.TimeoutError:
+            log.warning("engine pid %d did not exit in %.0f s; killing it", self.pid, timeout)
+            self.process.kill()
+            await self.exited
+
+
+async def launch(
+    context: zmq.asyncio.Context,
+    runtime_dir: Path,
+    params: dict[str, Any],
+    on_progress: Callable[[float], None],
+) -> tuple[EngineProcess, dict[str, Any]]:
+    """Start an engine and load a model in it; returns the engine and its `ready` message."""
+    engine = await EngineProcess.spawn(context, runtime_dir)
+    while True:
+        event = await engine.events.get()
+        kind = event.get("ev")
+        if kind == "started":  # connected: from now on sends reach it
+            engine.send({"op": "load", **params})
+        elif kind == "progress":
+            on_progress(float(event["fraction"]))
+        elif kind == "ready":
+            return engine, event
+        elif kind == "load_failed":
+            await engine.stop()
+            raise LoadFailed(event["error"])
+        elif kind == "exited":
+            raise LoadFailed(
+                f"the engine {describe_exit(event['returncode'])} while loading the model; "
+                "the file may be damaged, or it needs more memory than is free"
+            )

@@ -1,0 +1,200 @@
+"""The async client that the TUI, the CLI and the tests use to talk to vramchatd.
+
+Requests go over a DEALER socket and are matched to replies by id, so several can be in flight
+(a long `load` does not block a `chat`). Events come over a SUB socket. `stream()` implements the
+late-join half of the Clone pattern: subscribe, wait until the subscription is live, take a
+snapshot, then yield only newer events, and start over from a fresh snapshot on a gap or when the
+daemon restarts (a new epoch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from vramchat.shared import paths, protocol
+from vramchat.shared.protocol import Event
+
+
+class DaemonNotRunning(Exception):
+    """No daemon answers on the runtime dir; the message says how to start one."""
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Full daemon state at event `seq` of `epoch`; events after it apply on top."""
+
+    epoch: str
+    seq: int
+    body: dict[str, Any]
+
+
+class Client:
+    def __init__(self, runtime_dir: str | Path | None = None, *, name: str = "vramchat", timeout: float = 10.0) -> None:
+        self.runtime_dir = paths.runtime_dir(runtime_dir)
+        self.name = name
+        self.timeout = timeout
+        self.context = zmq.asyncio.Context.instance()
+        self.control: zmq.asyncio.Socket | None = None
+        self.events_socket: zmq.asyncio.Socket | None = None
+        self.server: dict[str, Any] = {}
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.max_request_bytes = protocol.MAX_REQUEST_BYTES
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    # --- control ---------------------------------------------------------------------------
+
+    async def connect(self) -> dict[str, Any]:
+        """Open the control socket and shake hands; raises DaemonNotRunning if nobody answers."""
+        control_path = self.runtime_dir / protocol.CONTROL_SOCKET
+        if not control_path.exists():
+            raise DaemonNotRunning(
+                f"vramchatd is not running (no socket at {control_path}). Start it with `vramchatd &`, "
+                "`make run`, or `systemctl --user start vramchatd`."
+            )
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        # Queue requests only on a live connection, so nothing stale reaches a restarted daemon.
+        self.control.setsockopt(zmq.IMMEDIATE, 1)
+        self.control.connect(f"ipc://{control_path}")
+        self._reader = asyncio.create_task(self._read_replies())
+        try:
+            self.server = await self.request("hello", {"protocol": protocol.PROTOCOL_VERSION, "client": self.name}, timeout=min(self.timeout, 5.0))
+        except asyncio.TimeoutError:
+            await self.close()
+            raise DaemonNotRunning(
+                f"vramchatd does not answer on {control_path}: it may have died and left the socket. "
+                "Start it again with `vramchatd &`."
+            ) from None
+        self.max_request_bytes = int(self.server.get("max_request_bytes", self.max_request_bytes))
+        return self.server
+
+    async def request(self, type_: str, body: dict[str, Any] | None = None, *, timeout: float | None = ..., request_id: str | None = None) -> dict[str, Any]:  # type: ignore[assignment]
+        """Send one request and wait for its reply body; raises RequestFailed on an error reply.
+
+        `timeout=None` waits as long as it takes (a load); the default is the client's timeout.
+        """
+        assert self.control is not None, "connect() first"
+        request = protocol.Request(id=request_id or uuid.uuid4().hex, type=type_, body=body or {})
+        frame = request.encode()
+        if len(frame) > self.max_request_bytes:
+            raise RequestFailed(
+                "too_large",
+                f"the request is {len(frame) / 1048576:.1f} MiB; the daemon accepts at most "
+                f"{self.max_request_bytes / 1048576:.0f} MiB. Send a shorter prompt.",
+            )
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = future
+        try:
+            await asyncio.wait_for(self.control.send(frame), self.timeout)
+            reply = await asyncio.wait_for(future, self.timeout if timeout is ... else timeout)
+        finally:
+            self._pending.pop(request.id, None)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise RequestFailed(str(error.get("code", "internal")), str(error.get("message", "unknown error")))
+        return reply.get("body") or {}
+
+    async def _read_replies(self) -> None:
+        assert self.control is not None
+        while True:
+            frame = await self.control.recv()
+            try:
+                reply = protocol.unpack(frame)
+            except protocol.ProtocolError:
+                continue
+            future = self._pending.get(reply.get("id")) if isinstance(reply, dict) else None
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    # --- events ------------------------------------------------------------------------------
+
+    async def subscribe(self) -> None:
+        """Subscribe to every topic and return once the daemon is known to deliver to us.
+
+        A subscription travels to the daemon asynchronously; the daemon publishes a `clients`
+        event on every new one, so the first event we receive proves ours is active.
+        """
+        if self.events_socket is not None:
+            return
+        socket = self.context.socket(zmq.SUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.connect(f"ipc://{self.runtime_dir / protocol.EVENTS_SOCKET}")
+        self.events_socket = socket
+        self._first_events: list[Event] = []
+        try:
+            frames = await asyncio.wait_for(socket.recv_multipart(), self.timeout)
+        except asyncio.TimeoutError:
+            raise DaemonNotRunning(f"no events from vramchatd on {self.runtime_dir}") from None
+        if event := protocol.decode_event(frames):
+            self._first_events.append(event)
+
+    async def raw_events(self) -> AsyncIterator[Event]:
+        """Every event as it arrives, with no snapshot and no gap handling (for `ask`)."""
+        await self.subscribe()
+        assert self.events_socket is not None
+        while self._first_events:
+            yield self._first_events.pop(0)
+        while True:
+            event = protocol.decode_event(await self.events_socket.recv_multipart())
+            if event is not None:
+                yield event
+
+    async def stream(self) -> AsyncIterator[Snapshot | Event]:
+        """A Snapshot, then the events after it, in order; a new Snapshot after any gap or restart."""
+        await self.subscribe()
+        events = self.raw_events()
+        while True:
+            snapshot_body = await self.request("snapshot")
+            snapshot = Snapshot(epoch=snapshot_body["epoch"], seq=snapshot_body["seq"], body=snapshot_body)
+            yield snapshot
+            last_seq = snapshot.seq
+            async for event in events:
+                if event.epoch != snapshot.epoch:
+                    await self._reconnect_control()
+                    break  # the daemon restarted: start over from its new state
+                if event.seq <= last_seq:
+                    continue  # already part of the snapshot
+                if event.seq != last_seq + 1:
+                    break  # a gap: the publisher dropped events for us
+                last_seq = event.seq
+                yield event
+
+    async def _reconnect_control(self) -> None:
+        """A restarted daemon has a new control socket; the old connection may be dead."""
+        if self._reader:
+            self._reader.cancel()
+        if self.control is not None:
+            self.control.close()
+        await self.connect()
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            self._reader = None
+        for socket in (self.control, self.events_socket):
+            if socket is not None:
+                socket.close()
+        self.control = self.events_socket = None
