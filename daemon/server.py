@@ -491,6 +491,7 @@ class Daemon:
         if not content.strip():
             raise ProtocolError("invalid_value", "the message is empty")
         sampling = _sampling(field_of(body, "sampling", dict, {}))
+        self._check_model_available()
         self._check_queue_room(identity)
         if conversation_ref := field_of(body, "conversation", str, None):
             conversation = self.store.get_conversation(self.store.resolve_conversation(conversation_ref))
@@ -509,6 +510,7 @@ class Daemon:
             job.conversation_id == conversation_id for job in self.pending
         ):
             raise ProtocolError("busy", "this conversation already has a reply queued or generating")
+        self._check_model_available()
         self._check_queue_room(identity)
         messages = self.store.messages(conversation_id)
         if not messages or not any(m["role"] == "user" for m in messages):
@@ -518,6 +520,15 @@ class Daemon:
             self.publish("msg", {**messages[-1], "status": "deleted"})
         sampling = _sampling(field_of(request.body, "sampling", dict, {}))
         return self._enqueue(request.id, conversation_id, identity, sampling, None)
+
+    def _model_available(self) -> bool:
+        state = self.model.get("state")
+        return state in ("loading", "ready") or (state == "crashed" and bool(self.model.get("reloading")))
+
+    def _check_model_available(self) -> None:
+        if not self._model_available():
+            reason = f" ({self.model['error']})" if self.model.get("error") else ""
+            raise ProtocolError("no_model", f"no model is loaded{reason}: load one with `vramchat load MODEL`")
 
     def _check_queue_room(self, identity: bytes) -> None:
         if len(self.pending) >= MAX_QUEUED_TOTAL:
@@ -566,8 +577,7 @@ class Daemon:
                 self._queue_changed.clear()
                 await self._queue_changed.wait()
                 continue
-            reloading = self.model.get("state") == "crashed" and self.model.get("reloading")
-            if self.model.get("state") not in ("loading", "ready") and not reloading:
+            if not self._model_available():
                 self._fail_job(self.pending.popleft(), "no model is loaded: load one with `vramchat load MODEL`")
                 continue
             await self._model_ready.wait()

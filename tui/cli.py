@@ -270,3 +270,7 @@ async def run_interactive(args: argparse.Namespace) -> int:
                 continue
             reply = await stream_reply(client, line, conversation, {}, echo=True)
             conversation = reply["conversation_id"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The spine against a real vramchatd, a real engine process and real llama.cpp decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
+from vramchat.shared.protocol import CONTROL_SOCKET, Event
+
+# Greedy decoding of the tiny random model never emits end-of-generation, so replies run to
+# max_tokens: long enough to interrupt, and the same text every time.
+LONG = {"temperature": 0.0, "max_tokens": 400}
+
+
+async def wait_ready(client: Client, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        model = (await client.request("status"))["model"]
+        if model["state"] == "ready":
+            return model
+        assert model["state"] in ("loading", "crashed"), model
+        assert asyncio.get_running_loop().time() < deadline, f"model not ready in {timeout} s: {model}"
+        await asyncio.sleep(0.1)
+
+
+async def chat(client: Client, content: str, sampling: dict[str, Any], conversation: str | None = None) -> tuple[str, dict[str, Any]]:
+    request_id = uuid.uuid4().hex
+    body: dict[str, Any] = {"content": content, "sampling": sampling}
+    if conversation:
+        body["conversation"] = conversation
+    return request_id, await client.request("chat", body, request_id=request_id)
+
+
+async def collect_reply(events: Any, request_id: str, *, until_tokens: int | None = None) -> tuple[list[str], dict[str, Any] | None]:
+    """Token texts of one request, and its final message (None if stopped at `until_tokens`)."""
+    tokens: list[str] = []
+    async for event in events:
+        if event.topic == "tok" and event.body["request"] == request_id:
+            tokens.append(event.body["text"])
+            if until_tokens is not None and len(tokens) >= until_tokens:
+                return tokens, None
+        elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] not in ("generating",):
+            return tokens, event.body
+    raise AssertionError("event stream ended")
+
+
+def run_cli(daemon: Any, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), *args],
+        capture_output=True, text=True, input=input, timeout=timeout,
+    )
+
+
+@pytest.mark.demo
+def test_ask_streams_an_answer_from_the_quantized_demo_model(demo_daemon: Any) -> None:
+    """Decodes SmolLM2 Q4_1: a llama.cpp build with broken quantized kernels fails here."""
+    result = run_cli(demo_daemon, "ask", "What is the capital of France?", "--temperature", "0")
+    assert result.returncode == 0, result.stderr + demo_daemon.log()
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.demo
+def test_ask_reads_the_prompt_from_stdin_and_prints_json(demo_daemon: Any) -> None:
+    result = run_cli(demo_daemon, "ask", "--json", "--temperature", "0", "--max-tokens", "8", input="Say hello.")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    reply = json.loads(result.stdout)
+    assert reply["role"] == "assistant" and reply["status"] == "complete"
+    assert reply["stats"]["generated_tokens"] >= 1 and reply["stats"]["prompt_tokens"] > 0
+    assert reply["stats"]["ttft_s"] > 0
+
+
+async def test_two_clients_receive_the_same_tokens_as_stored(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as a, Client(tiny_daemon.runtime_dir) as b:
+        await wait_ready(a)
+        await a.subscribe()
+        await b.subscribe()
+        events_a, events_b = a.raw_events(), b.raw_events()
+        request_id, accepted = await chat(a, "hello", {"temperature": 0.0, "max_tokens": 50})
+        (tokens_a, final_a), (tokens_b, final_b) = await asyncio.gather(
+            collect_reply(events_a, request_id), collect_reply(events_b, request_id)
+        )
+        assert tokens_a == tokens_b and len(tokens_a) > 10
+        assert final_a == final_b and final_a["status"] == "complete"
+        stored = await a.request("conversation.get", {"id": accepted["conversation"]})
+        assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
+        assert stored["messages"][1]["content"] == "".join(tokens_a)
+        assert final_a["stats"]["generated_tokens"] == 50
+
+
+async def test_late_joiner_snapshot_plus_events_equals_the_stored_reply(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as first:
+        await wait_ready(first)
+        await first.subscribe()
+        events = first.raw_events()
+        request_id, accepted = await chat(first, "hello", {"temperature": 0.0, "max_tokens": 3000})
+        await collect_reply(events, request_id, until_tokens=20)
+
+        async with Client(tiny_daemon.runtime_dir) as late:
+            stream = late.stream()
+            snapshot = await anext(stream)
+            assert isinstance(snapshot, Snapshot)
+            in_flight = snapshot.body["in_flight"]
+            assert in_flight and in_flight["request"] == request_id, "joined after the reply ended"
+            text = in_flight["text"]
+            assert text, "the snapshot carries the partial reply"
+            async for event in stream:
+                assert isinstance(event, Event), "no resync expected"
+                if event.topic == "tok" and event.body["message"] == in_flight["message"]:
+                    text += event.body["text"]
+                elif event.topic == "msg" and event.body["id"] == in_flight["message"] and event.body["status"] != "generating":
+                    break
+        stored = await first.request("conversation.get", {"id": accepted["conversation"]})
+        assert stored["messages"][-1]["content"] == text
+
+
+async def test_cancel_stops_within_one_token_and_keeps_the_text(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        await client.subscribe()
+        events = client.raw_events()
+        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
+        tokens, _ = await collect_reply(events, request_id, until_tokens=10)
+        assert (await client.request("cancel", {"request": request_id})) == {"cancelled": "running"}
+        after, final = await collect_reply(events, request_id)
+        assert final is not None and final["status"] == "cancelled"
+        # Tokens already on the wire when the cancel arrived may still come, but only a few:
+        # the engine checks for a cancel after every token.
+        assert final["stats"]["generated_tokens"] < 200
+        stored = await client.request("conversation.get", {"id": accepted["conversation"]})
+        assert stored["messages"][-1]["content"] == "".join(tokens + after)
+        with pytest.raises(RequestFailed) as error:
+            await client.request("cancel", {"request": request_id})
+        assert error.value.code == "not_found"
+
+
+async def test_cancel_of_a_queued_request_removes_it(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        first, _ = await chat(client, "one", {"temperature": 0.0, "max_tokens": 3000})
+        second, accepted = await chat(client, "two", {"temperature": 0.0, "max_tokens": 5})
+        assert accepted["position"] == 2
+        assert (await client.request("cancel", {"request": second})) == {"cancelled": "queued"}
+        await client.request("cancel", {"request": first})
+
+
+async def test_engine_killed_mid_reply_marks_it_interrupted_and_reloads(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        model = await wait_ready(client)
+        await client.subscribe()
+        events = client.raw_events()
+        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
+        await collect_reply(events, request_id, until_tokens=10)
+        os.kill(model["engine_pid"], signal.SIGKILL)
+        _, final = await collect_reply(events, request_id)
+        assert final is not None and final["status"] == "interrupted"
+        assert "SIGKILL" in final["error"]
+
+        reloaded = await wait_ready(client)
+        assert reloaded["engine_pid"] != model["engine_pid"]
+        request_id, _ = await chat(client, "again", {"temperature": 0.0, "max_tokens": 5}, conversation=accepted["conversation"])
+        _, final = await collect_reply(events, request_id)
+        assert final is not None and final["status"] == "complete"
+
+
+async def test_daemon_restart_keeps_every_stored_message(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        await client.subscribe()
+        events = client.raw_events()
+        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 20})
+        await collect_reply(events, request_id)
+        before = await client.request("conversation.get", {"id": accepted["conversation"]})
+    assert tiny_daemon.stop() == 0
+    tiny_daemon.start()
+    async with Client(tiny_daemon.runtime_dir) as client:
+        after = await client.request("conversation.get", {"id": accepted["conversation"]})
+    assert after == before
+
+
+async def test_daemon_killed_mid_reply_keeps_messages_and_marks_the_reply(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        await client.subscribe()
+        events = client.raw_events()
+        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
+        await collect_reply(events, request_id, until_tokens=10)
+    tiny_daemon.stop(signal.SIGKILL)
+    tiny_daemon.start("--no-load")
+    async with Client(tiny_daemon.runtime_dir) as client:
+        stored = await client.request("conversation.get", {"id": accepted["conversation"]})
+    user, reply = stored["messages"]
+    assert user["content"] == "hello" and user["status"] == "complete"
+    assert reply["status"] == "interrupted"
+
+
+async def raw_request(runtime_dir: Path, *frames: bytes) -> dict[str, Any]:
+    context = zmq.asyncio.Context.instance()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(f"ipc://{runtime_dir / CONTROL_SOCKET}")
+    try:
+        await socket.send_multipart(list(frames))
+        return msgpack.unpackb(await asyncio.wait_for(socket.recv(), 10), raw=False)
+    finally:
+        socket.close()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([b"\xc1\xff not msgpack"], "bad_request"),
+        ([msgpack.packb([1, 2, 3])], "bad_request"),
+        ([msgpack.packb({"type": "status"})], "bad_request"),
+        ([msgpack.packb({"id": "x", "type": 7})], "bad_request"),
+        ([msgpack.packb({"id": "x", "type": "status", "body": "nope"})], "bad_request"),
+        ([msgpack.packb({"id": "x", "type": "launch_missiles", "body": {}})], "unknown_type"),
+        ([msgpack.packb({"id": "x", "type": "hello", "body": {"protocol": 99}})], "protocol_mismatch"),
+        ([msgpack.packb({"id": "x", "type": "chat", "body": {"content": 42}})], "bad_request"),
+        ([msgpack.packb({"id": "x", "type": "chat", "body": {"content": "hi", "sampling": {"top_k": "many"}}})], "bad_request"),
+        ([msgpack.packb({"id": "x", "type": "load", "body": {"model": "tiny.gguf", "n_gpu_layers": -3}})], "invalid_value"),
+        ([msgpack.packb({"id": "x", "type": "load", "body": {"model": "tiny.gguf", "n_threads": 10_000}})], "invalid_value"),
+        ([msgpack.packb({"id": "x", "type": "conversation.get", "body": {"id": "ffffffffffff"}})], "not_found"),
+        ([b"one", b"two"], "bad_request"),
+        ([msgpack.packb({"id": "x", "type": "chat", "body": {"content": "x" * (5 << 20)}})], "too_large"),
+    ],
+)
+async def test_malformed_requests_get_errors_and_the_daemon_stays_up(tiny_daemon: Any, frames: list[bytes], code: str) -> None:
+    reply = await raw_request(tiny_daemon.runtime_dir, *frames)
+    assert reply["ok"] is False and reply["error"]["code"] == code, reply
+    assert reply["error"]["message"]
+    async with Client(tiny_daemon.runtime_dir) as client:
+        assert (await client.request("status"))["daemon"]["pid"] == tiny_daemon.process.pid
+
+
+async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(tiny_daemon: Any, models_dir: Path, tmp_path: Path) -> None:
+    text_file = tmp_path / "notes.gguf"
+    text_file.write_text("not a model")
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        for model, code, words in (
+            (str(tmp_path / "missing.gguf"), "not_found", "vramchat models"),
+            (str(text_file), "not_gguf", "not a GGUF"),
+            (str(tmp_path), "not_gguf", "directory"),
+            (str(corrupt), "load_failed", "corrupt.gguf"),
+        ):
+            with pytest.raises(RequestFailed) as error:
+                await client.request("load", {"model": model}, timeout=60)
+            assert error.value.code == code and words in error.value.message, error.value
+        loaded = await client.request("load", {"model": "tiny-gqa.gguf", "n_ctx": 256}, timeout=60)
+        assert loaded["model"]["state"] == "ready" and loaded["model"]["n_ctx"] == 256
+
+
+async def test_prompt_longer_than_the_context_is_refused_with_its_length(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        loaded = await client.request("load", {"model": "tiny.gguf", "n_ctx": 64}, timeout=60)
+        n_ctx = loaded["model"]["n_ctx"]  # llama.cpp rounds the context up (to 256 here)
+        assert n_ctx >= 64
+        await client.subscribe()
+        events = client.raw_events()
+        request_id, _ = await chat(client, "word " * n_ctx, {"max_tokens": 5})
+        _, final = await collect_reply(events, request_id)
+        assert final is not None and final["status"] == "error"
+        assert f"context window is {n_ctx}" in final["error"]
+        assert int(final["error"].split("conversation is ")[1].split(" tokens")[0]) > n_ctx
+
+
+def test_cli_without_a_daemon_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(tmp_path), "status"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "not running" in result.stderr
+
+
+async def test_client_raises_daemon_not_running_for_a_missing_socket(tmp_path: Path) -> None:
+    with pytest.raises(DaemonNotRunning):
+        await Client(tmp_path).connect()
+
+
+def test_cli_lists_models_and_conversations(tiny_daemon: Any) -> None:
+    models = run_cli(tiny_daemon, "models")
+    assert models.returncode == 0 and "tiny.gguf" in models.stdout and "tiny-gqa.gguf" in models.stdout
+    asked = run_cli(tiny_daemon, "ask", "--max-tokens", "5", "--temperature", "0", "hi")
+    assert asked.returncode == 0, asked.stderr
+    listed = run_cli(tiny_daemon, "conversations")
+    assert listed.returncode == 0 and "hi" in listed.stdout

@@ -1,0 +1,43 @@
+"""Dependencies flow one way: tui -> shared <- daemon (DESIGN.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+FORBIDDEN = {
+    "shared": ("textual", "llama_cpp", "vramchat.daemon", "vramchat.tui"),
+    "daemon": ("textual", "vramchat.tui"),
+    "tui": ("llama_cpp", "vramchat.daemon"),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_stay_in_their_lane(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no Python files in {package}/"
+    violations = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files
+        for name in imported_modules(path)
+        if any(name == banned or name.startswith(banned + ".") for banned in FORBIDDEN[package])
+    ]
+    assert violations == []
+
+
+def test_only_the_engine_imports_llama_cpp() -> None:
+    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "daemon").rglob("*.py") if "llama_cpp" in {n.split(".")[0] for n in imported_modules(p)})
+    assert users == ["daemon/engine.py"]
