@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vramchat.daemon import curve
 from vramchat.daemon.server import Daemon, DaemonSettings
 from vramchat.daemon.store import StoreError
 from vramchat.shared import paths
@@ -26,12 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-layers", type=int, help="n_gpu_layers for loads that do not say")
     parser.add_argument("--ctx", type=int, help="n_ctx for loads that do not say")
     parser.add_argument("--threads", type=int, help="CPU threads for loads that do not say")
+    parser.add_argument(
+        "--socket-mode", choices=("private", "group"), default="private",
+        help="private: only this user may attach (runtime dir 0700); group: members of the "
+        "directory's group may too (0750, for the system service)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    keys = commands.add_parser("keys", help="create or show the CURVE keys for TCP clients")
+    curve.add_keys_arguments(keys)
+    keys.set_defaults(handler=curve.keys_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "handler", None):
+        return args.handler(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -52,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         config=config,
         startup_model=args.model,
         load_on_start=not args.no_load,
+        socket_dir_mode=0o750 if args.socket_mode == "group" else 0o700,
     )
     try:
         return asyncio.run(Daemon(settings).run())

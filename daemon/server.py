@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from vramchat.daemon import models
+from vramchat.daemon.notify import Notifier
 from vramchat.daemon.store import NotFound, Store, StoreError
 from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
 from vramchat.shared import protocol
@@ -101,6 +102,7 @@ class Daemon:
         self._crash_times: list[float] = []
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.notifier = Notifier.from_env()  # also keeps NOTIFY_SOCKET away from the engine
         self.handlers: dict[str, Callable[[Request, bytes], Awaitable[dict[str, Any]]]] = {
             "hello": self.on_hello,
             "snapshot": self.on_snapshot,
@@ -146,9 +148,13 @@ class Daemon:
         self._spawn(self._serve_control())
         self._spawn(self._watch_subscriptions())
         self._spawn(self._generation_worker())
-        if self.settings.load_on_start and (startup := self._startup_model()):
+        startup = self._startup_model() if self.settings.load_on_start else None
+        if startup:
             self.model = {"state": "loading", "progress": 0.0}  # requests arriving now wait for it
             self._spawn(self._load_quietly(startup))
+        # READY before the load: a big model can take longer than systemd's start timeout.
+        self.notifier.ready(f"listening in {runtime_dir}" + (f"; loading {startup['model']}" if startup else ""))
+        self._spawn(self.notifier.watchdog_loop())
 
         await self._stopping.wait()
         await self._shutdown()
@@ -185,6 +191,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         """SIGTERM: let the running reply stop at the next token, store it, then exit."""
         log.info("stopping")
+        self.notifier.stopping()
         if self.in_flight:
             self._cancel_running("the daemon was stopped")
             try:
@@ -202,6 +209,7 @@ class Daemon:
             self.store.close()  # a reply still `generating` is marked interrupted at the next start
         for name in (protocol.CONTROL_SOCKET, protocol.EVENTS_SOCKET):
             (self.settings.runtime_dir / name).unlink(missing_ok=True)
+        self.notifier.close()
 
     def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coroutine)
@@ -249,8 +257,11 @@ class Daemon:
         self.publish("queue", self._queue_state())
 
     def _set_model(self, **changes: Any) -> None:
+        previous = self.model.get("state")
         self.model = {**self.model, **changes}
         self.publish("model", self.model)
+        if self.model.get("state") != previous:
+            self.notifier.status(_model_status_line(self.model))
 
     # --- control socket -----------------------------------------------------------------------
 
@@ -641,6 +652,16 @@ class Daemon:
         self.store.update_message(message["id"], content=flight.text, status=status, stats=stats, error=error)
         self.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
         self._publish_queue()
+
+
+def _model_status_line(model: dict[str, Any]) -> str:
+    """One line for `systemctl status`."""
+    state, name = model.get("state"), model.get("name") or "no model"
+    if state == "ready":
+        return f"serving {name} ({model.get('n_gpu_layers')} GPU layers, n_ctx {model.get('n_ctx')})"
+    if state in ("error", "crashed"):
+        return f"{state}: {model.get('error')}"
+    return f"{state} {name}"
 
 
 def _job_view(job: Job, position: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed
 from vramchat.shared.units import format_bytes
+from vramchat.tui import service_cmd
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="a line-by-line chat in the terminal")
     chat.set_defaults(handler=run_interactive)
+
+    service_cmd.register(commands)
     return parser
 
 

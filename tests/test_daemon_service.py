@@ -1,0 +1,44 @@
+"""The daemon under systemd: sd_notify messages from a real daemon, and SIGTERM handling."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Any:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(0.2)
+    yield sock
+    sock.close()
+
+
+def received(sock: socket.socket, until: str, timeout: float = 20.0) -> list[str]:
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except socket.timeout:
+            continue
+        if any(until in m for m in messages):
+            return messages
+    raise AssertionError(f"no {until!r} in {messages}")
+
+
+def test_daemon_notifies_ready_status_watchdog_and_stopping(daemon_factory: Any, models_dir: Path, notify_socket: socket.socket, tmp_path: Path) -> None:
+    daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), start=False)
+    daemon.env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+    daemon.start()
+    messages = received(notify_socket, "STATUS=serving tiny.gguf")
+    ready = next(m for m in messages if "READY=1" in m)
+    assert f"MAINPID={daemon.process.pid}" in ready
+    received(notify_socket, "WATCHDOG=1")  # every 0.1 s: half of WATCHDOG_USEC
+    assert daemon.stop() == 0
+    received(notify_socket, "STOPPING=1")
