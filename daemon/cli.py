@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="private: only this user may attach (runtime dir 0700); group: members of the "
         "directory's group may too (0750, for the system service)",
     )
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="also serve TCP (control on PORT, events on PORT+1) with CURVE; config tcp_listen")
+    parser.add_argument(
+        "--insecure-tcp", action="store_true",
+        help="serve --tcp WITHOUT encryption or authentication: anyone who reaches the port can read every chat",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keys = commands.add_parser("keys", help="create or show the CURVE keys for TCP clients")
@@ -54,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vramchatd: {exc}", file=sys.stderr)
         return 2
+    if args.insecure_tcp and not (args.tcp or config.tcp_listen):
+        print("vramchatd: --insecure-tcp needs --tcp HOST:PORT (or tcp_listen in the config)", file=sys.stderr)
+        return 2
     config.model_dirs += [Path(d).expanduser() for d in args.models_dir]
     for name, value in (("n_gpu_layers", args.gpu_layers), ("n_ctx", args.ctx), ("n_threads", args.threads)):
         if value is not None:
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         startup_model=args.model,
         load_on_start=not args.no_load,
         socket_dir_mode=0o750 if args.socket_mode == "group" else 0o700,
+        tcp_listen=args.tcp or config.tcp_listen,
+        insecure_tcp=args.insecure_tcp,
     )
     try:
         return asyncio.run(Daemon(settings).run())

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 import zmq
 import zmq.asyncio
 
-from vramchat.daemon import models
+from vramchat.daemon import curve, models
 from vramchat.daemon.notify import Notifier
 from vramchat.daemon.store import NotFound, Store, StoreError
 from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
@@ -52,6 +52,11 @@ SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+# Each client may send this many requests in a burst, refilled at RATE_PER_S.
+RATE_BURST = 200
+RATE_PER_S = 100.0
+
+
 @dataclass
 class DaemonSettings:
     runtime_dir: Path
@@ -60,6 +65,36 @@ class DaemonSettings:
     startup_model: str | None = None
     load_on_start: bool = True
     socket_dir_mode: int = 0o700
+    # "HOST:PORT": control on PORT, events on PORT+1. CURVE unless insecure_tcp.
+    tcp_listen: str | None = None
+    insecure_tcp: bool = False
+
+
+@dataclass
+class Listener:
+    """A ROUTER for requests and an XPUB for events: one pair on ipc, one on TCP if configured."""
+
+    name: str
+    control: zmq.asyncio.Socket
+    events: zmq.asyncio.Socket
+
+
+class RateLimiter:
+    """A token bucket per client, so one client cannot starve the others."""
+
+    def __init__(self, burst: int = RATE_BURST, per_second: float = RATE_PER_S) -> None:
+        self.burst, self.per_second = burst, per_second
+        self.buckets: dict[bytes, tuple[float, float]] = {}
+
+    def allow(self, client: bytes) -> bool:
+        now = time.monotonic()
+        tokens, since = self.buckets.get(client, (float(self.burst), now))
+        tokens = min(self.burst, tokens + (now - since) * self.per_second)
+        if len(self.buckets) > 10_000:  # forget idle clients rather than grow without bound
+            self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < 60}
+        allowed = tokens >= 1
+        self.buckets[client] = (tokens - 1 if allowed else tokens, now)
+        return allowed
 
 
 @dataclass
@@ -95,6 +130,9 @@ class Daemon:
         self.pending: collections.deque[Job] = collections.deque()
         self.in_flight: InFlight | None = None
         self.subscribers = 0
+        self.listeners: list[Listener] = []
+        self.rate_limiter = RateLimiter()
+        self._authenticator: Any = None
         self._queue_changed = asyncio.Event()
         self._model_ready = asyncio.Event()
         self._engine_lock = asyncio.Lock()
@@ -130,23 +168,24 @@ class Daemon:
         if interrupted:
             log.warning("marked %d reply(ies) interrupted by the previous daemon's end", interrupted)
 
-        control_path = runtime_dir / protocol.CONTROL_SOCKET
-        events_path = runtime_dir / protocol.EVENTS_SOCKET
         old_umask = os.umask(0o077 if self.settings.socket_dir_mode == 0o700 else 0o007)
         try:
-            self.control = self._bind(zmq.ROUTER, control_path)
-            self.events = self._bind(zmq.XPUB, events_path)
+            self.listeners.append(self._listener("ipc", *(f"ipc://{_checked_ipc_path(runtime_dir / name)}"
+                                                           for name in (protocol.CONTROL_SOCKET, protocol.EVENTS_SOCKET))))
         finally:
             os.umask(old_umask)
-        self.events.setsockopt(zmq.XPUB_VERBOSER, 1)
-        self.events.setsockopt(zmq.SNDHWM, 100_000)
+        if self.settings.tcp_listen:
+            self.listeners.append(self._tcp_listener(self.settings.tcp_listen))
         log.info("vramchatd %s listening in %s (epoch %s)", VERSION, runtime_dir, self.epoch)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        self._spawn(self._serve_control())
-        self._spawn(self._watch_subscriptions())
+        for index, listener in enumerate(self.listeners):
+            # ROUTER identities are only unique per socket: prefix them with the socket's number
+            # to name a client for queue and rate limits.
+            self._spawn(self._serve_control(listener.control, b"%d:" % index))
+            self._spawn(self._watch_subscriptions(listener.events))
         self._spawn(self._generation_worker())
         startup = self._startup_model() if self.settings.load_on_start else None
         if startup:
@@ -160,15 +199,39 @@ class Daemon:
         await self._shutdown()
         return 0
 
-    def _bind(self, kind: int, path: Path) -> zmq.asyncio.Socket:
-        if len(str(path)) > 100:
-            raise SystemExit(f"socket path {path} is too long for a Unix socket; use a shorter --runtime-dir")
-        path.unlink(missing_ok=True)
-        socket = self.context.socket(kind)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, protocol.ZMQ_MAX_MESSAGE_BYTES)
-        socket.bind(f"ipc://{path}")
-        return socket
+    def _listener(self, name: str, control_endpoint: str, events_endpoint: str, curve_keys: tuple[bytes, bytes] | None = None) -> Listener:
+        sockets = []
+        for kind, endpoint in ((zmq.ROUTER, control_endpoint), (zmq.XPUB, events_endpoint)):
+            socket = self.context.socket(kind)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.MAXMSGSIZE, protocol.ZMQ_MAX_MESSAGE_BYTES)
+            if kind == zmq.XPUB:
+                socket.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, for the client count
+                socket.setsockopt(zmq.SNDHWM, 100_000)
+            if curve_keys:
+                curve.make_curve_server(socket, *curve_keys)
+            socket.bind(endpoint)
+            sockets.append(socket)
+        return Listener(name, *sockets)
+
+    def _tcp_listener(self, address: str) -> Listener:
+        host, _, port_text = address.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise SystemExit(f'--tcp wants HOST:PORT, e.g. 127.0.0.1:5555, not {address!r}')
+        port = int(port_text)
+        endpoints = (f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}")
+        if self.settings.insecure_tcp:
+            log.warning("SERVING PLAIN TCP ON %s:%d-%d: NO ENCRYPTION, NO AUTHENTICATION; anyone who can "
+                        "reach the port can read every conversation and load any model", host, port, port + 1)
+            return self._listener("tcp", *endpoints)
+        keys_dir = curve.keys_dir(self.settings.data_dir)
+        try:
+            keys = curve.load_server_secret(keys_dir, endpoints[0])
+        except curve.CurveKeyError as exc:
+            raise SystemExit(str(exc)) from None
+        self._authenticator = curve.start_authenticator(self.context, curve.authorized_dir(keys_dir))
+        log.info("serving CURVE TCP on %s:%d-%d for the keys in %s", host, port, port + 1, curve.authorized_dir(keys_dir))
+        return self._listener("tcp", *endpoints, curve_keys=keys)
 
     def _startup_model(self) -> dict[str, Any] | None:
         name = self.settings.startup_model or self.config.default_model
@@ -202,8 +265,11 @@ class Daemon:
             await self.engine.stop()
         for task in self._tasks:
             task.cancel()
-        self.control.close()
-        self.events.close()
+        for listener in self.listeners:
+            listener.control.close()
+            listener.events.close()
+        if self._authenticator:
+            self._authenticator.stop()
         self.context.term()
         if self.store:
             self.store.close()  # a reply still `generating` is marked interrupted at the next start
@@ -227,17 +293,19 @@ class Daemon:
     def publish(self, topic: str, body: dict[str, Any]) -> None:
         self.seq += 1
         event = Event(topic=topic, epoch=self.epoch, seq=self.seq, body=body)
-        try:
-            self.events.send_multipart(event.frames(), flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # a subscriber over its high-water mark; it will see the gap
-            log.debug("event %d not sent: %s", self.seq, exc)
+        frames = event.frames()
+        for listener in self.listeners:
+            try:
+                listener.events.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # a subscriber over its high-water mark; it will see the gap
+                log.debug("event %d not sent on %s: %s", self.seq, listener.name, exc)
 
-    async def _watch_subscriptions(self) -> None:
+    async def _watch_subscriptions(self, events: zmq.asyncio.Socket) -> None:
         """XPUB hands us each (un)subscription. Publishing on every change also tells a new
         subscriber that its subscription is active (it sees an event), which the Clone pattern's
         snapshot-after-subscribe needs."""
         while True:
-            frame = await self.events.recv()
+            frame = await events.recv()
             if frame[:1] == b"\x01":
                 self.subscribers += 1
             elif frame[:1] == b"\x00":
@@ -265,46 +333,46 @@ class Daemon:
 
     # --- control socket -----------------------------------------------------------------------
 
-    async def _serve_control(self) -> None:
+    async def _serve_control(self, control: zmq.asyncio.Socket, prefix: bytes) -> None:
         while True:
-            frames = await self.control.recv_multipart(copy=True)
+            frames = await control.recv_multipart(copy=True)
             identity, payload = frames[0], frames[1:]
+            reply = Replier(control, identity)
+            if not self.rate_limiter.allow(prefix + identity):
+                request_id = protocol.request_id_of(payload[0]) if len(payload) == 1 else None
+                reply.error(request_id, ProtocolError("rate_limited", f"more than {RATE_PER_S:.0f} requests a second; slow down"))
+                continue
             if len(payload) != 1:
-                self._reply_error(identity, None, ProtocolError("bad_request", "a request is exactly one frame"))
+                reply.error(None, ProtocolError("bad_request", "a request is exactly one frame"))
                 continue
             try:
                 request = protocol.decode_request(payload[0])
             except ProtocolError as error:
-                self._reply_error(identity, protocol.request_id_of(payload[0]), error)
+                reply.error(protocol.request_id_of(payload[0]), error)
                 continue
             handler = self.handlers.get(request.type)
             if handler is None:
                 known = ", ".join(sorted(self.handlers))
-                self._reply_error(
-                    identity, request.id, ProtocolError("unknown_type", f"unknown request type {request.type!r}; known: {known}")
-                )
+                reply.error(request.id, ProtocolError("unknown_type", f"unknown request type {request.type!r}; known: {known}"))
             elif request.type == "load":  # minutes long: must not hold up other clients
-                self._spawn(self._handle(handler, request, identity))
+                self._spawn(self._handle(handler, request, prefix + identity, reply))
             else:
-                await self._handle(handler, request, identity)
+                await self._handle(handler, request, prefix + identity, reply)
 
-    async def _handle(self, handler: Callable[[Request, bytes], Awaitable[dict[str, Any]]], request: Request, identity: bytes) -> None:
+    async def _handle(self, handler: Callable[[Request, bytes], Awaitable[dict[str, Any]]], request: Request, client: bytes, reply: "Replier") -> None:
         try:
-            body = await handler(request, identity)
+            body = await handler(request, client)
         except ProtocolError as error:
-            self._reply_error(identity, request.id, error)
+            reply.error(request.id, error)
         except NotFound as exc:
-            self._reply_error(identity, request.id, ProtocolError("not_found", str(exc.args[0])))
+            reply.error(request.id, ProtocolError("not_found", str(exc.args[0])))
         except StoreError as exc:
-            self._reply_error(identity, request.id, ProtocolError("storage", str(exc)))
+            reply.error(request.id, ProtocolError("storage", str(exc)))
         except Exception:
             log.exception("handler for %r failed", request.type)
-            self._reply_error(identity, request.id, ProtocolError("internal", f"the daemon failed on {request.type!r}; see its log"))
+            reply.error(request.id, ProtocolError("internal", f"the daemon failed on {request.type!r}; see its log"))
         else:
-            self.control.send_multipart([identity, protocol.encode_reply(request.id, body)])
-
-    def _reply_error(self, identity: bytes, request_id: str | None, error: ProtocolError) -> None:
-        self.control.send_multipart([identity, protocol.encode_error(request_id, error)])
+            reply.ok(request.id, body)
 
     # --- handlers: session -------------------------------------------------------------------
 
@@ -652,6 +720,33 @@ class Daemon:
         self.store.update_message(message["id"], content=flight.text, status=status, stats=stats, error=error)
         self.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
         self._publish_queue()
+
+
+@dataclass(frozen=True)
+class Replier:
+    """Sends the one reply a request gets, on the socket it came in on."""
+
+    socket: zmq.asyncio.Socket
+    identity: bytes
+
+    def ok(self, request_id: str, body: dict[str, Any]) -> None:
+        self._send(protocol.encode_reply(request_id, body))
+
+    def error(self, request_id: str | None, error: ProtocolError) -> None:
+        self._send(protocol.encode_error(request_id, error))
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            self.socket.send_multipart([self.identity, frame], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the client is gone, or not reading: its loss, not ours
+            log.debug("reply not sent: %s", exc)
+
+
+def _checked_ipc_path(path: Path) -> Path:
+    if len(str(path)) > 100:
+        raise SystemExit(f"socket path {path} is too long for a Unix socket; use a shorter --runtime-dir")
+    path.unlink(missing_ok=True)
+    return path
 
 
 def _model_status_line(model: dict[str, Any]) -> str:

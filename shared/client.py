@@ -10,6 +10,7 @@ daemon restarts (a new epoch).
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import zmq
 import zmq.asyncio
 
 from vramchat.shared import paths, protocol
+from vramchat.shared.config import load_config
+from vramchat.shared.curve_client import apply_client_curve, client_keys, load_public_key
 from vramchat.shared.protocol import Event
 
 
@@ -43,8 +46,27 @@ class Snapshot:
 
 
 class Client:
-    def __init__(self, runtime_dir: str | Path | None = None, *, name: str = "vramchat", timeout: float = 10.0) -> None:
+    """Attach to the daemon on this machine's ipc sockets, or over TCP with CURVE.
+
+    An explicit `runtime_dir` means ipc. Otherwise `server` (``tcp://HOST:PORT``) with
+    `server_public_key`, or the config's `server`, means TCP; failing both, the default runtime dir.
+    """
+
+    def __init__(
+        self,
+        runtime_dir: str | Path | None = None,
+        *,
+        server: str | None = None,
+        server_public_key: str | None = None,
+        name: str = "vramchat",
+        timeout: float = 10.0,
+    ) -> None:
+        if runtime_dir is None and server is None:
+            config = load_config()
+            server, server_public_key = config.server, config.server_public_key
         self.runtime_dir = paths.runtime_dir(runtime_dir)
+        self.server_address = None if runtime_dir is not None else server
+        self.server_public_key = server_public_key
         self.name = name
         self.timeout = timeout
         self.context = zmq.asyncio.Context.instance()
@@ -64,28 +86,47 @@ class Client:
 
     # --- control ---------------------------------------------------------------------------
 
+    def _endpoints(self) -> tuple[str, str]:
+        """Control and events endpoints; TCP serves events on the control port + 1."""
+        if self.server_address:
+            host, _, port = self.server_address.removeprefix("tcp://").rpartition(":")
+            return f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}"
+        return (f"ipc://{self.runtime_dir / protocol.CONTROL_SOCKET}", f"ipc://{self.runtime_dir / protocol.EVENTS_SOCKET}")
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        socket = self.context.socket(kind)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self.server_address:
+            if not self.server_public_key:
+                raise DaemonNotRunning(f"{self.server_address} needs the daemon's public key (server_public_key in the config)")
+            public, secret = client_keys(paths.config_path().parent)
+            apply_client_curve(socket, load_public_key(os.path.expanduser(self.server_public_key)), public, secret)
+        return socket
+
     async def connect(self) -> dict[str, Any]:
         """Open the control socket and shake hands; raises DaemonNotRunning if nobody answers."""
-        control_path = self.runtime_dir / protocol.CONTROL_SOCKET
-        if not control_path.exists():
+        control_endpoint, _ = self._endpoints()
+        where = self.server_address or str(self.runtime_dir / protocol.CONTROL_SOCKET)
+        if not self.server_address and not (self.runtime_dir / protocol.CONTROL_SOCKET).exists():
             raise DaemonNotRunning(
-                f"vramchatd is not running (no socket at {control_path}). Start it with `vramchatd &`, "
+                f"vramchatd is not running (no socket at {where}). Start it with `vramchatd &`, "
                 "`make run`, or `systemctl --user start vramchatd`."
             )
-        self.control = self.context.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.LINGER, 0)
+        self.control = self._socket(zmq.DEALER)
         # Queue requests only on a live connection, so nothing stale reaches a restarted daemon.
         self.control.setsockopt(zmq.IMMEDIATE, 1)
-        self.control.connect(f"ipc://{control_path}")
+        self.control.connect(control_endpoint)
         self._reader = asyncio.create_task(self._read_replies())
         try:
             self.server = await self.request("hello", {"protocol": protocol.PROTOCOL_VERSION, "client": self.name}, timeout=min(self.timeout, 5.0))
         except asyncio.TimeoutError:
             await self.close()
-            raise DaemonNotRunning(
-                f"vramchatd does not answer on {control_path}: it may have died and left the socket. "
-                "Start it again with `vramchatd &`."
-            ) from None
+            hint = (
+                "is it running, and is your public key in its authorized_keys/?"
+                if self.server_address
+                else "it may have died and left the socket. Start it again with `vramchatd &`."
+            )
+            raise DaemonNotRunning(f"vramchatd does not answer on {where}: {hint}") from None
         self.max_request_bytes = int(self.server.get("max_request_bytes", self.max_request_bytes))
         return self.server
 
@@ -137,17 +178,16 @@ class Client:
         """
         if self.events_socket is not None:
             return
-        socket = self.context.socket(zmq.SUB)
-        socket.setsockopt(zmq.LINGER, 0)
+        socket = self._socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, 100_000)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
-        socket.connect(f"ipc://{self.runtime_dir / protocol.EVENTS_SOCKET}")
+        socket.connect(self._endpoints()[1])
         self.events_socket = socket
         self._first_events: list[Event] = []
         try:
             frames = await asyncio.wait_for(socket.recv_multipart(), self.timeout)
         except asyncio.TimeoutError:
-            raise DaemonNotRunning(f"no events from vramchatd on {self.runtime_dir}") from None
+            raise DaemonNotRunning(f"no events from vramchatd at {self._endpoints()[1]}") from None
         if event := protocol.decode_event(frames):
             self._first_events.append(event)
 

@@ -7,6 +7,14 @@ Example (every key is optional)::
     n_gpu_layers = 24          # or "auto" to fit the VRAM budget
     n_ctx = 4096
     n_threads = 8
+
+    # Daemon: also listen on TCP (control on PORT, events on PORT+1), CURVE-encrypted; only
+    # client keys in <data dir>/curve/authorized_keys/ get in. See `vramchatd keys`.
+    tcp_listen = "0.0.0.0:5555"
+
+    # Client: attach to a daemon over TCP instead of the local sockets.
+    server = "tcp://gpu-box:5555"
+    server_public_key = "~/.config/vramchat/gpu-box.key"   # or the key's z85 text
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ class Config:
     n_threads: int | None = None
     # Let `load` take any readable path, not only files under model_dirs (and the demo model).
     allow_any_model_path: bool = True
+    tcp_listen: str | None = None
+    server: str | None = None
+    server_public_key: str | None = None
     source: Path | None = None
 
     @classmethod
@@ -57,6 +68,15 @@ class Config:
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                     raise ConfigError(f"{name}{where} must be a whole number > 0")
                 setattr(config, name, value)
+        for name in ("tcp_listen", "server", "server_public_key"):
+            if name in raw:
+                if not isinstance(raw[name], str):
+                    raise ConfigError(f"{name}{where} must be a string")
+                setattr(config, name, raw[name])
+        if config.server and not config.server.startswith("tcp://"):
+            raise ConfigError(f'server{where} must look like "tcp://HOST:PORT"')
+        if config.server and not config.server_public_key:
+            raise ConfigError(f"server{where} needs server_public_key: the daemon's server.key (see `vramchatd keys`)")
         if "allow_any_model_path" in raw:
             if not isinstance(raw["allow_any_model_path"], bool):
                 raise ConfigError(f"allow_any_model_path{where} must be true or false")

@@ -1,0 +1,157 @@
+"""Who may attach: ipc sockets for this user only; TCP only with CURVE and a listed key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from vramchat.shared.client import Client, DaemonNotRunning
+from vramchat.shared.curve_client import client_keys
+
+OTHER_USER = "vramchat-test-other"
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 free on loopback."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def other_user_can_connect(runtime_dir: Path, user: str) -> bool:
+    """Can `user` open a connection to the control socket? (The kernel checks at connect().)
+
+    The probe uses the system Python and the standard library: the venv's interpreter lives
+    under /root, which another user cannot read.
+    """
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        f"try:\n    s.connect({str(runtime_dir / 'control.sock')!r})\nexcept OSError:\n    sys.exit(1)\n"
+    )
+    result = subprocess.run([SYSTEM_PYTHON, "-c", probe], user=user, capture_output=True, timeout=30)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode == 0
+
+
+@pytest.fixture
+def other_user() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second Unix user")
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"no system Python at {SYSTEM_PYTHON} for the other user to run")
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", OTHER_USER], check=True)
+    return OTHER_USER
+
+
+def test_another_user_cannot_reach_the_ipc_sockets(tiny_daemon: Any, other_user: str) -> None:
+    # Open the directories above the runtime dir, so the 0700 runtime dir is what keeps them out.
+    tiny_daemon.runtime_dir.parent.chmod(0o755)
+    assert (tiny_daemon.runtime_dir.stat().st_mode & 0o777) == 0o700
+    assert not other_user_can_connect(tiny_daemon.runtime_dir, other_user)
+    # Control: the same probe works once the directory lets the user in, so the probe is sound.
+    tiny_daemon.runtime_dir.chmod(0o711)
+    (tiny_daemon.runtime_dir / "control.sock").chmod(0o777)
+    assert other_user_can_connect(tiny_daemon.runtime_dir, other_user)
+
+
+def test_the_daemon_refuses_a_runtime_dir_open_to_others(daemon_factory: Any) -> None:
+    daemon = daemon_factory("--no-load", start=False)
+    daemon.runtime_dir.mkdir(parents=True)
+    daemon.runtime_dir.chmod(0o755)
+    daemon.start(wait=False)
+    assert daemon.process.wait(30) == 1
+    assert "0755" in daemon.log() and "chmod 700" in daemon.log()
+
+
+@pytest.fixture
+def curve_setup(daemon_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Server keys made by `vramchatd keys`, and one client whose public key is authorized."""
+    daemon = daemon_factory("--no-load", start=False)
+    keys = subprocess.run([sys.executable, "-m", "vramchat.daemon.cli", "--data-dir", str(daemon.data_dir), "keys"],
+                          capture_output=True, text=True, timeout=30)
+    assert keys.returncode == 0, keys.stderr
+    curve_dir = daemon.data_dir / "curve"
+    assert (curve_dir / "server.key_secret").stat().st_mode & 0o777 == 0o600
+    allowed_config = tmp_path / "allowed"
+    allowed_config.mkdir()
+    (allowed_config / "config.toml").write_text("")  # the daemon inherits VRAMCHAT_CONFIG too
+    monkeypatch.setenv("VRAMCHAT_CONFIG", str(allowed_config / "config.toml"))
+    client_keys(allowed_config)
+    shutil.copy(allowed_config / "curve" / "client.key", curve_dir / "authorized_keys" / "laptop.key")
+    port = free_port_pair()
+    return {"daemon": daemon, "port": port, "server_key": str(curve_dir / "server.key")}
+
+
+async def test_tcp_with_curve_accepts_a_listed_key_and_rejects_others(curve_setup: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon, port = curve_setup["daemon"], curve_setup["port"]
+    daemon.start("--tcp", f"127.0.0.1:{port}")
+    server = f"tcp://127.0.0.1:{port}"
+    async with Client(server=server, server_public_key=curve_setup["server_key"], timeout=5) as client:
+        status = await client.request("status")
+        assert status["daemon"]["pid"] == daemon.process.pid
+        await client.subscribe()  # the events socket is CURVE too
+
+    monkeypatch.setenv("VRAMCHAT_CONFIG", str(tmp_path / "stranger" / "config.toml"))
+    with pytest.raises(DaemonNotRunning):
+        await Client(server=server, server_public_key=curve_setup["server_key"], timeout=2).connect()
+
+    # A client that skips CURVE gets nothing at all from the CURVE port.
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(server)
+    raw.send(b"\x80")
+    assert raw.poll(1000) == 0
+    raw.close()
+
+
+def test_tcp_without_keys_refuses_to_start(daemon_factory: Any) -> None:
+    daemon = daemon_factory("--no-load", "--tcp", f"127.0.0.1:{free_port_pair()}", start=False)
+    daemon.start(wait=False)
+    assert daemon.process.wait(30) != 0
+    assert "vramchatd keys" in daemon.log()
+
+
+def test_insecure_tcp_needs_tcp_and_says_so_loudly(daemon_factory: Any) -> None:
+    lone = daemon_factory("--no-load", "--insecure-tcp", start=False)
+    lone.start(wait=False)
+    assert lone.process.wait(30) == 2 and "needs --tcp" in lone.log()
+    port = free_port_pair()
+    plain = daemon_factory("--no-load", "--insecure-tcp", "--tcp", f"127.0.0.1:{port}")
+    assert "NO ENCRYPTION" in plain.log()
+    asyncio.run(_plain_hello(port))
+
+
+async def _plain_hello(port: int) -> None:
+    import msgpack
+    import zmq.asyncio
+
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    await dealer.send(msgpack.packb({"id": "x", "type": "hello", "body": {"protocol": 1}}))
+    reply = msgpack.unpackb(await asyncio.wait_for(dealer.recv(), 10))
+    dealer.close()
+    assert reply["ok"] is True
