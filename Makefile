@@ -16,6 +16,7 @@ daemon: install
 	@scripts/ensure-daemon.sh
 
 test: install
+	@scripts/install-test-tools.sh
 	@$(BIN)/python -m pytest -q -ra
 
 bench: install
