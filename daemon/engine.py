@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import ctypes
 import os
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
@@ -40,6 +42,9 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 FALLBACK_STOP = ["<|im_end|>"]
+
+# RAM for the KV state of conversations not in the context right now (see ConversationStates).
+DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
 
 SAMPLING_DEFAULTS: dict[str, Any] = {
     "temperature": 0.7,
@@ -62,6 +67,8 @@ class Engine:
         self.n_ctx = 0
         self.log_lines: list[str] = []
         self.shutdown_requested = False
+        self.states = ConversationStates(0)
+        self.conversation: str | None = None  # whose tokens the context holds
 
     def send(self, message: dict[str, Any]) -> None:
         self.socket.send(msgpack.packb(message, use_bin_type=True))
@@ -74,6 +81,8 @@ class Engine:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        self.llama_cpp = llama_cpp
+        self.states = ConversationStates(int(params.get("state_cache_bytes", DEFAULT_STATE_CACHE_BYTES)))
         self._capture_llama_log(llama_cpp)
         self._report_load_progress(llama_cpp)
         started = time.monotonic()
@@ -185,7 +194,12 @@ class Engine:
         stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
         text_out = _StopFilter(stops + (self.fallback_stop or []))
         max_tokens = min(int(sampling["max_tokens"]), self.n_ctx - len(prompt))
-        cached = _common_prefix(prompt, llm.input_ids[: llm.n_tokens].tolist())
+        conversation = request.get("conversation")
+        if conversation != self.conversation:
+            if self.conversation is not None:
+                self.states.save(self.conversation, llm, self.llama_cpp)
+            self.conversation = conversation
+        cached = self.states.restore(conversation, llm, self.llama_cpp, prompt)
         llm.set_seed(sampling["seed"] if sampling["seed"] is not None else random.randrange(2**31))
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -249,6 +263,8 @@ class Engine:
                     "prompt_tokens_per_s": evaluated / ttft if ttft else None,
                     "tokens_per_s": (generated - 1) / decode_time if generated > 1 and decode_time > 0 else None,
                     "total_s": ended - started,
+                    "state_cache_bytes": self.states.used_bytes,
+                    "state_cache_entries": len(self.states.entries),
                 },
             }
         )
@@ -272,6 +288,66 @@ class Engine:
             elif op == "shutdown":
                 break
             # A cancel for a request that already finished needs no answer.
+
+
+@dataclass
+class SavedState:
+    tokens: list[int]
+    kv: Any  # ctypes uint8 array from llama_state_seq_get_data
+
+    @property
+    def size(self) -> int:
+        return len(self.kv)
+
+
+class ConversationStates:
+    """The KV cache of recently used conversations, kept in RAM within a byte budget.
+
+    The context holds one conversation at a time. Without this, switching back to a
+    conversation re-evaluates its whole history, which takes minutes on a CPU-bound 70B model.
+    Least recently used entries are dropped first.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.entries: collections.OrderedDict[str, SavedState] = collections.OrderedDict()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(entry.size for entry in self.entries.values())
+
+    def save(self, key: str, llm: Any, llama_cpp: Any) -> None:
+        if llm.n_tokens == 0:
+            return
+        ctx = llm._ctx.ctx
+        size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        if size > self.budget_bytes:
+            return
+        self.entries.pop(key, None)
+        while self.entries and self.used_bytes + size > self.budget_bytes:
+            self.entries.popitem(last=False)
+        kv = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(ctx, kv, size, 0) != size:
+            return
+        self.entries[key] = SavedState(tokens=llm.input_ids[: llm.n_tokens].tolist(), kv=kv)
+
+    def restore(self, key: str | None, llm: Any, llama_cpp: Any, prompt: list[int]) -> int:
+        """Put a saved conversation back in the context if it shares more of `prompt` than the
+        context does now; returns the number of prompt tokens that need no evaluation."""
+        current = _common_prefix(prompt, llm.input_ids[: llm.n_tokens].tolist())
+        entry = self.entries.get(key) if key else None
+        if entry is None or _common_prefix(prompt, entry.tokens) <= current:
+            return current
+        self.entries.move_to_end(key)
+        ctx = llm._ctx.ctx
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        if llama_cpp.llama_state_seq_set_data(ctx, entry.kv, entry.size, 0) == 0:
+            llm.n_tokens = 0  # the context is empty now; generate() evaluates everything
+            return 0
+        llm.input_ids[: len(entry.tokens)] = entry.tokens
+        llm.n_tokens = len(entry.tokens)
+        llm._requires_eval = True  # the restored KV carries no logits: evaluate at least one token
+        return _common_prefix(prompt, entry.tokens)
 
 
 class _StopFilter:

@@ -460,7 +460,8 @@ class Daemon:
         n_threads = field_of(body, "n_threads", int, self.config.n_threads or cpus)
         if not 1 <= n_threads <= cpus:
             raise ProtocolError("invalid_value", f"n_threads must be between 1 and this machine's {cpus} CPUs, not {n_threads}")
-        return {"model_path": str(path), "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_threads": n_threads}
+        return {"model_path": str(path), "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_threads": n_threads,
+                "state_cache_bytes": self.config.state_cache_mib << 20}
 
     async def _swap_engine(self, params: dict[str, Any]) -> dict[str, Any]:
         self._model_ready.clear()
@@ -689,7 +690,8 @@ class Daemon:
         prompt = [{"role": "system", "content": conversation["system_prompt"]}] if conversation["system_prompt"] else []
         prompt += [{"role": m["role"], "content": m["content"]} for m in history if m["content"]]
         sampling = {**conversation["settings"], **job.sampling}
-        engine.send({"op": "generate", "request": job.request_id, "messages": prompt, "sampling": sampling})
+        engine.send({"op": "generate", "request": job.request_id, "conversation": job.conversation_id,
+                     "messages": prompt, "sampling": sampling})
 
         status, error, stats = "complete", None, None
         last_flush = time.monotonic()
@@ -707,6 +709,8 @@ class Daemon:
                     last_flush = time.monotonic()
             elif kind == "done" and event["request"] == job.request_id:
                 stats = {**event["stats"], "finish_reason": event["finish_reason"]}
+                if stats["state_cache_bytes"] != self.model.get("state_cache_bytes"):
+                    self._set_model(state_cache_bytes=stats["state_cache_bytes"])
                 if event["finish_reason"] == "cancelled":
                     status, error = "cancelled", flight.cancel_reason
                 break

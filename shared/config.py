@@ -7,6 +7,7 @@ Example (every key is optional)::
     n_gpu_layers = 24          # or "auto" to fit the VRAM budget
     n_ctx = 4096
     n_threads = 8
+    state_cache_mib = 512      # RAM for the KV state of recent conversations (instant resume); 0 = off
 
     # Daemon: also listen on TCP (control on PORT, events on PORT+1), CURVE-encrypted; only
     # client keys in <data dir>/curve/authorized_keys/ get in. See `vramchatd keys`.
@@ -41,6 +42,7 @@ class Config:
     n_threads: int | None = None
     # Let `load` take any readable path, not only files under model_dirs (and the demo model).
     allow_any_model_path: bool = True
+    state_cache_mib: int = 512
     tcp_listen: str | None = None
     server: str | None = None
     server_public_key: str | None = None
@@ -62,11 +64,11 @@ class Config:
         if not (layers == "auto" or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)):
             raise ConfigError(f'n_gpu_layers{where} must be a whole number >= 0 or "auto"')
         config.n_gpu_layers = layers
-        for name in ("n_ctx", "n_threads"):
+        for name, least in (("n_ctx", 1), ("n_threads", 1), ("state_cache_mib", 0)):
             if name in raw:
                 value = raw[name]
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise ConfigError(f"{name}{where} must be a whole number > 0")
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ConfigError(f"{name}{where} must be a whole number >= {least}")
                 setattr(config, name, value)
         for name in ("tcp_listen", "server", "server_public_key"):
             if name in raw:

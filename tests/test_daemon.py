@@ -302,3 +302,25 @@ def test_cli_lists_models_and_conversations(tiny_daemon: Any) -> None:
     assert asked.returncode == 0, asked.stderr
     listed = run_cli(tiny_daemon, "conversations")
     assert listed.returncode == 0 and "hi" in listed.stdout
+
+
+async def test_switching_back_to_a_conversation_reuses_its_saved_kv_state(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        await client.subscribe()
+        events = client.raw_events()
+
+        async def ask(content: str, conversation: str | None) -> dict[str, Any]:
+            request_id, _ = await chat(client, content, {"temperature": 0.0, "max_tokens": 8}, conversation)
+            _, final = await collect_reply(events, request_id)
+            assert final is not None and final["status"] == "complete"
+            return final
+
+        first = await ask("alpha " * 300, None)
+        a = first["conversation_id"]
+        await ask("beta " * 300, None)  # another conversation takes the context
+        resumed = await ask("and then?", a)
+        history = first["stats"]["prompt_tokens"]
+        # Everything up to the previous reply is restored, not evaluated again.
+        assert resumed["stats"]["prompt_cached_tokens"] >= history, resumed["stats"]
+        assert resumed["stats"]["state_cache_entries"] >= 1 and resumed["stats"]["state_cache_bytes"] > 0
