@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +85,7 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def daemon_factory(models_dir: Path) -> Iterator[callable]:
+def daemon_factory(models_dir: Path) -> Iterator[Callable[..., "DaemonProcess"]]:
     """Make daemons on short private dirs (ipc paths are limited to ~100 bytes)."""
     made: list[DaemonProcess] = []
     roots: list[Path] = []
@@ -108,12 +108,12 @@ def daemon_factory(models_dir: Path) -> Iterator[callable]:
 
 
 @pytest.fixture
-def tiny_daemon(daemon_factory: callable, models_dir: Path) -> DaemonProcess:
+def tiny_daemon(daemon_factory: Callable[..., DaemonProcess], models_dir: Path) -> DaemonProcess:
     """A daemon serving the tiny random-weights model (fast, meaningless tokens)."""
     return daemon_factory("--model", str(models_dir / "tiny.gguf"))
 
 
 @pytest.fixture
-def demo_daemon(daemon_factory: callable) -> DaemonProcess:
+def demo_daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     """A daemon serving the SmolLM2 demo model (a real quantized decode)."""
     return daemon_factory()

@@ -42,3 +42,24 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(daemon_factory: Any,
     received(notify_socket, "WATCHDOG=1")  # every 0.1 s: half of WATCHDOG_USEC
     assert daemon.stop() == 0
     received(notify_socket, "STOPPING=1")
+
+
+async def test_sigterm_mid_reply_stores_the_reply_and_exits_cleanly(tiny_daemon: Any) -> None:
+    from test_daemon import chat, collect_reply, wait_ready
+
+    from vramchat.shared.client import Client
+
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        await client.subscribe()
+        events = client.raw_events()
+        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
+        tokens, _ = await collect_reply(events, request_id, until_tokens=10)
+        assert tiny_daemon.stop() == 0
+    assert not (tiny_daemon.runtime_dir / "control.sock").exists()
+    tiny_daemon.start("--no-load")
+    async with Client(tiny_daemon.runtime_dir) as client:
+        stored = await client.request("conversation.get", {"id": accepted["conversation"]})
+    reply = stored["messages"][-1]
+    assert reply["status"] == "cancelled" and reply["error"] == "the daemon was stopped"
+    assert reply["content"].startswith("".join(tokens)) and reply["stats"]["generated_tokens"] >= 10
