@@ -44,6 +44,7 @@ def resolve(name_or_path: str, model_dirs: list[Path], *, allow_any_path: bool) 
     known = discover(model_dirs)
     for model in known:
         if name_or_path in (model["name"], model["path"], Path(model["name"]).stem):
+            check_gguf(Path(model["path"]))
             return Path(model["path"])
     path = Path(name_or_path).expanduser()
     if not path.exists():

@@ -245,7 +245,7 @@ class Daemon:
 
     async def _load_quietly(self, body: dict[str, Any]) -> None:
         try:
-            await self.load(body)
+            await self.load(body, trusted=True)
         except ProtocolError as exc:
             log.error("could not load the start-up model: %s", exc.message)
             if self.model.get("state") == "loading":
@@ -439,17 +439,20 @@ class Daemon:
     async def on_load(self, request: Request, _identity: bytes) -> dict[str, Any]:
         return await self.load(request.body)
 
-    async def load(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Validate, then replace the engine with a fresh one holding the requested model."""
-        params = self._load_params(body)
+    async def load(self, body: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
+        """Validate, then replace the engine with a fresh one holding the requested model.
+
+        `trusted` is for the daemon's own command line and config, which may name any path.
+        """
+        params = self._load_params(body, trusted)
         if self._load_lock.locked():
             raise ProtocolError("busy", "another load is in progress; wait for it to finish")
         async with self._load_lock:
             return await self._swap_engine(params)
 
-    def _load_params(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _load_params(self, body: dict[str, Any], trusted: bool) -> dict[str, Any]:
         name = field_of(body, "model", str)
-        path = models.resolve(name, self.config.model_dirs, allow_any_path=self.config.allow_any_model_path)
+        path = models.resolve(name, self.config.model_dirs, allow_any_path=trusted or self.config.allow_any_model_path)
         n_gpu_layers = field_of(body, "n_gpu_layers", int, self.config.n_gpu_layers if isinstance(self.config.n_gpu_layers, int) else 0)
         if not 0 <= n_gpu_layers <= 100_000:
             raise ProtocolError("invalid_value", f"n_gpu_layers must be between 0 and the model's layer count + 1, not {n_gpu_layers}")

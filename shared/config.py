@@ -7,6 +7,7 @@ Example (every key is optional)::
     n_gpu_layers = 24          # or "auto" to fit the VRAM budget
     n_ctx = 4096
     n_threads = 8
+    allow_any_model_path = false   # true lets clients load any path the daemon can read
     state_cache_mib = 512      # RAM for the KV state of recent conversations (instant resume); 0 = off
 
     # Daemon: also listen on TCP (control on PORT, events on PORT+1), CURVE-encrypted; only
@@ -40,8 +41,8 @@ class Config:
     n_gpu_layers: int | str = 0
     n_ctx: int = 4096
     n_threads: int | None = None
-    # Let `load` take any readable path, not only files under model_dirs (and the demo model).
-    allow_any_model_path: bool = True
+    # Let clients `load` any readable path, not only files under model_dirs and the demo model.
+    allow_any_model_path: bool = False
     state_cache_mib: int = 512
     tcp_listen: str | None = None
     server: str | None = None

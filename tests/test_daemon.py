@@ -246,24 +246,44 @@ async def test_malformed_requests_get_errors_and_the_daemon_stays_up(tiny_daemon
         assert (await client.request("status"))["daemon"]["pid"] == tiny_daemon.process.pid
 
 
-async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(tiny_daemon: Any, models_dir: Path, tmp_path: Path) -> None:
+async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(daemon_factory: Any, models_dir: Path, tmp_path: Path) -> None:
+    daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--models-dir", str(tmp_path))
     text_file = tmp_path / "notes.gguf"
     text_file.write_text("not a model")
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + os.urandom(4096))
-    async with Client(tiny_daemon.runtime_dir) as client:
+    async with Client(daemon.runtime_dir) as client:
         await wait_ready(client)
         for model, code, words in (
             (str(tmp_path / "missing.gguf"), "not_found", "vramchat models"),
             (str(text_file), "not_gguf", "not a GGUF"),
             (str(tmp_path), "not_gguf", "directory"),
             (str(corrupt), "load_failed", "corrupt.gguf"),
+            (str(models_dir.parent), "invalid_value", "outside the configured model dirs"),
         ):
             with pytest.raises(RequestFailed) as error:
                 await client.request("load", {"model": model}, timeout=60)
             assert error.value.code == code and words in error.value.message, error.value
         loaded = await client.request("load", {"model": "tiny-gqa.gguf", "n_ctx": 256}, timeout=60)
         assert loaded["model"]["state"] == "ready" and loaded["model"]["n_ctx"] == 256
+
+
+async def test_a_client_that_vanishes_mid_reply_costs_nothing(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as leaver:
+        await wait_ready(leaver)
+        request_id, accepted = await chat(leaver, "hello", {"temperature": 0.0, "max_tokens": 300})
+    async with Client(tiny_daemon.runtime_dir) as stayer:
+        await stayer.subscribe()
+        events = stayer.raw_events()
+        snapshot = await stayer.request("snapshot")
+        if snapshot["in_flight"]:
+            await collect_reply(events, request_id)
+        stored = await stayer.request("conversation.get", {"id": accepted["conversation"]})
+        assert stored["messages"][-1]["status"] == "complete"
+        assert stored["messages"][-1]["stats"]["generated_tokens"] == 300
+        next_id, _ = await chat(stayer, "next", {"max_tokens": 3})
+        _, final = await collect_reply(events, next_id)
+        assert final is not None and final["status"] == "complete"
 
 
 async def test_prompt_longer_than_the_context_is_refused_with_its_length(tiny_daemon: Any) -> None:
