@@ -10,6 +10,11 @@ from vramchat.shared import paths
 from vramchat.shared.protocol import ProtocolError
 
 GGUF_MAGIC = b"GGUF"
+# The 135M demo model answers reliably only greedily and with a plain system prompt: "What is
+# the capital of France?" gave Paris 20 times in 20 so, against 17 in 30 at temperature 0.7
+# with the system prompt its chat template adds by itself. Other models get no such defaults.
+DEMO_DEFAULTS: dict[str, Any] = {"system_prompt": "You are a helpful assistant.", "sampling": {"temperature": 0.0}}
+
 # Split models (model-00002-of-00004.gguf) are loaded through their first part only.
 _LATER_SPLIT_PART = re.compile(r"-0*([2-9]|\d{2,})-of-\d+\.gguf$")
 
@@ -37,6 +42,12 @@ def discover(model_dirs: list[Path]) -> list[dict[str, Any]]:
             for path in sorted(directory.rglob("*.gguf")):
                 add(path, str(directory))
     return found
+
+
+def defaults_for(path: Path) -> dict[str, Any]:
+    """Default system prompt and sampling for a model, below a conversation's own settings."""
+    demo = paths.demo_model_path()
+    return DEMO_DEFAULTS if demo is not None and path.resolve() == demo.resolve() else {}
 
 
 def resolve(name_or_path: str, model_dirs: list[Path], *, allow_any_path: bool) -> Path:

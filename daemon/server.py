@@ -690,9 +690,11 @@ class Daemon:
         self.publish("msg", {**message, "request": job.request_id})
         self._publish_queue()
 
-        prompt = [{"role": "system", "content": conversation["system_prompt"]}] if conversation["system_prompt"] else []
+        defaults = models.defaults_for(Path(self.model["path"]))
+        system_prompt = conversation["system_prompt"] or defaults.get("system_prompt")
+        prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
         prompt += [{"role": m["role"], "content": m["content"]} for m in history if m["content"]]
-        sampling = {**conversation["settings"], **job.sampling}
+        sampling = {**defaults.get("sampling", {}), **conversation["settings"], **job.sampling}
         engine.send({"op": "generate", "request": job.request_id, "conversation": job.conversation_id,
                      "messages": prompt, "sampling": sampling})
 

@@ -66,14 +66,14 @@ def run_cli(daemon: Any, *args: str, input: str | None = None, timeout: float = 
 @pytest.mark.demo
 def test_ask_streams_an_answer_from_the_quantized_demo_model(demo_daemon: Any) -> None:
     """Decodes SmolLM2 Q4_1: a llama.cpp build with broken quantized kernels fails here."""
-    result = run_cli(demo_daemon, "ask", "What is the capital of France?", "--temperature", "0")
+    result = run_cli(demo_daemon, "ask", "What is the capital of France?")  # the defaults a new user gets
     assert result.returncode == 0, result.stderr + demo_daemon.log()
     assert "Paris" in result.stdout
 
 
 @pytest.mark.demo
 def test_ask_reads_the_prompt_from_stdin_and_prints_json(demo_daemon: Any) -> None:
-    result = run_cli(demo_daemon, "ask", "--json", "--temperature", "0", "--max-tokens", "8", input="Say hello.")
+    result = run_cli(demo_daemon, "ask", "--json", "--max-tokens", "8", input="Say hello.")
     assert result.returncode == 0, result.stderr
     import json
 

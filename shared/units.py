@@ -1,0 +1,36 @@
+"""Byte sizes as people write and read them: "11.5GiB" in, "11.50 GiB" out."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse "11.5GiB", "512MiB", "12GB", "1e9" or a plain byte count."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write it like 11.5GiB, 512MiB, 12GB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: int | None) -> str:
+    """"11.50 GiB", "512.0 MiB", "N/A" for an unknown value."""
+    if n is None:
+        return "N/A"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n >= 1024**3:
+        return f"{sign}{n / 1024**3:.2f} GiB"
+    if n >= 1024**2:
+        return f"{sign}{n / 1024**2:.1f} MiB"
+    if n >= 1024:
+        return f"{sign}{n / 1024:.1f} KiB"
+    return f"{sign}{n} B"
