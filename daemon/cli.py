@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-tcp", action="store_true",
         help="serve --tcp WITHOUT encryption or authentication: anyone who reaches the port can read every chat",
     )
+    parser.add_argument("--telemetry-interval", type=float, default=0.5, metavar="SECONDS", help="memory sampling interval (default 0.5)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keys = commands.add_parser("keys", help="create or show the CURVE keys for TCP clients")
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         socket_dir_mode=0o750 if args.socket_mode == "group" else 0o700,
         tcp_listen=args.tcp or config.tcp_listen,
         insecure_tcp=args.insecure_tcp,
+        telemetry_interval_s=args.telemetry_interval,
     )
     try:
         return asyncio.run(Daemon(settings).run())

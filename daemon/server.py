@@ -26,8 +26,10 @@ from vramchat.daemon import curve, models
 from vramchat.daemon.notify import Notifier
 from vramchat.daemon.store import NotFound, Store, StoreError
 from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
+from vramchat.daemon.telemetry import AlarmTracker, TelemetrySampler
 from vramchat.shared import protocol
 from vramchat.shared.config import Config
+from vramchat.shared.llama_log import parse_load_log
 from vramchat.shared.paths import ensure_private_dir
 from vramchat.shared.protocol import Event, ProtocolError, Request, field_of
 
@@ -68,6 +70,7 @@ class DaemonSettings:
     # "HOST:PORT": control on PORT, events on PORT+1. CURVE unless insecure_tcp.
     tcp_listen: str | None = None
     insecure_tcp: bool = False
+    telemetry_interval_s: float = 0.5
 
 
 @dataclass
@@ -111,6 +114,8 @@ class InFlight:
     job: Job
     message_id: str
     text: str = ""
+    tokens: int = 0
+    first_token_at: float | None = None
     cancel_requested: bool = False
     cancel_reason: str | None = None
 
@@ -133,6 +138,9 @@ class Daemon:
         self.listeners: list[Listener] = []
         self.rate_limiter = RateLimiter()
         self._authenticator: Any = None
+        self.telemetry = TelemetrySampler()
+        self.alarms = AlarmTracker()
+        self.last_stats: dict[str, Any] | None = None
         self._queue_changed = asyncio.Event()
         self._model_ready = asyncio.Event()
         self._engine_lock = asyncio.Lock()
@@ -187,6 +195,7 @@ class Daemon:
             self._spawn(self._serve_control(listener.control, b"%d:" % index))
             self._spawn(self._watch_subscriptions(listener.events))
         self._spawn(self._generation_worker())
+        self._spawn(self._sample_telemetry())
         startup = self._startup_model() if self.settings.load_on_start else None
         if startup:
             self.model = {"state": "loading", "progress": 0.0}  # requests arriving now wait for it
@@ -331,6 +340,33 @@ class Daemon:
         if self.model.get("state") != previous:
             self.notifier.status(_model_status_line(self.model))
 
+    # --- telemetry -----------------------------------------------------------------------------
+
+    async def _sample_telemetry(self) -> None:
+        """Sample on a worker thread (NVML and /proc reads block) and publish on the loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            engine_pid = self.engine.pid if self.engine and not self.engine.exited.done() else None
+            generation = self._generation_view()
+            sample = await loop.run_in_executor(None, lambda: self.telemetry.sample(engine_pid=engine_pid, generation=generation))
+            self.publish("telemetry", sample)
+            split = self.model.get("split") or {}
+            for alarm in self.alarms.update(sample, generating=self.in_flight is not None, cpu_side_need_bytes=split.get("cpu_bytes")):
+                log.warning("alarm %s %s: %s", alarm["kind"], "on" if alarm["active"] else "off", alarm["message"])
+                self.publish("alarm", alarm)
+            await asyncio.sleep(self.settings.telemetry_interval_s)
+
+    def _generation_view(self) -> dict[str, Any]:
+        """Speed now (the reply in flight) and of the latest finished reply."""
+        view: dict[str, Any] = {"generating": self.in_flight is not None, "tokens_per_s": None}
+        flight = self.in_flight
+        if flight and flight.first_token_at and flight.tokens > 1:
+            elapsed = time.monotonic() - flight.first_token_at
+            view["tokens_per_s"] = (flight.tokens - 1) / elapsed if elapsed > 0 else None
+        if self.last_stats:
+            view["last"] = {k: self.last_stats.get(k) for k in ("tokens_per_s", "prompt_tokens_per_s", "ttft_s", "generated_tokens")}
+        return view
+
     # --- control socket -----------------------------------------------------------------------
 
     async def _serve_control(self, control: zmq.asyncio.Socket, prefix: bytes) -> None:
@@ -410,6 +446,8 @@ class Daemon:
             "in_flight": in_flight,
             "queue": self._queue_state(),
             "clients": self.subscribers,
+            "telemetry": {"latest": self.telemetry.latest(), "history": self.telemetry.history()},
+            "alarms": list(self.alarms.active.values()),
         }
 
     async def on_status(self, _request: Request, _identity: bytes) -> dict[str, Any]:
@@ -425,6 +463,8 @@ class Daemon:
             },
             "model": self.model,
             "queue": self._queue_state(),
+            "telemetry": self.telemetry.latest(),
+            "alarms": list(self.alarms.active.values()),
         }
 
     async def on_models(self, _request: Request, _identity: bytes) -> dict[str, Any]:
@@ -491,6 +531,7 @@ class Daemon:
             self._set_model(
                 state="ready", progress=1.0, engine_pid=engine.pid, n_ctx=ready["n_ctx"],
                 load_seconds=ready["load_seconds"], chat_template=ready["chat_template"],
+                split=parse_load_log(ready["load_log"]).to_dict(),
             )
             self._model_ready.set()
         log.info("loaded %s in %.2f s", params["model_path"], ready["load_seconds"])
@@ -706,6 +747,8 @@ class Daemon:
             kind = event.get("ev")
             if kind == "tok" and event["request"] == job.request_id:
                 flight.text += event["text"]
+                flight.tokens += 1
+                flight.first_token_at = flight.first_token_at or time.monotonic()
                 self.publish("tok", {"request": job.request_id, "conversation": job.conversation_id,
                                      "message": message["id"], "index": index, "text": event["text"]})
                 index += 1
@@ -713,7 +756,7 @@ class Daemon:
                     self.store.update_message(message["id"], content=flight.text)
                     last_flush = time.monotonic()
             elif kind == "done" and event["request"] == job.request_id:
-                stats = {**event["stats"], "finish_reason": event["finish_reason"]}
+                stats = self.last_stats = {**event["stats"], "finish_reason": event["finish_reason"]}
                 if stats["state_cache_bytes"] != self.model.get("state_cache_bytes"):
                     self._set_model(state_cache_bytes=stats["state_cache_bytes"])
                 if event["finish_reason"] == "cancelled":

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 import uuid
 from typing import Any, Awaitable, Callable
 
-from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed
+from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.shared.units import format_bytes
 from vramchat.tui import service_cmd
+from vramchat.tui.telemetry_view import format_split, format_status, format_top
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="the daemon, the model and the memory now")
     status.add_argument("--json", action="store_true", help="raw numbers, in bytes")
     status.set_defaults(handler=cmd_status)
+
+    top = commands.add_parser("top", help="a live memory view in the plain terminal (q or Ctrl-C quits)")
+    top.set_defaults(handler=cmd_top)
 
     models = commands.add_parser("models", help="the models the daemon can load")
     models.add_argument("--json", action="store_true")
@@ -166,7 +171,31 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print(f"vramchatd {daemon['version']}  pid {daemon['pid']}  up {daemon['uptime_s']:.0f} s  "
           f"{daemon['clients']} client(s) attached")
     print(describe_model(model))
+    if model.get("state") == "ready":
+        print(format_split(model.get("split"), model.get("n_gpu_layers")))
     print(f"queue: {'1 running' if queue['running'] else 'idle'}, {len(queue['pending'])} waiting")
+    print(format_status(status["telemetry"], status["alarms"]))
+    return 0
+
+
+async def cmd_top(args: argparse.Namespace) -> int:
+    """Redraws in place on every telemetry event, from a snapshot's history on."""
+    async with _client(args, "top") as client:
+        history: list[dict[str, Any]] = []
+        model: dict[str, Any] = {}
+        async for item in client.stream():
+            if isinstance(item, Snapshot):
+                history = list(item.body["telemetry"]["history"])
+                model = item.body["model"]
+                continue
+            if item.topic == "model":
+                model = item.body
+            elif item.topic == "telemetry":
+                history.append(item.body)
+                del history[:-1200]
+                width = shutil.get_terminal_size().columns
+                sys.stdout.write("\x1b[H\x1b[2J" + format_top(item.body, history, model, width) + "\n")
+                sys.stdout.flush()
     return 0
 
 
