@@ -29,7 +29,20 @@ from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit,
 from vramchat.daemon.telemetry import AlarmTracker, TelemetrySampler
 from vramchat.shared import protocol
 from vramchat.shared.config import Config
+from vramchat.shared.gguf import GGUFError
 from vramchat.shared.llama_log import parse_load_log
+from vramchat.shared.planner import (
+    DEFAULT_VRAM_MARGIN,
+    PlanSettings,
+    estimate_tokens_per_second,
+    fit,
+    gpu_bandwidth_for,
+    inspect_cached,
+    predict,
+    ram_bandwidth,
+    swap_check,
+)
+from vramchat.shared.units import parse_size
 from vramchat.shared.paths import ensure_private_dir
 from vramchat.shared.protocol import Event, ProtocolError, Request, field_of
 
@@ -480,11 +493,14 @@ class Daemon:
         return await self.load(request.body)
 
     async def load(self, body: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
-        """Validate, then replace the engine with a fresh one holding the requested model.
+        """Validate and plan, then replace the engine with a fresh one holding the requested model.
 
         `trusted` is for the daemon's own command line and config, which may name any path.
         """
         params = self._load_params(body, trusted)
+        # Reading a GGUF's header takes seconds for a big vocabulary: keep it off the loop.
+        params["plan"] = await asyncio.get_running_loop().run_in_executor(None, self._plan, params, body)
+        params["n_gpu_layers"] = params["plan"]["n_gpu_layers"]
         if self._load_lock.locked():
             raise ProtocolError("busy", "another load is in progress; wait for it to finish")
         async with self._load_lock:
@@ -493,9 +509,9 @@ class Daemon:
     def _load_params(self, body: dict[str, Any], trusted: bool) -> dict[str, Any]:
         name = field_of(body, "model", str)
         path = models.resolve(name, self.config.model_dirs, allow_any_path=trusted or self.config.allow_any_model_path)
-        n_gpu_layers = field_of(body, "n_gpu_layers", int, self.config.n_gpu_layers if isinstance(self.config.n_gpu_layers, int) else 0)
-        if not 0 <= n_gpu_layers <= 100_000:
-            raise ProtocolError("invalid_value", f"n_gpu_layers must be between 0 and the model's layer count + 1, not {n_gpu_layers}")
+        n_gpu_layers = field_of(body, "n_gpu_layers", (int, str), self.config.n_gpu_layers)
+        if n_gpu_layers != "auto" and (not isinstance(n_gpu_layers, int) or n_gpu_layers < 0):
+            raise ProtocolError("invalid_value", f'n_gpu_layers must be a whole number >= 0 or "auto", not {n_gpu_layers!r}')
         n_ctx = field_of(body, "n_ctx", int, self.config.n_ctx)
         if not 16 <= n_ctx <= 1 << 20:
             raise ProtocolError("invalid_value", f"n_ctx must be between 16 and 1048576 tokens, not {n_ctx}")
@@ -506,10 +522,46 @@ class Daemon:
         return {"model_path": str(path), "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_threads": n_threads,
                 "state_cache_bytes": self.config.state_cache_mib << 20}
 
+    def _plan(self, params: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """Check n_gpu_layers against the model, resolve "auto", and refuse a load that would swap."""
+        try:
+            info = inspect_cached(params["model_path"])
+        except GGUFError as exc:
+            raise ProtocolError("not_gguf", str(exc)) from None
+        settings = PlanSettings(n_ctx=params["n_ctx"])
+        sample = self.telemetry.latest() or self.telemetry.sample(engine_pid=None)
+        free_vram = sum(gpu["memory_free"] or 0 for gpu in sample["gpus"])
+        budget_text = field_of(body, "vram_budget", (int, str), None)
+        try:
+            budget = parse_size(budget_text) if isinstance(budget_text, str) else budget_text
+        except ValueError as exc:
+            raise ProtocolError("invalid_value", str(exc)) from None
+        if budget is None:
+            budget = max(0, free_vram - DEFAULT_VRAM_MARGIN)
+        layers = params["n_gpu_layers"]
+        if layers == "auto":
+            layers = fit(info, budget, settings).n_gpu_layers
+        elif layers > info.n_layer + 1:
+            raise ProtocolError(
+                "invalid_value",
+                f"n_gpu_layers {layers} is more than this model has: {info.n_layer} layers + the output layer; "
+                f'choose 0..{info.n_layer + 1}, or "auto" to fit the VRAM budget',
+            )
+        prediction = predict(info, layers, settings)
+        gpu_name = sample["gpus"][0]["name"] if sample["gpus"] else None
+        prediction.tokens_per_s = estimate_tokens_per_second(prediction, ram_bandwidth(), gpu_bandwidth_for(gpu_name))
+        engine = sample["engine"] or {}
+        # The engine being replaced gives its own memory back before the new one loads.
+        available = sample["host"]["ram_available"] + engine.get("anon_resident", 0)
+        swap = swap_check(prediction, available)
+        if swap.would_swap and not field_of(body, "force", bool, False):
+            raise ProtocolError("would_swap", swap.message)
+        return {"n_gpu_layers": layers, "vram_budget": budget, "prediction": prediction.to_dict(), "swap": swap.to_dict()}
+
     async def _swap_engine(self, params: dict[str, Any]) -> dict[str, Any]:
         self._model_ready.clear()
         self._set_model(
-            state="loading", progress=0.0, error=None, reloading=False, path=params["model_path"], name=Path(params["model_path"]).name,
+            state="loading", progress=0.0, error=None, reloading=False, path=params["model_path"], plan=params.get("plan"), name=Path(params["model_path"]).name,
             n_gpu_layers=params["n_gpu_layers"], n_ctx=params["n_ctx"], n_threads=params["n_threads"],
         )
         if self.in_flight:
@@ -519,8 +571,9 @@ class Daemon:
                 await self.engine.stop()
                 self.engine = None
             try:
+                engine_params = {k: v for k, v in params.items() if k != "plan"}
                 engine, ready = await launch(
-                    self.context, self.settings.runtime_dir, params, lambda f: self._set_model(progress=round(f, 3))
+                    self.context, self.settings.runtime_dir, engine_params, lambda f: self._set_model(progress=round(f, 3))
                 )
             except LoadFailed as exc:
                 self._set_model(state="error", error=str(exc), progress=None)

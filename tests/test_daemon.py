@@ -252,20 +252,43 @@ async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(daemon_fac
     text_file.write_text("not a model")
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes((models_dir / "tiny.gguf").read_bytes()[:100_000])
     async with Client(daemon.runtime_dir) as client:
         await wait_ready(client)
         for model, code, words in (
             (str(tmp_path / "missing.gguf"), "not_found", "vramchat models"),
             (str(text_file), "not_gguf", "not a GGUF"),
             (str(tmp_path), "not_gguf", "directory"),
-            (str(corrupt), "load_failed", "corrupt.gguf"),
+            (str(corrupt), "not_gguf", "not a readable GGUF"),
+            (str(truncated), "not_gguf", "truncated"),
             (str(models_dir.parent), "invalid_value", "outside the configured model dirs"),
         ):
             with pytest.raises(RequestFailed) as error:
                 await client.request("load", {"model": model}, timeout=60)
             assert error.value.code == code and words in error.value.message, error.value
+        with pytest.raises(RequestFailed) as error:
+            await client.request("load", {"model": "tiny.gguf", "n_gpu_layers": 1000}, timeout=60)
+        assert error.value.code == "invalid_value" and "2 layers + the output layer; choose 0..3" in error.value.message
         loaded = await client.request("load", {"model": "tiny-gqa.gguf", "n_ctx": 256}, timeout=60)
         assert loaded["model"]["state"] == "ready" and loaded["model"]["n_ctx"] == 256
+
+
+async def test_auto_gpu_layers_and_the_swap_guard(tiny_daemon: Any, demo_model: Path) -> None:
+    """This machine has no GPU: auto fits 0 layers, or all of them with a budget that holds them."""
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        loaded = (await client.request("load", {"model": "tiny.gguf", "n_gpu_layers": "auto"}, timeout=60))["model"]
+        assert loaded["n_gpu_layers"] == 0 and loaded["plan"]["vram_budget"] == 0
+        # Without a GPU, llama.cpp keeps everything on the CPU; the plan says what a GPU would hold.
+        planned = (await client.request("load", {"model": "tiny.gguf", "n_gpu_layers": "auto", "vram_budget": "2GiB"}, timeout=60))["model"]
+        assert planned["n_gpu_layers"] == 3 and planned["plan"]["prediction"]["output_on_gpu"]
+        assert planned["split"]["cpu_bytes"] > 0 and planned["plan"]["prediction"]["tokens_per_s"] > 0
+        with pytest.raises(RequestFailed) as error:
+            # SmolLM2's KV cache alone is 22.5 GiB at a million tokens.
+            await client.request("load", {"model": str(demo_model), "n_ctx": 1 << 20}, timeout=60)
+        assert error.value.code == "would_swap" and "GiB short" in error.value.message
+        assert (await client.request("status"))["model"]["name"] == "tiny.gguf"  # the running model stays
 
 
 async def test_a_client_that_vanishes_mid_reply_costs_nothing(tiny_daemon: Any) -> None:

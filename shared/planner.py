@@ -1,0 +1,290 @@
+"""Where each byte of a model will live, predicted before it loads. docs/planner.md explains
+each term and where it comes from in llama.cpp.
+
+For `n_gpu_layers` = g on a model of L repeating layers, llama.cpp (llama-model.cpp,
+`i_gpu_start = n_layer + 1 - n_gpu_layers`) offloads the output layer first, then the last g-1
+repeating layers. The token embedding always stays on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from vramchat.shared import paths
+from vramchat.shared.gguf import GGUFInfo, inspect_gguf
+
+MIB = 1 << 20
+# Bytes per element of each KV cache type (ggml blocks: q8_0 is 34 bytes per 32, q4_0 18 per 32).
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# A CUDA context and cuBLAS workspace take memory that llama.cpp does not log; NVML sees it.
+GPU_OVERHEAD_BYTES = 512 * MIB
+DEFAULT_VRAM_MARGIN = 1 << 30
+# Memory bandwidth of common GPUs in bytes/s, for the speed estimate (vendor specifications).
+GPU_BANDWIDTH = {
+    "H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 8.64e11, "A6000": 7.68e11, "RTX 6000 Ada": 9.6e11,
+    "4090": 1.008e12, "4080": 7.17e11, "4070 Ti": 5.04e11, "4070": 5.04e11, "4060 Ti": 2.88e11, "4060": 2.72e11,
+    "3090": 9.36e11, "3080": 7.6e11, "3070": 4.48e11, "3060": 3.6e11, "T4": 3.2e11, "V100": 9.0e11,
+}
+DEFAULT_GPU_BANDWIDTH = 4.0e11
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The load settings the prediction depends on; defaults are llama-cpp-python 0.3.36's."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: bool = False
+    n_seq: int = 1
+
+    def check(self) -> None:
+        for name in (self.cache_type_k, self.cache_type_v):
+            if name not in KV_TYPE_BYTES:
+                raise PlanError(f"unknown KV cache type {name!r}; use one of {', '.join(KV_TYPE_BYTES)}")
+        if self.cache_type_v not in ("f32", "f16", "bf16") and not self.flash_attn:
+            raise PlanError(f"a quantized V cache ({self.cache_type_v}) needs flash attention: add --flash-attn, or keep V at f16")
+        if self.n_ctx < 1:
+            raise PlanError("n_ctx must be at least 1")
+
+
+@dataclass
+class Side:
+    """The bytes one device holds, term by term."""
+
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+    output: int = 0
+    overhead: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.output + self.overhead
+
+
+@dataclass
+class Prediction:
+    n_gpu_layers: int
+    n_layer: int
+    n_ctx: int  # as llama.cpp will size it (padded to 256)
+    gpu: Side
+    cpu: Side
+    layers_on_gpu: int  # repeating layers
+    output_on_gpu: bool
+    tokens_per_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gpu"]["total"], data["cpu"]["total"] = self.gpu.total, self.cpu.total
+        return data
+
+
+def _pad(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSettings()) -> Prediction:
+    settings.check()
+    L = info.n_layer
+    if not 0 <= n_gpu_layers <= L + 1:
+        raise PlanError(f"n_gpu_layers must be between 0 and {L + 1} for this model ({L} layers + the output layer), not {n_gpu_layers}")
+    first_gpu_layer = L + 1 - n_gpu_layers  # llama.cpp's i_gpu_start
+    on_gpu = [i >= first_gpu_layer for i in range(L)]
+    output_on_gpu = n_gpu_layers >= 1
+    gpu, cpu = Side(), Side()
+
+    # Weights. The CPU side is mmapped: llama.cpp maps the span of the file from its first to
+    # its last CPU tensor, and that span is its CPU_Mapped buffer.
+    gpu_tensors, cpu_tensors = [], []
+    for tensor in info.tensors:
+        layer = _layer_of(tensor.name)
+        is_output = tensor.name.startswith("output")
+        goes_to_gpu = (layer is not None and layer < L and on_gpu[layer]) or (is_output and output_on_gpu)
+        (gpu_tensors if goes_to_gpu else cpu_tensors).append(tensor)
+    gpu.weights = sum(t.bytes for t in gpu_tensors)
+    if info.tied_embeddings and output_on_gpu:
+        gpu.weights += info.embedding_bytes  # the output reuses token_embd: llama.cpp copies it to the GPU
+    if cpu_tensors:
+        cpu.weights = max(t.offset + t.bytes for t in cpu_tensors) - min(t.offset for t in cpu_tensors)
+
+    # KV cache: each layer's K and V for every cell, on the device of its layer.
+    n_ctx = _pad(settings.n_ctx, 256)
+    # llama-cpp-python clamps n_batch to the n_ctx asked for, before llama.cpp pads n_ctx.
+    n_ubatch = min(settings.n_ubatch, settings.n_batch, settings.n_ctx)
+    swa_cells = min(n_ctx, _pad((info.sliding_window or 0) * settings.n_seq + n_ubatch, 256))
+    swa = set(info.swa_layers)
+    bytes_k, bytes_v = KV_TYPE_BYTES[settings.cache_type_k], KV_TYPE_BYTES[settings.cache_type_v]
+    for layer in range(L):
+        cells = swa_cells if layer in swa else n_ctx
+        per_cell = info.n_head_kv[layer] * (info.head_dim_k * bytes_k + info.head_dim_v * bytes_v)
+        side = gpu if on_gpu[layer] else cpu
+        side.kv += int(cells * per_cell)
+
+    # Compute buffers: the peak of the graph's live tensors, which is either the attention step
+    # (scores per head per cell per batch token, plus the mask, plus the FFN activations) or the
+    # output step (logits for every batch token). Fitted to llama.cpp's own figures: within 4% on
+    # the models in tests/test_planner.py.
+    n_head = max(info.n_head)
+    n_ff = info.n_ff or 4 * info.n_embd
+    if settings.flash_attn:
+        attention = n_ctx * n_ubatch * 2 + n_head * info.head_dim_v * n_ubatch * 4
+    else:
+        attention = n_head * n_ctx * n_ubatch * 4 + n_ctx * n_ubatch * 4
+    activations = n_ubatch * (3 * n_ff + 2 * info.n_embd) * 4
+    logits = n_ubatch * (info.n_vocab + info.n_embd) * 4
+    compute = max(attention + activations, logits)
+    if n_gpu_layers > 0:
+        gpu.compute = compute
+        gpu.overhead = GPU_OVERHEAD_BYTES
+        cpu.compute = n_ubatch * info.n_embd * 4 * 4  # inputs staged in pinned host memory
+    else:
+        cpu.compute = compute
+    cpu.output = info.n_vocab * 4 * settings.n_seq  # the logits kept for sampling
+
+    return Prediction(
+        n_gpu_layers=n_gpu_layers, n_layer=L, n_ctx=n_ctx, gpu=gpu, cpu=cpu,
+        layers_on_gpu=sum(on_gpu), output_on_gpu=output_on_gpu,
+    )
+
+
+def _layer_of(name: str) -> int | None:
+    if name.startswith("blk."):
+        return int(name.split(".", 2)[1])
+    return None
+
+
+def plan_table(info: GGUFInfo, settings: PlanSettings = PlanSettings(), *, ram_bandwidth: float | None = None,
+               gpu_bandwidth: float | None = None) -> list[Prediction]:
+    table = [predict(info, g, settings) for g in range(info.n_layer + 2)]
+    if ram_bandwidth:
+        for row in table:
+            row.tokens_per_s = estimate_tokens_per_second(row, ram_bandwidth, gpu_bandwidth or DEFAULT_GPU_BANDWIDTH)
+    return table
+
+
+@dataclass
+class Fit:
+    n_gpu_layers: int
+    n_ctx: int
+    budget: int
+    prediction: Prediction
+    fits_all: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_gpu_layers": self.n_gpu_layers, "n_ctx": self.n_ctx, "budget": self.budget,
+                "fits_all": self.fits_all, "prediction": self.prediction.to_dict()}
+
+
+def fit(info: GGUFInfo, vram_budget: int, settings: PlanSettings = PlanSettings(), *, fit_ctx: bool = False) -> Fit:
+    """The most GPU layers whose predicted VRAM is within `vram_budget` (0 if none fits).
+
+    With `fit_ctx`, first the largest n_ctx (up to the trained context, in steps of 256) at which
+    every layer fits, if any does; otherwise the layers are fitted at settings.n_ctx.
+    """
+    if fit_ctx:
+        best_ctx = None
+        for n_ctx in range(256, max(info.n_ctx_train, 256) + 1, 256):
+            if predict(info, info.n_layer + 1, replace(settings, n_ctx=n_ctx)).gpu.total <= vram_budget:
+                best_ctx = n_ctx
+            else:
+                break
+        if best_ctx is not None:
+            settings = replace(settings, n_ctx=best_ctx)
+    best = predict(info, 0, settings)
+    for layers in range(1, info.n_layer + 2):
+        candidate = predict(info, layers, settings)
+        if candidate.gpu.total > vram_budget:
+            break
+        best = candidate
+    return Fit(best.n_gpu_layers, best.n_ctx, vram_budget, best, best.n_gpu_layers == info.n_layer + 1)
+
+
+@dataclass
+class SwapVerdict:
+    would_swap: bool
+    needed: int
+    available: int
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def swap_check(prediction: Prediction, available_ram: int) -> SwapVerdict:
+    """Will the CPU side (mmapped weights, their KV and compute buffers) fit in available RAM?"""
+    needed = prediction.cpu.total
+    if needed <= available_ram:
+        return SwapVerdict(False, needed, available_ram, "fits in RAM")
+    short = needed - available_ram
+    ways = [
+        f"lower the context: n_ctx {prediction.n_ctx} costs {prediction.cpu.kv / 1073741824:.1f} GiB of KV cache in RAM",
+        "pick a smaller quantization of this model",
+    ]
+    if prediction.n_gpu_layers <= prediction.n_layer:
+        ways.insert(0, "put more layers on the GPU (--gpu-layers, or auto)")
+    return SwapVerdict(
+        True, needed, available_ram,
+        f"this load needs {needed / 1073741824:.1f} GiB of RAM on the CPU side but only "
+        f"{available_ram / 1073741824:.1f} GiB is available ({short / 1073741824:.1f} GiB short): the system would swap "
+        f"and every token would wait on the disk. Ways out: {'; '.join(ways)}. Use --force to load anyway.",
+    )
+
+
+def estimate_tokens_per_second(prediction: Prediction, ram_bandwidth: float, gpu_bandwidth: float) -> float:
+    """Each token reads every weight once: the CPU side at RAM speed, the GPU side at VRAM speed."""
+    seconds = prediction.cpu.weights / ram_bandwidth + prediction.gpu.weights / gpu_bandwidth
+    return 1 / seconds if seconds > 0 else float("inf")
+
+
+def gpu_bandwidth_for(name: str | None) -> float:
+    if name:
+        for key, bandwidth in sorted(GPU_BANDWIDTH.items(), key=lambda item: -len(item[0])):
+            if key in name:
+                return bandwidth
+    return DEFAULT_GPU_BANDWIDTH
+
+
+def ram_bandwidth(refresh: bool = False) -> float:
+    """Bytes/s this machine's RAM reads at, measured once (~0.3 s) and cached."""
+    cache = paths.cache_dir() / "ram_bandwidth.json"
+    if not refresh:
+        try:
+            return float(json.loads(cache.read_text())["bytes_per_second"])
+        except (OSError, ValueError, KeyError):
+            pass
+    import numpy
+
+    data = numpy.ones(256 * MIB // 8)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()  # streams the array from RAM
+        best = min(best, time.perf_counter() - started)
+    measured = data.nbytes / best
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"bytes_per_second": measured, "measured_at": time.time(), "cpus": os.cpu_count()}))
+    return measured
+
+
+@functools.lru_cache(maxsize=32)
+def _inspect_cached(path: str, mtime: float, size: int) -> GGUFInfo:
+    return inspect_gguf(path)
+
+
+def inspect_cached(path: str | Path) -> GGUFInfo:
+    """inspect_gguf, remembered while the file is unchanged (GGUFReader parses the whole vocabulary)."""
+    stat = Path(path).stat()
+    return _inspect_cached(str(path), stat.st_mtime, stat.st_size)
