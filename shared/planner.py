@@ -18,6 +18,7 @@ from typing import Any
 
 from vramchat.shared import paths
 from vramchat.shared.gguf import GGUFInfo, inspect_gguf
+from vramchat.shared.units import format_bytes
 
 MIB = 1 << 20
 # Bytes per element of each KV cache type (ggml blocks: q8_0 is 34 bytes per 32, q4_0 18 per 32).
@@ -230,15 +231,15 @@ def swap_check(prediction: Prediction, available_ram: int) -> SwapVerdict:
         return SwapVerdict(False, needed, available_ram, "fits in RAM")
     short = needed - available_ram
     ways = [
-        f"lower the context: n_ctx {prediction.n_ctx} costs {prediction.cpu.kv / 1073741824:.1f} GiB of KV cache in RAM",
+        f"lower the context: n_ctx {prediction.n_ctx} costs {format_bytes(prediction.cpu.kv)} of KV cache in RAM",
         "pick a smaller quantization of this model",
     ]
     if prediction.n_gpu_layers <= prediction.n_layer:
         ways.insert(0, "put more layers on the GPU (--gpu-layers, or auto)")
     return SwapVerdict(
         True, needed, available_ram,
-        f"this load needs {needed / 1073741824:.1f} GiB of RAM on the CPU side but only "
-        f"{available_ram / 1073741824:.1f} GiB is available ({short / 1073741824:.1f} GiB short): the system would swap "
+        f"this load needs {format_bytes(needed)} of RAM on the CPU side but only "
+        f"{format_bytes(available_ram)} is available ({format_bytes(short)} short): the system would swap "
         f"and every token would wait on the disk. Ways out: {'; '.join(ways)}. Use --force to load anyway.",
     )
 

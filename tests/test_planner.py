@@ -112,7 +112,7 @@ def test_swap_guard_refuses_with_numbers_and_ways_out(model_paths: dict[str, Pat
     assert not swap_check(prediction, 8 << 30).would_swap
     verdict = swap_check(prediction, 100 << 20)
     assert verdict.would_swap and verdict.needed == prediction.cpu.total
-    assert "GiB short" in verdict.message and "more layers on the GPU" in verdict.message and "--force" in verdict.message
+    assert "MiB short" in verdict.message and "more layers on the GPU" in verdict.message and "--force" in verdict.message
 
 
 def test_quantized_v_cache_needs_flash_attention(model_paths: dict[str, Path]) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.shared.units import format_bytes
-from vramchat.tui import service_cmd
+from vramchat.tui import plan_cmd, service_cmd
 from vramchat.tui.telemetry_view import format_split, format_status, format_top
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `vramchat plan ... | head`
+        sys.stderr.close()
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = commands.add_parser("load", help="load a model (by name from `vramchat models`, or a path)")
     load.add_argument("model")
-    load.add_argument("--gpu-layers", type=int, help="layers to put in VRAM (0 .. the model's layers + 1)")
+    load.add_argument("--gpu-layers", type=_gpu_layers, help='layers to put in VRAM (0 .. the model\'s layers + 1), or "auto" to fit --vram-budget')
+    load.add_argument("--vram-budget", help="with --gpu-layers auto: VRAM to fill, e.g. 11.5GiB (default: free VRAM - 1 GiB)")
+    load.add_argument("--force", action="store_true", help="load even if the planner predicts the system would swap")
     load.add_argument("--ctx", type=int, help="context window in tokens")
     load.add_argument("--threads", type=int, help="CPU threads")
     load.add_argument("--json", action="store_true")
@@ -83,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="a line-by-line chat in the terminal")
     chat.set_defaults(handler=run_interactive)
 
+    plan_cmd.register(commands)
     service_cmd.register(commands)
     return parser
 
@@ -228,8 +234,9 @@ async def cmd_models(args: argparse.Namespace) -> int:
 
 
 async def cmd_load(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"model": args.model}
-    for name, value in (("n_gpu_layers", args.gpu_layers), ("n_ctx", args.ctx), ("n_threads", args.threads)):
+    body: dict[str, Any] = {"model": args.model, "force": args.force}
+    for name, value in (("n_gpu_layers", args.gpu_layers), ("n_ctx", args.ctx), ("n_threads", args.threads),
+                        ("vram_budget", args.vram_budget)):
         if value is not None:
             body[name] = value
     async with _client(args, "load") as client:
@@ -242,8 +249,25 @@ async def cmd_load(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(describe_model(result["model"]))
+        model = result["model"]
+        print(describe_model(model))
+        print(format_plan_against_split(model))
     return 0
+
+
+def _gpu_layers(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
+def format_plan_against_split(model: dict[str, Any]) -> str:
+    """The planner's prediction next to what llama.cpp allocated."""
+    plan, split = model.get("plan") or {}, model.get("split") or {}
+    prediction = plan.get("prediction")
+    if not prediction:
+        return format_split(split, model.get("n_gpu_layers"))
+    speed = f", expected up to {prediction['tokens_per_s']:.0f} tok/s" if prediction.get("tokens_per_s") else ""
+    return (f"predicted: VRAM {format_bytes(prediction['gpu']['total'])}, RAM {format_bytes(prediction['cpu']['total'])}{speed}\n"
+            f"allocated by llama.cpp: GPU {format_bytes(split.get('gpu_bytes'))}, CPU {format_bytes(split.get('cpu_bytes'))}")
 
 
 async def _show_load_progress(client: Client) -> None:
