@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import daemon
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path
 
@@ -56,24 +53,8 @@ async def _measure(runtime_dir: Path, rounds: int) -> list[dict[str, Any]]:
 
 
 def _run_daemon(cache_mib: int, rounds: int) -> list[dict[str, Any]]:
-    root = Path(tempfile.mkdtemp(prefix="vc-bench-"))
-    (root / "config.toml").write_text(f"state_cache_mib = {cache_mib}\n")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "vramchat.daemon.cli", "--runtime-dir", str(root / "run"), "--data-dir", str(root / "data"),
-         "--config", str(root / "config.toml"), "--model", str(demo_model_path())],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not (root / "run" / "control.sock").exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("vramchatd did not start")
-            time.sleep(0.05)
-        return asyncio.run(_measure(root / "run", rounds))
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-        shutil.rmtree(root, ignore_errors=True)
+    with daemon("--model", str(demo_model_path()), config=f"state_cache_mib = {cache_mib}\n") as d:
+        return asyncio.run(_measure(d.runtime_dir, rounds))
 
 
 def run(quick: bool = False) -> dict[str, Any]:

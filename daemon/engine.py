@@ -228,7 +228,7 @@ class Engine:
                     break
                 text, stopped = text_out.feed(utf8.decode(llm._model.detokenize([token])))
                 if text:
-                    self.send({"ev": "tok", "request": request_id, "text": text})
+                    self.send({"ev": "tok", "request": request_id, "text": text, "t": time.time()})
                 if stopped:
                     finish_reason = "stop_string"
                     break

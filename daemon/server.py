@@ -803,7 +803,8 @@ class Daemon:
                 flight.tokens += 1
                 flight.first_token_at = flight.first_token_at or time.monotonic()
                 self.publish("tok", {"request": job.request_id, "conversation": job.conversation_id,
-                                     "message": message["id"], "index": index, "text": event["text"]})
+                                     "message": message["id"], "index": index, "text": event["text"],
+                                     "t_engine": event.get("t")})
                 index += 1
                 if time.monotonic() - last_flush > REPLY_FLUSH_INTERVAL_S:
                     self.store.update_message(message["id"], content=flight.text)
