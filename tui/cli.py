@@ -26,7 +26,7 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], Any] = getattr(args, "handler", None) or run_interactive
+    handler: Callable[[argparse.Namespace], Any] = getattr(args, "handler", None) or open_tui
     try:
         result = handler(args)
         return asyncio.run(result) if asyncio.iscoroutine(result) else int(result)
@@ -301,6 +301,15 @@ async def cmd_conversations(args: argparse.Namespace) -> int:
 
 
 # --- interactive ----------------------------------------------------------------------------
+
+
+def open_tui(args: argparse.Namespace) -> int:
+    """The Textual app in a terminal; the line-by-line chat when there is no terminal."""
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        return run_interactive(args)
+    from vramchat.tui.app import run_app  # Textual is slow to import: only when the TUI opens
+
+    return run_app(args.runtime_dir)
 
 
 async def run_interactive(args: argparse.Namespace) -> int:
