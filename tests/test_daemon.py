@@ -21,7 +21,7 @@ from vramchat.shared.protocol import CONTROL_SOCKET, Event
 
 # Greedy decoding of the tiny random model never emits end-of-generation, so replies run to
 # max_tokens: long enough to interrupt, and the same text every time.
-LONG = {"temperature": 0.0, "max_tokens": 400}
+LONG = {"temperature": 0.0, "max_tokens": 3000}
 
 
 async def wait_ready(client: Client, timeout: float = 30.0) -> dict[str, Any]:
@@ -41,6 +41,16 @@ async def chat(client: Client, content: str, sampling: dict[str, Any], conversat
     if conversation:
         body["conversation"] = conversation
     return request_id, await client.request("chat", body, request_id=request_id)
+
+
+async def start_long_reply(client: Client, first_tokens: int) -> tuple[Any, str, dict[str, Any], list[str]]:
+    """Subscribe, ask for a long reply, and return once its first tokens have arrived."""
+    await wait_ready(client)
+    await client.subscribe()
+    events = client.raw_events()
+    request_id, accepted = await chat(client, "hello", LONG)
+    tokens, _ = await collect_reply(events, request_id, until_tokens=first_tokens)
+    return events, request_id, accepted, tokens
 
 
 async def collect_reply(events: Any, request_id: str, *, until_tokens: int | None = None) -> tuple[list[str], dict[str, Any] | None]:
@@ -103,11 +113,7 @@ async def test_two_clients_receive_the_same_tokens_as_stored(tiny_daemon: Any) -
 
 async def test_late_joiner_snapshot_plus_events_equals_the_stored_reply(tiny_daemon: Any) -> None:
     async with Client(tiny_daemon.runtime_dir) as first:
-        await wait_ready(first)
-        await first.subscribe()
-        events = first.raw_events()
-        request_id, accepted = await chat(first, "hello", {"temperature": 0.0, "max_tokens": 3000})
-        await collect_reply(events, request_id, until_tokens=20)
+        _, request_id, accepted, _ = await start_long_reply(first, 20)
 
         async with Client(tiny_daemon.runtime_dir) as late:
             stream = late.stream()
@@ -129,11 +135,7 @@ async def test_late_joiner_snapshot_plus_events_equals_the_stored_reply(tiny_dae
 
 async def test_cancel_stops_within_one_token_and_keeps_the_text(tiny_daemon: Any) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
-        await wait_ready(client)
-        await client.subscribe()
-        events = client.raw_events()
-        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
-        tokens, _ = await collect_reply(events, request_id, until_tokens=10)
+        events, request_id, accepted, tokens = await start_long_reply(client, 10)
         assert (await client.request("cancel", {"request": request_id})) == {"cancelled": "running"}
         after, final = await collect_reply(events, request_id)
         assert final is not None and final["status"] == "cancelled"
@@ -150,7 +152,7 @@ async def test_cancel_stops_within_one_token_and_keeps_the_text(tiny_daemon: Any
 async def test_cancel_of_a_queued_request_removes_it(tiny_daemon: Any) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
-        first, _ = await chat(client, "one", {"temperature": 0.0, "max_tokens": 3000})
+        first, _ = await chat(client, "one", LONG)
         second, accepted = await chat(client, "two", {"temperature": 0.0, "max_tokens": 5})
         assert accepted["position"] == 2
         assert (await client.request("cancel", {"request": second})) == {"cancelled": "queued"}
@@ -160,10 +162,7 @@ async def test_cancel_of_a_queued_request_removes_it(tiny_daemon: Any) -> None:
 async def test_engine_killed_mid_reply_marks_it_interrupted_and_reloads(tiny_daemon: Any) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         model = await wait_ready(client)
-        await client.subscribe()
-        events = client.raw_events()
-        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
-        await collect_reply(events, request_id, until_tokens=10)
+        events, request_id, accepted, _ = await start_long_reply(client, 10)
         os.kill(model["engine_pid"], signal.SIGKILL)
         _, final = await collect_reply(events, request_id)
         assert final is not None and final["status"] == "interrupted"
@@ -193,11 +192,7 @@ async def test_daemon_restart_keeps_every_stored_message(tiny_daemon: Any) -> No
 
 async def test_daemon_killed_mid_reply_keeps_messages_and_marks_the_reply(tiny_daemon: Any) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
-        await wait_ready(client)
-        await client.subscribe()
-        events = client.raw_events()
-        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
-        await collect_reply(events, request_id, until_tokens=10)
+        _, _, accepted, _ = await start_long_reply(client, 10)
     tiny_daemon.stop(signal.SIGKILL)
     tiny_daemon.start("--no-load")
     async with Client(tiny_daemon.runtime_dir) as client:

@@ -45,16 +45,12 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(daemon_factory: Any,
 
 
 async def test_sigterm_mid_reply_stores_the_reply_and_exits_cleanly(tiny_daemon: Any) -> None:
-    from test_daemon import chat, collect_reply, wait_ready
+    from test_daemon import start_long_reply
 
     from vramchat.shared.client import Client
 
     async with Client(tiny_daemon.runtime_dir) as client:
-        await wait_ready(client)
-        await client.subscribe()
-        events = client.raw_events()
-        request_id, accepted = await chat(client, "hello", {"temperature": 0.0, "max_tokens": 3000})
-        tokens, _ = await collect_reply(events, request_id, until_tokens=10)
+        _, _, accepted, tokens = await start_long_reply(client, 10)
         assert tiny_daemon.stop() == 0
     assert not (tiny_daemon.runtime_dir / "control.sock").exists()
     tiny_daemon.start("--no-load")
