@@ -50,6 +50,9 @@ class PlanSettings:
     cache_type_v: str = "f16"
     flash_attn: bool = False
     n_seq: int = 1
+    # llama.cpp's default (llama_context_default_params): sliding-window layers get a full-size
+    # cache too. Off, they keep only the window, as llama-server's --swa-full=false does.
+    swa_full: bool = True
 
     def check(self) -> None:
         for name in (self.cache_type_k, self.cache_type_v):
@@ -125,7 +128,7 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
     n_ctx = _pad(settings.n_ctx, 256)
     # llama-cpp-python clamps n_batch to the n_ctx asked for, before llama.cpp pads n_ctx.
     n_ubatch = min(settings.n_ubatch, settings.n_batch, settings.n_ctx)
-    swa_cells = min(n_ctx, _pad((info.sliding_window or 0) * settings.n_seq + n_ubatch, 256))
+    swa_cells = n_ctx if settings.swa_full else min(n_ctx, _pad((info.sliding_window or 0) * settings.n_seq + n_ubatch, 256))
     swa = set(info.swa_layers)
     bytes_k, bytes_v = KV_TYPE_BYTES[settings.cache_type_k], KV_TYPE_BYTES[settings.cache_type_v]
     for layer in range(L):
@@ -143,7 +146,8 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
     if settings.flash_attn:
         attention = n_ctx * n_ubatch * 2 + n_head * info.head_dim_v * n_ubatch * 4
     else:
-        attention = n_head * n_ctx * n_ubatch * 4 + n_ctx * n_ubatch * 4
+        masks = 2 if info.swa_layers else 1  # sliding-window models build a second mask
+        attention = n_head * n_ctx * n_ubatch * 4 + masks * n_ctx * n_ubatch * 4
     activations = n_ubatch * (3 * n_ff + 2 * info.n_embd) * 4
     logits = n_ubatch * (info.n_vocab + info.n_embd) * 4
     compute = max(attention + activations, logits)

@@ -115,3 +115,54 @@ def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     writer.close()
     return path
 
+
+
+def write_tiny_gemma2(path: Path, n_layer: int = 4, window: int = 128, seed: int = 0) -> Path:
+    """A gemma2 GGUF: every other layer attends through a sliding window of `window` tokens."""
+    rng = np.random.default_rng(seed)
+    n_embd, n_head, n_head_kv, n_ff, n_vocab = 64, 4, 2, 128, 320
+    head_dim = n_embd // n_head
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    writer = GGUFWriter(str(path), "gemma2")
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(window)
+    writer.add_attn_logit_softcapping(50.0)
+    writer.add_final_logit_softcapping(30.0)
+    tokens, scores, types = _vocabulary(n_vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))  # tied: gemma2 has no output.weight
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    for i in range(n_layer):
+        block = f"blk.{i}"
+        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            writer.add_tensor(f"{block}.{norm}.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"{block}.attn_q.weight", weight(n_head * head_dim, n_embd))
+        writer.add_tensor(f"{block}.attn_k.weight", weight(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(f"{block}.attn_v.weight", weight(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(f"{block}.attn_output.weight", weight(n_embd, n_head * head_dim))
+        writer.add_tensor(f"{block}.ffn_gate.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"{block}.ffn_up.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"{block}.ffn_down.weight", weight(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
-from gguf_factory import TinyModelSpec, write_tiny_llama
+from gguf_factory import TinyModelSpec, write_tiny_gemma2, write_tiny_llama
 
 from vramchat.shared.gguf import GGUFError, inspect_gguf
 from vramchat.shared.llama_log import parse_load_log
@@ -26,6 +26,7 @@ LOG_RESOLUTION = 0.0051 * (1 << 20)  # llama.cpp prints MiB with two decimals, r
 def model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("planner")
     found = {name: write_tiny_llama(directory / f"{name}.gguf", spec) for name, spec in SHAPES.items()}
+    found["gemma2-swa"] = write_tiny_gemma2(directory / "gemma2-swa.gguf")
     found["smollm2-q4_1"] = demo_model_path()
     return found
 
@@ -45,7 +46,7 @@ class LlamaLog:
         return "".join(self.lines)
 
 
-@pytest.mark.parametrize("name", [*SHAPES, "smollm2-q4_1"])
+@pytest.mark.parametrize("name", [*SHAPES, "gemma2-swa", "smollm2-q4_1"])
 @pytest.mark.parametrize("n_ctx", [200, 1024, 4096])
 def test_prediction_matches_what_llama_cpp_allocates(model_paths: dict[str, Path], name: str, n_ctx: int) -> None:
     info = inspect_gguf(model_paths[name])
@@ -122,3 +123,12 @@ def test_quantized_v_cache_needs_flash_attention(model_paths: dict[str, Path]) -
     f16 = predict(info, 0, PlanSettings(n_ctx=4096)).cpu.kv
     q8 = predict(info, 0, PlanSettings(n_ctx=4096, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn=True)).cpu.kv
     assert q8 == pytest.approx(f16 * 34 / 64)
+
+
+def test_sliding_window_layers_are_found_and_sized_by_the_swa_full_setting(model_paths: dict[str, Path]) -> None:
+    info = inspect_gguf(model_paths["gemma2-swa"])
+    assert info.architecture == "gemma2" and info.sliding_window == 128 and info.swa_layers == [0, 2]
+    full = predict(info, 0, PlanSettings(n_ctx=4096)).cpu.kv
+    windowed = predict(info, 0, PlanSettings(n_ctx=4096, swa_full=False)).cpu.kv
+    # Two of four layers keep pad(128 + 512, 256) = 768 cells instead of 4096.
+    assert windowed == full // 2 + full // 2 * 768 // 4096
