@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from vramchat.shared import protocol
-from vramchat.shared.client import Client
+from vramchat.shared.client import Client, RequestFailed
 from vramchat.shared.protocol import CONTROL_SOCKET
 
 from test_daemon import chat, collect_reply, wait_ready
@@ -173,3 +173,20 @@ async def test_eight_clients_with_25_queued_requests_each_complete_in_fifo_order
     conversation_of = {r[0]["request"]: r[0]["conversation_id"] for r in finished.values()}
     seqs = [user_seq[conversation_of[request_id]] for request_id in started_order if conversation_of[request_id] in user_seq]
     assert seqs == sorted(seqs)
+
+
+async def test_one_client_may_queue_32_requests(tiny_daemon: Any) -> None:
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        first, _ = await chat(client, "long", {"temperature": 0.0, "max_tokens": 3000})
+        for n in range(32):
+            await chat(client, f"#{n}", {"max_tokens": 1})
+        try:
+            await chat(client, "one too many", {"max_tokens": 1})
+        except RequestFailed as error:
+            assert error.code == "queue_full" and "32 requests queued" in error.message
+        else:
+            raise AssertionError("the 33rd queued request was accepted")
+        async with Client(tiny_daemon.runtime_dir) as other:  # the limit is per client
+            await chat(other, "mine", {"max_tokens": 1})
+        await client.request("cancel", {"request": first})

@@ -178,7 +178,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
           f"{daemon['clients']} client(s) attached")
     print(describe_model(model))
     if model.get("state") == "ready":
-        print(format_split(model.get("split"), model.get("n_gpu_layers")))
+        print(format_plan_against_split(model))
     print(f"queue: {'1 running' if queue['running'] else 'idle'}, {len(queue['pending'])} waiting")
     print(format_status(status["telemetry"], status["alarms"]))
     return 0
