@@ -1,63 +1,270 @@
-"""Starting a daemon for a benchmark, and describing the machine it ran on."""
+"""Shared by the benchmarks: a private daemon, the engine's generation loop run in-process, a
+plain ZeroMQ client, statistics, and a description of the machine.
+
+Every benchmark module has `run(quick: bool = False) -> dict`. The dict holds `name`, `settings`,
+the measured figures (numbers, booleans, short strings), and `targets`: a list of
+{"figure", "target", "met", "why"} where `why` explains a miss from what was measured.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import contextlib
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import psutil
+import zmq
+
+from vramchat.shared import protocol
+from vramchat.shared.client import Client
+
+CPUS = os.cpu_count() or 1
+# A prompt that makes the demo model write well past 200 tokens before its end-of-generation token.
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+
+
+# --- the daemon ------------------------------------------------------------------------------
 
 
 @dataclass
 class BenchDaemon:
     process: subprocess.Popen[bytes]
+    root: Path
     runtime_dir: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return (self.root / "daemon.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
 
 @contextlib.contextmanager
 def daemon(*args: str, config: str = "") -> Iterator[BenchDaemon]:
-    """A vramchatd on private dirs, stopped and cleaned up afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="vc-bench-"))
+    """A vramchatd on private, short dirs (ipc paths are limited to ~100 bytes), stopped after."""
+    root = Path(tempfile.mkdtemp(prefix="vcb-"))
     (root / "config.toml").write_text(config)
+    log = (root / "daemon.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "vramchat.daemon.cli", "--runtime-dir", str(root / "run"), "--data-dir", str(root / "data"),
          "--config", str(root / "config.toml"), *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=log, stderr=subprocess.STDOUT,
     )
+    bench = BenchDaemon(process, root, root / "run")
     try:
-        deadline = time.monotonic() + 30
-        while not (root / "run" / "control.sock").exists():
+        deadline = time.monotonic() + 60
+        while not (root / "run" / protocol.CONTROL_SOCKET).exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("vramchatd did not start")
+                raise RuntimeError(f"vramchatd did not start:\n{bench.log_tail()}")
             time.sleep(0.05)
-        yield BenchDaemon(process, root / "run")
+        yield bench
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
+async def wait_ready(client: Client, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        model = (await client.request("status"))["model"]
+        if model.get("state") == "ready":
+            return model
+        if model.get("state") == "error" or time.monotonic() > deadline:
+            raise RuntimeError(f"the model did not load: {model.get('error')}")
+        await asyncio.sleep(0.05)
+
+
+async def chat_and_collect(client: Client, events: Any, max_tokens: int, content: str = PROMPT, seed: int = 1) -> dict[str, Any]:
+    """Send one chat and follow it to its final `msg` event, stamping every `tok` on receipt."""
+    request_id = uuid.uuid4().hex
+    started = time.perf_counter()
+    await client.request("chat", {"content": content, "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "seed": seed}},
+                         request_id=request_id)
+    received: list[float] = []
+    latencies: list[float] = []
+    texts: list[str] = []
+    async for event in events:
+        if event.topic == "tok" and event.body["request"] == request_id:
+            received.append(time.perf_counter())
+            if event.body.get("t_engine") is not None:
+                latencies.append(time.time() - event.body["t_engine"])
+            texts.append(event.body["text"])
+        elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
+            return {"started": started, "received": received, "latencies": latencies, "text": "".join(texts),
+                    "message": event.body, "stats": event.body.get("stats") or {}}
+    raise RuntimeError("the event stream ended")
+
+
+# --- the engine's loop, in this process --------------------------------------------------------
+
+
+class DirectModel:
+    """The demo model loaded as the engine loads it, generating with the engine's own loop
+    (format with the GGUF template, tokenize, Llama.generate(), incremental detokenization, the
+    stop-string filter), minus the sending."""
+
+    def __init__(self, model_path: str, n_threads: int = CPUS, n_ctx: int = 4096) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        import llama_cpp
+
+        from vramchat.daemon.engine import FALLBACK_CHAT_TEMPLATE
+
+        started = time.perf_counter()
+        self.llm = llm = Llama(model_path=model_path, n_gpu_layers=0, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                               n_batch=512, n_ubatch=512, use_mmap=True, verbose=False)
+        template = llm.metadata.get("tokenizer.chat_template")
+        eos_id, bos_id = llm.token_eos(), llm.token_bos()
+        self.formatter = Jinja2ChatFormatter(
+            template=template or FALLBACK_CHAT_TEMPLATE,
+            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+        vocab = llm._model.vocab
+        self.is_end_of_generation = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+        self.load_seconds = time.perf_counter() - started
+
+    def generate(self, messages: list[dict[str, str]], max_tokens: int, seed: int = 1) -> dict[str, Any]:
+        from vramchat.daemon.engine import SAMPLING_DEFAULTS, _StopFilter
+
+        sampling = {**SAMPLING_DEFAULTS, "temperature": 0.0, "seed": seed}
+        llm = self.llm
+        started = time.perf_counter()
+        formatted = self.formatter(messages=messages)
+        prompt = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
+        text_out = _StopFilter(stops)
+        llm.set_seed(seed)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = llm.generate(prompt, temp=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
+                              top_k=int(sampling["top_k"]), min_p=float(sampling["min_p"]),
+                              repeat_penalty=float(sampling["repeat_penalty"]))
+        produced: list[float] = []
+        pieces: list[str] = []
+        generated = 0
+        try:
+            for token in tokens:
+                generated += 1
+                if self.is_end_of_generation(token):
+                    break
+                text, stopped = text_out.feed(utf8.decode(llm._model.detokenize([token])))
+                if text:
+                    produced.append(time.perf_counter())
+                    pieces.append(text)
+                if stopped or generated >= max_tokens:
+                    break
+        finally:
+            tokens.close()
+        return {"started": started, "produced": produced, "text": "".join(pieces), "generated": generated,
+                "prompt_tokens": len(prompt)}
+
+
+# --- a plain ZeroMQ client (no asyncio), for timing the relay itself ---------------------------
+
+
+class RawClient:
+    """DEALER + SUB with blocking sockets; speaks the wire protocol by hand (docs/protocol.md)."""
+
+    def __init__(self, control: str, events: str, topics: tuple[bytes, ...] = (b"",)) -> None:
+        self.context = zmq.Context.instance()
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.connect(control)
+        self.events = self.context.socket(zmq.SUB)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.setsockopt(zmq.RCVHWM, 100_000)
+        for topic in topics:
+            self.events.setsockopt(zmq.SUBSCRIBE, topic)
+        self.events.connect(events)
+
+    def request(self, type_: str, body: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
+        request_id = uuid.uuid4().hex
+        self.control.send(protocol.Request(id=request_id, type=type_, body=body or {}).encode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.control.poll(100):
+                reply = msgpack.unpackb(self.control.recv(), raw=False)
+                if reply.get("id") == request_id:
+                    if not reply.get("ok"):
+                        raise RuntimeError(f"{type_} failed: {reply.get('error')}")
+                    return reply.get("body") or {}
+        raise TimeoutError(f"no reply to {type_}")
+
+    def close(self) -> None:
+        self.control.close()
+        self.events.close()
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile, q in 0..1."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
 
 
-def machine() -> str:
+def rate(stamps: list[float]) -> float:
+    """Tokens per second between the first and the last stamp (the first token's wait excluded)."""
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def loadavg() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def target(figure: str, goal: str, met: bool, why: str | None = None) -> dict[str, Any]:
+    return {"figure": figure, "target": goal, "met": bool(met), "why": None if met else why}
+
+
+def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown CPU"
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         with open("/proc/cpuinfo") as info:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1073741824:.0f} GiB RAM, "
-            f"Python {platform.python_version()}, load average {load}")
+    try:
+        from importlib.metadata import version
+
+        llama_version = version("llama_cpp_python")
+    except Exception:
+        llama_version = "unknown"
+    return {"cpu": cpu, "cores": CPUS, "ram_gib": round(psutil.virtual_memory().total / 1073741824, 1),
+            "python": platform.python_version(), "llama_cpp_python": llama_version, "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(), "kernel": platform.release(), "load_average": loadavg()}

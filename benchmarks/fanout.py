@@ -1,0 +1,119 @@
+"""Fan-out: 1, 4 and 16 attached clients following one reply, demo model.
+
+The clients are `vramchat.shared.client.Client` objects (a DEALER and a SUB each) in ONE asyncio
+process, each with its own receive task. That costs far less CPU than 16 Python processes, which
+on a 2-core machine would mostly measure the scheduler; the daemon's side (16 subscriptions on
+its XPUB) is the same either way. For each client: tok/s from its own receive stamps of the first
+and last token, and completeness: it got every `index` once, in order, and its text equals the
+stored reply. Rounds cycle 1, 4, 16 so each count sees the same load; medians over rounds.
+Also: the engine's own tok/s, and the CPU the daemon and the client process spend per token.
+Target: 16 clients >= 0.98 of 1 client's tok/s, every client complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from typing import Any
+
+from benchmarks.common import PROMPT, cpu_seconds, daemon, loadavg, median, rate, target, wait_ready
+from vramchat.shared.client import Client
+from vramchat.shared.paths import demo_model_path
+
+COUNTS = (1, 4, 16)
+
+
+async def one_round(runtime_dir: Any, daemon_pid: int, subscribers: int, max_tokens: int) -> dict[str, Any]:
+    clients = [Client(runtime_dir, timeout=120, name=f"bench-{i}") for i in range(subscribers)]
+    for client in clients:
+        await client.connect()
+        await client.subscribe()
+    request_id = uuid.uuid4().hex
+
+    async def receive(client: Client) -> dict[str, Any]:
+        stamps: list[float] = []
+        indexes: list[int] = []
+        texts: list[str] = []
+        async for event in client.raw_events():
+            if event.topic == "tok" and event.body["request"] == request_id:
+                stamps.append(time.perf_counter())
+                indexes.append(event.body["index"])
+                texts.append(event.body["text"])
+            elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
+                return {"stamps": stamps, "complete": indexes == list(range(len(indexes))) and "".join(texts) == event.body["content"],
+                        "stats": event.body.get("stats") or {}}
+        raise RuntimeError("the event stream ended")
+
+    receivers = [asyncio.create_task(receive(c)) for c in clients]
+    cpu_daemon, cpu_client = cpu_seconds(daemon_pid), time.process_time()
+    await clients[0].request("chat", {"content": PROMPT, "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "seed": 1}},
+                             request_id=request_id)
+    results = await asyncio.gather(*receivers)
+    cpu_daemon, cpu_client = cpu_seconds(daemon_pid) - cpu_daemon, time.process_time() - cpu_client
+    for client in clients:
+        await client.close()
+    tokens = len(results[0]["stamps"])
+    return {
+        "tok_s": median([rate(r["stamps"]) for r in results]),
+        "slowest_tok_s": min(rate(r["stamps"]) for r in results),
+        "complete": all(r["complete"] and len(r["stamps"]) == tokens for r in results),
+        "tokens": tokens,
+        "engine_tok_s": results[0]["stats"]["tokens_per_s"],
+        "daemon_cpu_ms_per_token": 1000 * cpu_daemon / max(1, tokens),
+        "client_cpu_ms_per_token": 1000 * cpu_client / max(1, tokens),
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    rounds, max_tokens = (1, 32) if quick else (4, 200)
+    model = str(demo_model_path())
+    measured: dict[int, list[dict[str, Any]]] = {n: [] for n in COUNTS}
+
+    async def measure(d: Any) -> None:
+        async with Client(d.runtime_dir, timeout=120) as client:
+            await wait_ready(client)
+        await one_round(d.runtime_dir, d.pid, 1, 16)  # warm up
+        for _ in range(rounds):
+            for n in COUNTS:
+                measured[n].append(await one_round(d.runtime_dir, d.pid, n, max_tokens))
+
+    with daemon("--model", model) as d:
+        asyncio.run(measure(d))
+    result: dict[str, Any] = {
+        "name": "fan-out",
+        "settings": {"model": demo_model_path().name, "rounds": rounds, "max_tokens": max_tokens,
+                     "clients": "Client objects (DEALER + SUB each) in one asyncio process, over ipc"},
+    }
+    for n in COUNTS:
+        rows = measured[n]
+        result[f"clients_{n}_tok_s"] = median([r["tok_s"] for r in rows])
+        result[f"clients_{n}_slowest_client_tok_s"] = median([r["slowest_tok_s"] for r in rows])
+        result[f"clients_{n}_engine_tok_s"] = median([r["engine_tok_s"] for r in rows])
+        result[f"clients_{n}_every_client_got_every_token"] = all(r["complete"] for r in rows)
+        result[f"clients_{n}_daemon_cpu_ms_per_token"] = median([r["daemon_cpu_ms_per_token"] for r in rows])
+        result[f"clients_{n}_client_process_cpu_ms_per_token"] = median([r["client_cpu_ms_per_token"] for r in rows])
+    result["tokens_per_run"] = sorted({r["tokens"] for rows in measured.values() for r in rows})
+    ratio = result["clients_16_tok_s"] / result["clients_1_tok_s"]
+    engine_ratio = result["clients_16_engine_tok_s"] / result["clients_1_engine_tok_s"]
+    result["ratio_16_vs_1"] = ratio
+    result["engine_ratio_16_vs_1"] = engine_ratio
+    result["load_average_after"] = loadavg()
+    why = (f"the engine itself slowed to {engine_ratio:.3f} of its 1-client rate: with 16 clients the client process spent "
+           f"{result['clients_16_client_process_cpu_ms_per_token']:.2f} ms and the daemon "
+           f"{result['clients_16_daemon_cpu_ms_per_token']:.2f} ms of CPU per token (1 client: "
+           f"{result['clients_1_client_process_cpu_ms_per_token']:.2f} and {result['clients_1_daemon_cpu_ms_per_token']:.2f} ms), "
+           "CPU taken from the engine's llama threads on a machine with no spare core")
+    result["targets"] = [
+        target("ratio_16_vs_1", ">= 0.98", ratio >= 0.98, why),
+        target("clients_16_every_client_got_every_token", "every client, every token",
+               result["clients_16_every_client_got_every_token"], "a client missed or reordered tokens"),
+    ]
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

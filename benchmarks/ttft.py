@@ -1,0 +1,73 @@
+"""Time to first token through the daemon against the engine's loop in-process, demo model.
+
+Daemon: from sending `chat` to the client receiving the first `tok` (so it includes the request,
+storing the user message, the queue, formatting in the daemon, the engine's prompt evaluation
+and the relay back). Direct: from formatting the same messages to the first token's text.
+Each round uses a new user message (a numbered request), sent to both, so both evaluate the same
+new prompt suffix against the same cached prefix; runs alternate. Target: within 5 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from benchmarks.common import CPUS, PROMPT, DirectModel, chat_and_collect, daemon, loadavg, median, target, wait_ready
+from vramchat.daemon.models import DEMO_DEFAULTS
+from vramchat.shared.client import Client
+from vramchat.shared.paths import demo_model_path
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    rounds = 1 if quick else 9
+    model = str(demo_model_path())
+    direct_model = DirectModel(model)
+    direct: list[float] = []
+    through: list[float] = []
+    engine_ttft: list[float] = []
+    prompt_tokens: list[tuple[int, int]] = []
+
+    async def measure(runtime_dir: Any) -> None:
+        async with Client(runtime_dir, timeout=120) as client:
+            await wait_ready(client)
+            await client.subscribe()
+            events = client.raw_events()
+            await chat_and_collect(client, events, 2, content="Hello")
+            direct_model.generate([{"role": "system", "content": DEMO_DEFAULTS["system_prompt"]}, {"role": "user", "content": "Hello"}], 2)
+            for i in range(rounds):
+                content = f"Request {i}. {PROMPT}"
+                messages = [{"role": "system", "content": DEMO_DEFAULTS["system_prompt"]}, {"role": "user", "content": content}]
+                first = direct_model.generate(messages, 2)
+                direct.append(first["produced"][0] - first["started"])
+                result = await chat_and_collect(client, events, 2, content=content)
+                through.append(result["received"][0] - result["started"])
+                engine_ttft.append(result["stats"]["ttft_s"])
+                prompt_tokens.append((first["prompt_tokens"], result["stats"]["prompt_tokens"]))
+
+    with daemon("--model", model) as d:
+        asyncio.run(measure(d.runtime_dir))
+    delta_ms = 1000 * (median(through) - median(direct))
+    outside_engine_ms = 1000 * (median(through) - median(engine_ttft))
+    return {
+        "name": "time to first token",
+        "settings": {"model": demo_model_path().name, "rounds": rounds, "n_threads": CPUS, "n_ctx": 4096,
+                     "prompt": "system prompt + a new ~20-token user message each round, the rest cached in both"},
+        "direct_ttft_ms": 1000 * median(direct),
+        "daemon_ttft_ms": 1000 * median(through),
+        "delta_ms": delta_ms,
+        "engine_own_ttft_ms": 1000 * median(engine_ttft),
+        "daemon_outside_engine_ms": outside_engine_ms,
+        "same_prompt_tokens": all(a == b for a, b in prompt_tokens),
+        "prompt_tokens": prompt_tokens[0][1],
+        "load_average_after": loadavg(),
+        "targets": [target("delta_ms", "<= 5 ms", abs(delta_ms) <= 5,
+                           f"the engine's own TTFT was {1000 * median(engine_ttft):.1f} ms against {1000 * median(direct):.1f} ms "
+                           f"direct; the rest ({outside_engine_ms:.1f} ms) is the request, the store, the queue and the relay")],
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))
