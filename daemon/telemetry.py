@@ -7,7 +7,7 @@ A sample is a plain dict (msgpack-able; bytes as ints; None = not available):
                "temperature", "power_w", "engine_memory", "other_memory"}],
      "host": {"ram_total", "ram_available", "ram_used", "page_cache", "swap_total", "swap_used",
               "swap_in_bps", "swap_out_bps"},
-     "engine": {"pid", "rss", "anon_resident", "model_file_resident"} | None,
+     "engine": {"pid", "rss", "anon_resident", "file_resident", "model_file_resident"} | None,
      "generation": {...} | None}
 
 The daemon takes samples on a worker thread so they never delay a token.
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # Swap-in faster than this while generating means the model's pages are being read back from
 # swap: every token then waits on the disk.
 SWAPPING_BPS = 1 << 20
+# How often to walk the engine's smaps for the model's resident pages (they change slowly).
+MODEL_PAGES_EVERY_S = 10.0
 
 
 class TelemetrySampler:
@@ -37,6 +39,7 @@ class TelemetrySampler:
         self.history_s = history_s
         self._history: collections.deque[dict[str, Any]] = collections.deque()
         self._last_swap: tuple[float, int, int] | None = None
+        self._model_pages: tuple[int, float, int | None] | None = None  # pid, when, bytes
 
     def sample(self, *, engine_pid: int | None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
         now = time.time()
@@ -50,13 +53,25 @@ class TelemetrySampler:
             "gpu_status": self.nvml.status,
             "gpus": gpus,
             "host": self._host(now),
-            "engine": engine_memory(engine_pid) if engine_pid else None,
+            "engine": self._engine(engine_pid, now) if engine_pid else None,
             "generation": generation,
         }
         self._history.append(sample)
         while self._history and self._history[0]["t"] < now - self.history_s:
             self._history.popleft()
         return sample
+
+    def _engine(self, pid: int, now: float) -> dict[str, Any] | None:
+        """Counters every sample; the model's resident pages (an smaps walk) every few seconds."""
+        stale = self._model_pages is None or self._model_pages[0] != pid or now - self._model_pages[1] > MODEL_PAGES_EVERY_S
+        memory = engine_memory(pid, model_file=stale)
+        if memory is None:
+            return None
+        if stale:
+            self._model_pages = (pid, now, memory["model_file_resident"])
+        else:
+            memory["model_file_resident"] = self._model_pages[2]
+        return memory
 
     def history(self) -> list[dict[str, Any]]:
         return list(self._history)
@@ -86,36 +101,40 @@ class TelemetrySampler:
         }
 
 
-def engine_memory(pid: int) -> dict[str, Any] | None:
+def engine_memory(pid: int, *, model_file: bool = True) -> dict[str, Any] | None:
     """RSS split into anonymous memory and the resident part of the mmapped .gguf file.
 
-    The model is mmapped, so RSS counts whatever of the file is in the page cache: RSS alone
-    cannot tell weights in RAM from buffers llama.cpp allocated. /proc/PID/smaps names each
-    mapping's file; the Rss of the .gguf mappings is the model's resident bytes. The totals
-    come from smaps_rollup. (Parsing smaps line by line in Python cost 3 ms a sample; finding
-    only the .gguf mappings costs a tenth of that.)
+    RSS, RssAnon and RssFile come from /proc/PID/status: kernel counters, read in constant time.
+    The model is mmapped, so RssFile mixes the model's pages with shared libraries; only
+    /proc/PID/smaps names each mapping's file. Walking it costs milliseconds on a loaded engine
+    (4.5 ms, plus 4.1 ms for smaps_rollup, measured on SmolLM2), so callers ask for it rarely
+    (`model_file=False` leaves it out).
     """
     try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
-            totals = rollup.read()
-        with open(f"/proc/{pid}/smaps", "rb") as smaps:
-            mappings = smaps.read()
+        with open(f"/proc/{pid}/status", "rb") as status:
+            counters = status.read()
+        mappings = b""
+        if model_file:
+            with open(f"/proc/{pid}/smaps", "rb") as smaps:
+                mappings = smaps.read()
     except OSError:
         return None
-    model_file = 0
-    at = mappings.find(b".gguf\n")
-    while at != -1:
-        rss_at = mappings.find(b"\nRss:", at)
-        if rss_at != -1:
-            model_file += int(mappings[rss_at + 5 : mappings.find(b"kB", rss_at)]) * 1024
-        at = mappings.find(b".gguf\n", at + 1)
-    return {"pid": pid, "rss": _kib_field(totals, b"Rss:"), "anon_resident": _kib_field(totals, b"Anonymous:"),
-            "model_file_resident": model_file}
+    resident = None
+    if model_file:
+        resident = 0
+        at = mappings.find(b".gguf\n")
+        while at != -1:
+            rss_at = mappings.find(b"\nRss:", at)
+            if rss_at != -1:
+                resident += int(mappings[rss_at + 5 : mappings.find(b"kB", rss_at)]) * 1024
+            at = mappings.find(b".gguf\n", at + 1)
+    return {"pid": pid, "rss": _kib_field(counters, b"VmRSS:"), "anon_resident": _kib_field(counters, b"RssAnon:"),
+            "file_resident": _kib_field(counters, b"RssFile:"), "model_file_resident": resident}
 
 
 def _kib_field(text: bytes, name: bytes) -> int:
-    at = text.find(b"\n" + name)
-    return int(text[at + len(name) + 1 : text.find(b"kB", at)]) * 1024 if at != -1 else 0
+    at = text.find(name)
+    return int(text[at + len(name) : text.find(b"kB", at)]) * 1024 if at != -1 else 0
 
 
 class AlarmTracker:
