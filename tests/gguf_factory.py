@@ -55,6 +55,17 @@ def _vocabulary(n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
+def _add_tokenizer(writer: GGUFWriter, n_vocab: int) -> None:
+    tokens, scores, types = _vocabulary(n_vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+
 def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Write a llama GGUF for `spec` to `path` and return the path."""
     if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
@@ -82,14 +93,7 @@ def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(spec.n_vocab)
 
-    tokens, scores, types = _vocabulary(spec.n_vocab)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    _add_tokenizer(writer, spec.n_vocab)
     if spec.chat_template is not None:
         writer.add_chat_template(spec.chat_template)
 
@@ -140,14 +144,7 @@ def write_tiny_gemma2(path: Path, n_layer: int = 4, window: int = 128, seed: int
     writer.add_sliding_window(window)
     writer.add_attn_logit_softcapping(50.0)
     writer.add_final_logit_softcapping(30.0)
-    tokens, scores, types = _vocabulary(n_vocab)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    _add_tokenizer(writer, n_vocab)
     writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))  # tied: gemma2 has no output.weight
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     for i in range(n_layer):
