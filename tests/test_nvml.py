@@ -2,85 +2,128 @@
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 from typing import Any
 
-from vramchat.daemon.nvml import NO_GPU, Nvml
+import pynvml
+import pytest
 
-
-class NVMLError(Exception):
-    def __init__(self, value: int) -> None:
-        super().__init__({3: "Not Supported", 9: "Driver Not Loaded", 15: "GPU is lost", 999: "Unknown Error"}[value])
-        self.value = value
+from vramchat.daemon.nvml import NO_GPU, OK, Nvml
 
 
 class FakePynvml:
-    """Two GPUs; fields can be made to fail, and a device can disappear."""
+    """Two GPUs that act like pynvml: its constants and NVMLError classes are the real ones, so
+    each failure is raised exactly as the binding raises it. Fields can fail; devices can vanish."""
 
     def __init__(self) -> None:
         self.init_calls = 0
-        self.failing: set[str] = set()
-        self.lost: set[int] = set()
         self.init_error: int | None = None
+        self.count = 2
+        self.failing: dict[str, int] = {}  # field -> NVML error code it raises
+        self.lost: dict[int, int] = {}  # index -> error code of nvmlDeviceGetHandleByIndex
+        self.compute = [SimpleNamespace(pid=100, usedGpuMemory=3 << 30), SimpleNamespace(pid=200, usedGpuMemory=1 << 30),
+                        SimpleNamespace(pid=300, usedGpuMemory=None)]  # NVML_VALUE_NOT_AVAILABLE, as pynvml gives it
+        self.graphics = [SimpleNamespace(pid=400, usedGpuMemory=256 << 20)]
+        self.missing_symbols: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(("NVML_", "NVMLError")):
+            return getattr(pynvml, name)
+        raise AttributeError(name)
+
+    def _call(self, field: str) -> None:
+        if field in self.missing_symbols:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        if field in self.failing:
+            raise pynvml.NVMLError(self.failing[field])
 
     def nvmlInit(self) -> None:
         self.init_calls += 1
-        if self.init_error:
-            raise NVMLError(self.init_error)
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
 
     def nvmlDeviceGetCount(self) -> int:
-        return 2
+        return self.count
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         if index in self.lost:
-            raise NVMLError(15)
+            raise pynvml.NVMLError(self.lost[index])
         return index
-
-    def _maybe_fail(self, name: str) -> None:
-        if name in self.failing:
-            raise NVMLError(3 if name != "power" else 999)
 
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
         return SimpleNamespace(total=12 << 30, used=(4 + handle) << 30, free=(8 - handle) << 30)
 
-    def nvmlDeviceGetName(self, handle: int) -> bytes:
-        self._maybe_fail("name")
-        return f"NVIDIA GeForce RTX 30{handle}0".encode()
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        self._call("name")
+        return f"NVIDIA GeForce RTX 30{handle}0"
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
-        self._maybe_fail("utilization")
+        self._call("utilization")
         return SimpleNamespace(gpu=50 + handle, memory=10)
 
     def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
-        self._maybe_fail("temperature")
+        assert sensor == pynvml.NVML_TEMPERATURE_GPU
+        self._call("temperature")
         return 60
 
     def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
-        self._maybe_fail("power")
+        self._call("power")
         return 150_500
 
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
-        self._maybe_fail("processes")
-        return [SimpleNamespace(pid=100, usedGpuMemory=3 << 30), SimpleNamespace(pid=200, usedGpuMemory=1 << 30),
-                SimpleNamespace(pid=300, usedGpuMemory=None)]
+    def nvmlDeviceGetMemoryBusWidth(self, handle: int) -> int:
+        self._call("bandwidth")
+        return 384
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: int, clock: int) -> int:
+        assert clock == pynvml.NVML_CLOCK_MEM
+        return 9751
+
+    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: int) -> list[Any]:
+        self._call("compute_v3")
+        self._call("processes")
+        return self.compute
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: int) -> list[Any]:
+        self._call("processes")
+        return self.compute[:1]
+
+    def nvmlDeviceGetGraphicsRunningProcesses_v3(self, handle: int) -> list[Any]:
+        self._call("processes")
+        return self.graphics
+
+    def nvmlDeviceGetGraphicsRunningProcesses_v2(self, handle: int) -> list[Any]:
+        self._call("processes")
+        return self.graphics
 
 
-def test_real_pynvml_without_a_gpu_reports_no_gpu_and_does_not_raise() -> None:
+def test_real_pynvml_reports_what_this_machine_has_and_does_not_raise() -> None:
     nvml = Nvml()
-    assert nvml.devices(engine_pid=123) == []
-    assert nvml.status.startswith(NO_GPU)
-    assert nvml.devices(engine_pid=None) == []  # initialised once; still no exception
+    gpus = nvml.devices(engine_pid=123)
+    if shutil.which("nvidia-smi"):  # a machine with a driver: real readings
+        assert gpus and nvml.status == OK and all(g["memory_total"] > 0 for g in gpus)
+    else:
+        assert gpus == [] and nvml.status == NO_GPU and nvml.detail
+        assert nvml.devices(engine_pid=None) == [] and nvml.status == NO_GPU  # initialised once; still no exception
 
 
 def test_normal_values_and_process_memory_split_by_pid() -> None:
-    fake = FakePynvml()
-    gpus = Nvml(fake).devices(engine_pid=100)
-    assert len(gpus) == 2
+    gpus = Nvml(FakePynvml()).devices(engine_pid=100)
+    assert [g["index"] for g in gpus] == [0, 1]
     first = gpus[0]
     assert first["name"] == "NVIDIA GeForce RTX 3000"
     assert (first["memory_total"], first["memory_used"], first["memory_free"]) == (12 << 30, 4 << 30, 8 << 30)
     assert (first["utilization"], first["temperature"], first["power_w"]) == (50, 60, 150.5)
-    assert (first["engine_memory"], first["other_memory"]) == (3 << 30, 1 << 30)
+    assert first["memory_bandwidth"] == 936_096_000_000  # 384 bit x 9751 MHz x 2: the RTX 3090's 936 GB/s
+    # The engine's 3 GiB apart; others: 1 GiB compute + 256 MiB graphics (pid 300's is withheld).
+    assert (first["engine_memory"], first["other_memory"]) == (3 << 30, (1 << 30) + (256 << 20))
+    assert {p["pid"]: p["used_memory"] for p in first["processes"]} == {100: 3 << 30, 200: 1 << 30, 300: None, 400: 256 << 20}
+    assert first["error"] is None
+
+
+def test_without_an_engine_every_process_is_another() -> None:
+    gpu = Nvml(FakePynvml()).devices(engine_pid=None)[0]
+    assert gpu["engine_memory"] is None and gpu["other_memory"] == (4 << 30) + (256 << 20)
 
 
 def test_nvml_is_initialised_once() -> None:
@@ -88,29 +131,64 @@ def test_nvml_is_initialised_once() -> None:
     nvml = Nvml(fake)
     for _ in range(3):
         nvml.devices(engine_pid=None)
-    assert fake.init_calls == 1
+    assert fake.init_calls == 1 and nvml.status == OK
 
 
-def test_errors_on_single_fields_become_not_available() -> None:
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_UNKNOWN, pynvml.NVML_ERROR_NO_PERMISSION])
+def test_an_error_on_single_fields_makes_only_them_not_available(code: int) -> None:
     fake = FakePynvml()
-    fake.failing = {"name", "utilization", "temperature", "power", "processes"}
-    gpu = Nvml(fake).devices(engine_pid=100)[0]
+    fake.failing = dict.fromkeys(("name", "utilization", "temperature", "power", "bandwidth", "processes"), code)
+    nvml = Nvml(fake)
+    gpu = nvml.devices(engine_pid=100)[0]
+    assert nvml.status == OK
     assert gpu["memory_used"] == 4 << 30
-    assert all(gpu[k] is None for k in ("name", "utilization", "temperature", "power_w", "engine_memory", "other_memory"))
+    fields = ("name", "utilization", "temperature", "power_w", "memory_bandwidth", "engine_memory", "other_memory", "processes")
+    assert {k: gpu[k] for k in fields} == dict.fromkeys(fields)
 
 
-def test_a_device_that_disappears_is_dropped_and_reported() -> None:
+def test_older_drivers_fall_back_to_the_v2_process_query() -> None:
+    fake = FakePynvml()
+    fake.missing_symbols = {"compute_v3"}
+    gpu = Nvml(fake).devices(engine_pid=100)[0]
+    assert (gpu["engine_memory"], gpu["other_memory"]) == (3 << 30, 256 << 20)  # v2 lists only pid 100 here
+
+
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_INVALID_ARGUMENT])
+def test_a_device_that_disappears_reads_as_not_available_and_comes_back(code: int) -> None:
     fake = FakePynvml()
     nvml = Nvml(fake)
-    assert len(nvml.devices(engine_pid=None)) == 2 and nvml.status == "ok"
-    fake.lost = {1}
+    assert all(g["error"] is None for g in nvml.devices(engine_pid=None)) and nvml.status == OK
+    fake.lost = {1: code}
     gpus = nvml.devices(engine_pid=None)
-    assert [g["index"] for g in gpus] == [0]
-    assert "GPU 1" in nvml.status and "lost" in nvml.status
+    assert gpus[0]["memory_used"] == 4 << 30
+    lost = gpus[1]
+    assert lost["index"] == 1 and lost["name"] == "NVIDIA GeForce RTX 3010"  # still named from before
+    assert lost["memory_used"] is None and lost["engine_memory"] is None and lost["error"]
+    assert nvml.status.startswith("NVML error: GPU 1:")
+    fake.lost = {}
+    assert nvml.devices(engine_pid=None)[1]["memory_used"] == 5 << 30 and nvml.status == OK
 
 
-def test_a_missing_driver_reads_as_no_gpu() -> None:
+@pytest.mark.parametrize(("code", "status"), [(pynvml.NVML_ERROR_DRIVER_NOT_LOADED, NO_GPU),
+                                              (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, NO_GPU),
+                                              (pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, "NVML error: ")])
+def test_a_failed_init_reads_as_no_gpu_or_an_nvml_error(code: int, status: str) -> None:
     fake = FakePynvml()
-    fake.init_error = 9
+    fake.init_error = code
+    nvml = Nvml(fake)
+    assert nvml.devices(engine_pid=None) == [] and nvml.status.startswith(status)
+    assert nvml.devices(engine_pid=None) == [] and fake.init_calls == 1
+
+
+def test_no_devices_reads_as_no_gpu() -> None:
+    fake = FakePynvml()
+    fake.count = 0
     nvml = Nvml(fake)
     assert nvml.devices(engine_pid=None) == [] and nvml.status == NO_GPU
+
+
+def test_an_unexpected_exception_in_the_binding_degrades_to_an_error_status() -> None:
+    fake = FakePynvml()
+    fake.nvmlDeviceGetMemoryInfo = lambda handle: 1 / 0  # type: ignore[method-assign]
+    nvml = Nvml(fake)
+    assert nvml.devices(engine_pid=None) == [] and nvml.status.startswith("NVML error:")

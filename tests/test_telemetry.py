@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import msgpack
 import psutil
 import pytest
 
-from vramchat.daemon.telemetry import AlarmTracker, TelemetrySampler, engine_memory
+from vramchat.daemon.nvml import NO_GPU, Nvml
+from vramchat.daemon.telemetry import HOST_KEYS, AlarmTracker, TelemetrySampler, _gguf_resident, engine_memory
 from vramchat.shared.client import Client, Snapshot
 from vramchat.shared.llama_log import parse_load_log
 
@@ -109,60 +114,215 @@ def test_llama_log_parser_reads_gpu_lines_and_the_layer_count() -> None:
     assert report.total("compute", gpu=True) == 0  # CUDA_Host is pinned host RAM
 
 
-def test_engine_memory_of_a_process_that_mmaps_a_gguf(tmp_path: Path) -> None:
+# --- the sampler on its own ----------------------------------------------------------------------
+
+
+class NoGpu(Nvml):
+    """An Nvml that reports no GPU without touching the binding (the sampler's tests are about the rest)."""
+
+    def devices(self, engine_pid: int | None) -> list[dict[str, Any]]:
+        self.status, self.detail = NO_GPU, "test"
+        return []
+
+
+def test_sampler_ram_and_swap_agree_with_psutil() -> None:
+    sample = TelemetrySampler(nvml=NoGpu()).sample(engine_pid=None)
+    memory, swap = psutil.virtual_memory(), psutil.swap_memory()
+    host = sample["host"]
+    assert host["ram_total"] == memory.total and host["swap_total"] == swap.total
+    for ours, theirs, total in [(host["ram_available"], memory.available, memory.total), (host["ram_used"], memory.used, memory.total),
+                                (host["swap_used"], swap.used, swap.total)]:
+        assert abs(ours - theirs) <= 0.05 * max(total, 1), (ours, theirs)
+    assert 0 < host["page_cache"] < memory.total
+    assert host["swap_in_bps"] is None and host["swap_out_bps"] is None  # a rate needs two samples
+
+
+def test_a_sample_is_plain_data_with_every_key_and_passes_generation_through() -> None:
+    from test_nvml import FakePynvml
+
+    generation = {"generating": True, "tokens_per_s": 12.5}
+    sampler = TelemetrySampler(nvml=Nvml(FakePynvml()))
+    sample = sampler.sample(engine_pid=os.getpid(), generation=generation)
+    assert msgpack.unpackb(msgpack.packb(sample)) == sample  # plain, msgpack-able data
+    assert set(sample) == {"t", "gpu_status", "gpu_detail", "gpus", "host", "engine", "generation"}
+    assert set(sample["host"]) == set(HOST_KEYS)
+    assert set(sample["gpus"][0]) >= {"index", "name", "memory_total", "memory_used", "memory_free", "utilization",
+                                      "temperature", "power_w", "engine_memory", "other_memory"}
+    assert sample["gpu_status"] == "ok" and sample["generation"] == generation
+    assert set(sample["engine"]) >= {"pid", "rss", "model_file_resident", "anon_resident"}
+    assert sampler.history() == [sample] and sampler.latest() is sample
+
+
+def test_swap_rates_come_from_the_change_of_the_kernel_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    counters = iter([(0, 0), (10 << 20, 1 << 20)])
+
+    def swap_memory() -> Any:
+        sin, sout = next(counters)
+        return SimpleNamespace(total=8 << 30, used=1 << 30, sin=sin, sout=sout)
+
+    monkeypatch.setattr(psutil, "swap_memory", swap_memory)
+    sampler = TelemetrySampler(nvml=NoGpu())
+    started = time.monotonic()
+    sampler.sample(engine_pid=None)
+    time.sleep(0.2)
+    host = sampler.sample(engine_pid=None)["host"]
+    elapsed = time.monotonic() - started
+    assert (10 << 20) / elapsed <= host["swap_in_bps"] <= (10 << 20) / 0.2
+    assert host["swap_out_bps"] == pytest.approx(host["swap_in_bps"] / 10)
+
+
+def test_a_failing_part_reads_as_not_available_and_is_logged_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise OSError("no /proc/meminfo")
+
+    monkeypatch.setattr(psutil, "virtual_memory", broken)
+    sampler = TelemetrySampler(nvml=NoGpu())
+    with caplog.at_level(logging.ERROR):
+        first, second = sampler.sample(engine_pid=None), sampler.sample(engine_pid=None)
+    assert first["host"] == dict.fromkeys(HOST_KEYS) and second["host"] == first["host"]
+    assert len([r for r in caplog.records if "host" in r.getMessage()]) == 1
+
+
+CHILD = """
+import mmap, os, sys
+f = open(sys.argv[1], 'rb')
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+m.madvise(mmap.MADV_RANDOM)  # one major fault per page, no readahead
+print('mapped', flush=True)
+sys.stdin.readline()
+s = sum(m[i] for i in range(0, len(m), 4096))
+buf = bytearray(b'x' * (48 << 20))
+print('touched', flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_engine_memory_of_a_real_process_that_mmaps_a_gguf(tmp_path: Path) -> None:
     model = tmp_path / "weights.gguf"
-    model.write_bytes(b"\1" * (32 << 20))
-    child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import mmap, sys, time\n"
-         f"f = open({str(model)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
-         "s = sum(m[i] for i in range(0, len(m), 4096)); buf = bytearray(16 << 20)\n"
-         "print('ready', flush=True); time.sleep(30)\n"],
-        stdout=subprocess.PIPE, text=True,
-    )
+    with model.open("wb") as f:
+        f.write(os.urandom(64 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # not cached: reading it faults from disk
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sampler = TelemetrySampler(nvml=NoGpu())
     try:
-        assert child.stdout and child.stdout.readline().strip() == "ready"
-        memory = engine_memory(child.pid)
-        assert memory is not None
-        assert 31 << 20 <= memory["model_file_resident"] <= 33 << 20
-        assert memory["anon_resident"] >= 16 << 20
-        assert memory["rss"] >= memory["model_file_resident"] + memory["anon_resident"]
+        assert child.stdout and child.stdin and child.stdout.readline().strip() == "mapped"
+        before = sampler.sample(engine_pid=child.pid)["engine"]
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "touched"
+        after = sampler.sample(engine_pid=child.pid)["engine"]  # within 10 s: estimated from RssFile
+        exact = engine_memory(child.pid)  # the smaps walk
     finally:
         child.kill()
         child.wait()
-    assert engine_memory(child.pid) is None  # a vanished process reads as not available
+    assert before["pid"] == after["pid"] == child.pid
+    assert before["model_file_resident"] < 4 << 20 and before["major_faults_ps"] is None
+    assert exact is not None and 63 << 20 <= exact["model_file_resident"] <= 65 << 20
+    assert abs(after["model_file_resident"] - exact["model_file_resident"]) <= 4 << 20
+    assert after["anon_resident"] >= before["anon_resident"] + (48 << 20)
+    assert after["rss"] >= before["rss"] + (110 << 20)
+    assert after["rss"] >= after["model_file_resident"] + after["anon_resident"]
+    if _filesystem(tmp_path) == "tmpfs":  # pages of a tmpfs file are never read from disk
+        assert after["major_faults_ps"] is not None
+    else:
+        assert after["major_faults_ps"] > 0
+
+
+def _filesystem(path: Path) -> str:
+    mounts = [p for p in psutil.disk_partitions(all=True) if str(path).startswith(p.mountpoint)]
+    return max(mounts, key=lambda p: len(p.mountpoint)).fstype
+
+
+def test_an_engine_that_vanished_reads_as_none() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    sampler = TelemetrySampler(nvml=NoGpu())
+    sample = sampler.sample(engine_pid=child.pid)
+    assert sample["engine"] is None and sample["host"]["ram_total"] > 0
+    assert engine_memory(child.pid) is None
+
+
+def test_smaps_parsing_counts_only_gguf_mappings_deleted_or_not() -> None:
+    smaps = (b"7f00-7f10 r--p 00000000 fd:01 1 /models/a.gguf\nSize: 64 kB\nKernelPageSize: 4 kB\nRss: 40 kB\n"
+             b"7f10-7f20 r--p 00000000 fd:01 2 /models/b.gguf (deleted)\nSize: 64 kB\nRss: 8 kB\n"
+             b"7f20-7f30 r--p 00000000 fd:01 3 /models/a.gguf.sha256\nSize: 64 kB\nRss: 1000 kB\n"
+             b"7f30-7f40 r-xp 00000000 fd:01 4 /usr/lib/libc.so.6\nSize: 64 kB\nRss: 2000 kB\n")
+    assert _gguf_resident(smaps) == 48 * 1024
 
 
 def test_history_ring_drops_samples_older_than_its_window() -> None:
-    sampler = TelemetrySampler(history_s=0.3)
+    sampler = TelemetrySampler(history_s=0.3, nvml=NoGpu())
     for _ in range(3):
         sampler.sample(engine_pid=None)
     time.sleep(0.4)
-    sampler.sample(engine_pid=None)
-    assert len(sampler.history()) == 1
-    assert sampler.history()[0]["host"]["swap_in_bps"] is not None  # a rate needs two samples
+    kept = sampler.sample(engine_pid=None)
+    assert sampler.history() == [kept]
 
 
-def sample_with(*, swap_in: float | None = 0, gpu_free: int | None = None, available: int = 8 << 30, rss: int = 0) -> dict[str, Any]:
+def test_history_ring_is_bounded_when_samples_come_faster_than_the_interval() -> None:
+    sampler = TelemetrySampler(interval_s=0.5, history_s=2.0, nvml=NoGpu())
+    for _ in range(50):
+        sampler.sample(engine_pid=None)
+    assert len(sampler.history()) == 10  # twice the 4 samples 2 s hold at 0.5 s, plus 2
+
+
+# --- alarms --------------------------------------------------------------------------------------
+
+
+def sample_at(t: float, *, swap_in: float | None = 0, gpu_free: int | None = None, available: int = 8 << 30,
+              rss: int = 0, faults: float | None = None) -> dict[str, Any]:
     gpus = [] if gpu_free is None else [{"index": 0, "memory_free": gpu_free}]
-    return {"gpus": gpus, "host": {"swap_in_bps": swap_in, "ram_available": available}, "engine": {"rss": rss}}
+    return {"t": t, "gpus": gpus, "host": {"swap_in_bps": swap_in, "ram_available": available},
+            "engine": {"rss": rss, "model_file_resident": 0, "major_faults_ps": faults}}
 
 
-def test_alarms_fire_once_when_a_condition_starts_and_once_when_it_clears() -> None:
-    alarms = AlarmTracker(vram_margin_bytes=1 << 30)
-    assert alarms.update(sample_with(swap_in=50 << 20), generating=False, cpu_side_need_bytes=None) == []
-    started = alarms.update(sample_with(swap_in=50 << 20), generating=True, cpu_side_need_bytes=None)
-    assert [(a["kind"], a["active"]) for a in started] == [("swapping", True)]
-    assert "expect minutes per token" in started[0]["message"]
-    assert alarms.update(sample_with(swap_in=50 << 20), generating=True, cpu_side_need_bytes=None) == []
-    cleared = alarms.update(sample_with(swap_in=0), generating=True, cpu_side_need_bytes=None)
-    assert [(a["kind"], a["active"]) for a in cleared] == [("swapping", False)]
+def kinds(changes: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    return [(a["kind"], a["active"]) for a in changes]
 
 
-@pytest.mark.parametrize(
-    ("sample", "need", "kind"),
-    [(sample_with(gpu_free=512 << 20), None, "vram_low"), (sample_with(available=1 << 30, rss=1 << 30), 4 << 30, "ram_low")],
-)
-def test_vram_and_ram_alarms(sample: dict[str, Any], need: int | None, kind: str) -> None:
-    changes = AlarmTracker(vram_margin_bytes=1 << 30).update(sample, generating=False, cpu_side_need_bytes=need)
-    assert [a["kind"] for a in changes] == [kind]
+def test_swapping_alarm_starts_once_and_clears_only_after_staying_clear() -> None:
+    alarms = AlarmTracker(clear_after_s=5)
+    assert alarms.update(sample_at(0, swap_in=50 << 20), generating=False, cpu_side_need_bytes=None) == []  # idle: no alarm
+    started = alarms.update(sample_at(1, swap_in=50 << 20), generating=True, cpu_side_need_bytes=None)
+    assert kinds(started) == [("swapping", True)] and started[0]["severity"] == "critical"
+    assert "expect minutes per token" in started[0]["message"] and "lower n_ctx" in started[0]["message"]
+    assert alarms.update(sample_at(2, swap_in=50 << 20), generating=True, cpu_side_need_bytes=None) == []  # no repeat
+    assert alarms.update(sample_at(3, swap_in=0), generating=True, cpu_side_need_bytes=None) == []  # a lull in a burst
+    assert alarms.update(sample_at(4, swap_in=50 << 20), generating=True, cpu_side_need_bytes=None) == []
+    assert alarms.update(sample_at(5, swap_in=0), generating=True, cpu_side_need_bytes=None) == []
+    assert alarms.update(sample_at(9, swap_in=(1 << 20) * 0.75), generating=True, cpu_side_need_bytes=None) == []  # inside the band
+    assert alarms.update(sample_at(10, swap_in=0), generating=True, cpu_side_need_bytes=None) == []
+    cleared = alarms.update(sample_at(15, swap_in=0), generating=True, cpu_side_need_bytes=None)
+    assert kinds(cleared) == [("swapping", False)] and "swap" in cleared[0]["message"]
+    assert alarms.active == {}
+
+
+def test_model_pages_re_read_from_disk_count_as_swapping() -> None:
+    alarms = AlarmTracker()
+    started = alarms.update(sample_at(0, faults=500), generating=True, cpu_side_need_bytes=None)
+    assert kinds(started) == [("swapping", True)] and "re-read from disk" in started[0]["message"]
+
+
+def test_vram_alarm_has_a_band_before_it_clears() -> None:
+    alarms = AlarmTracker(clear_after_s=0)
+    margin = 1 << 30
+    started = alarms.update(sample_at(0, gpu_free=512 << 20), generating=False, cpu_side_need_bytes=None, vram_margin_bytes=margin)
+    assert kinds(started) == [("vram_low", True)] and "fewer GPU layers" in started[0]["message"]
+    assert started[0]["severity"] == "warning"
+    assert alarms.update(sample_at(1, gpu_free=margin + (100 << 20)), generating=False, cpu_side_need_bytes=None) == []
+    assert kinds(alarms.update(sample_at(2, gpu_free=margin + (300 << 20)), generating=False, cpu_side_need_bytes=None)) == [("vram_low", False)]
+    assert alarms.update(sample_at(3, gpu_free=margin + (300 << 20)), generating=False, cpu_side_need_bytes=None) == []
+
+
+def test_ram_alarm_compares_what_the_cpu_side_still_needs_with_what_is_available() -> None:
+    alarms = AlarmTracker(clear_after_s=0)
+    assert alarms.update(sample_at(0, available=4 << 30, rss=1 << 30), generating=False, cpu_side_need_bytes=4 << 30) == []
+    started = alarms.update(sample_at(1, available=2 << 30, rss=1 << 30), generating=False, cpu_side_need_bytes=4 << 30)
+    assert kinds(started) == [("ram_low", True)] and "move layers to the GPU" in started[0]["message"]
+    assert alarms.update(sample_at(2, available=3 << 30, rss=1 << 30), generating=False, cpu_side_need_bytes=4 << 30) == []
+    cleared = alarms.update(sample_at(3, available=4 << 30, rss=1 << 30), generating=False, cpu_side_need_bytes=4 << 30)
+    assert kinds(cleared) == [("ram_low", False)]
+    assert alarms.update(sample_at(4, available=1 << 30), generating=False, cpu_side_need_bytes=None) == []  # need unknown

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from vramchat.shared.units import format_bytes
 
 SPARK = "▁▂▃▄▅▆▇█"
+# Swap-in above this is shown as SWAPPING (the daemon's alarm uses the same default line).
+SWAPPING_BPS = 1 << 20
 
 
-def sparkline(values: list[float | None], width: int) -> str:
-    """The last `width` values as block characters, scaled to their own range."""
-    recent = [v for v in values[-width:] if v is not None]
-    if not recent:
-        return " " * width
-    low, high = min(recent), max(recent)
-    span = (high - low) or 1.0
-    chars = [" " if v is None else SPARK[min(len(SPARK) - 1, int((v - low) / span * (len(SPARK) - 1)))] for v in values[-width:]]
-    return "".join(chars).rjust(width)
+def sparkline(values: Sequence[float | None], width: int, high: float | None = None) -> str:
+    """`values` squeezed into `width` columns (the largest value of each), drawn from 0 to `high`
+    (the largest value when not given); a blank where nothing is known."""
+    columns = _columns(values, width)
+    known = [v for v in columns if v is not None]
+    top = high if high else max(known, default=0) or 1.0
+    return "".join(" " if v is None else SPARK[max(0, min(len(SPARK) - 1, round(v / top * (len(SPARK) - 1))))]
+                   for v in columns).rjust(width)
+
+
+def _columns(values: Sequence[float | None], width: int) -> list[float | None]:
+    if len(values) <= width:
+        return list(values)
+    columns = []
+    for column in range(width):
+        bucket = [v for v in values[column * len(values) // width : (column + 1) * len(values) // width] if v is not None]
+        columns.append(max(bucket) if bucket else None)
+    return columns
 
 
 def _rate(bps: float | None) -> str:
@@ -29,51 +41,24 @@ def _value(value: Any, unit: str, digits: int = 0) -> str:
 
 
 def gpu_lines(sample: dict[str, Any]) -> list[str]:
+    status = sample.get("gpu_status") or "N/A"
     if not sample["gpus"]:
-        return [f"GPU   {sample['gpu_status']}"]
-    lines = []
+        detail = sample.get("gpu_detail")
+        return [f"GPU   {status}" + (f" ({detail})" if detail else "")]
+    lines = [] if status == "ok" else [f"GPU   {status}"]
     for gpu in sample["gpus"]:
-        lines.append(
-            f"GPU{gpu['index']}  {gpu['name'] or 'N/A'}: {format_bytes(gpu['memory_used'])} / {format_bytes(gpu['memory_total'])} used"
-            f" ({format_bytes(gpu['memory_free'])} free), engine {format_bytes(gpu['engine_memory'])}, others "
-            f"{format_bytes(gpu['other_memory'])}; util {_value(gpu['utilization'], '%')}, "
-            f"{_value(gpu['temperature'], '°C')}, {_value(gpu['power_w'], ' W')}"
-        )
+        if gpu.get("error"):
+            lines.append(f"GPU{gpu['index']}  {gpu.get('name') or 'N/A'}: not available ({gpu['error']})")
+            continue
+        bandwidth = gpu.get("memory_bandwidth")
+        lines += [
+            f"GPU{gpu['index']}  {gpu['name'] or 'N/A'}: {format_bytes(gpu['memory_used'])} used of "
+            f"{format_bytes(gpu['memory_total'])}, {format_bytes(gpu['memory_free'])} free",
+            f"      engine {format_bytes(gpu['engine_memory'])}, others {format_bytes(gpu['other_memory'])}; "
+            f"util {_value(gpu['utilization'], '%')}, {_value(gpu['temperature'], '°C')}, {_value(gpu['power_w'], ' W')}; "
+            + ("bandwidth N/A" if bandwidth is None else f"{bandwidth / 1e9:.0f} GB/s peak"),
+        ]
     return lines
-
-
-def format_status(sample: dict[str, Any] | None, alarms: list[dict[str, Any]] = ()) -> str:  # type: ignore[assignment]
-    """The memory part of `vramchat status`."""
-    if sample is None:
-        return "memory: no sample yet"
-    host, engine = sample["host"], sample["engine"]
-    swapping = host["swap_in_bps"] or 0
-    lines = gpu_lines(sample)
-    lines.append(
-        f"RAM   {format_bytes(host['ram_used'])} used of {format_bytes(host['ram_total'])}, "
-        f"{format_bytes(host['ram_available'])} available ({format_bytes(host['page_cache'])} page cache)"
-    )
-    lines.append(
-        f"swap  {format_bytes(host['swap_used'])} used of {format_bytes(host['swap_total'])}; "
-        f"in {_rate(host['swap_in_bps'])}, out {_rate(host['swap_out_bps'])}" + ("  SWAPPING" if swapping > 1 << 20 else "")
-    )
-    if engine:
-        lines.append(
-            f"engine pid {engine['pid']}: RSS {format_bytes(engine['rss'])} = model file resident "
-            f"{format_bytes(engine['model_file_resident'])} + anonymous {format_bytes(engine['anon_resident'])} + other"
-        )
-    generation = sample.get("generation") or {}
-    last = generation.get("last") or {}
-    if generation.get("tokens_per_s"):
-        lines.append(f"speed generating now at {generation['tokens_per_s']:.1f} tok/s")
-    elif last.get("tokens_per_s"):
-        lines.append(
-            f"speed last reply {last['tokens_per_s']:.1f} tok/s, prompt {_value(last.get('prompt_tokens_per_s'), ' tok/s', 1)}, "
-            f"first token after {_value((last.get('ttft_s') or 0) * 1000, ' ms')}"
-        )
-    for alarm in alarms:
-        lines.append(f"ALARM {alarm['message']}")
-    return "\n".join(lines)
 
 
 def format_split(split: dict[str, Any] | None, n_gpu_layers: int | None) -> str:
@@ -89,23 +74,72 @@ def format_split(split: dict[str, Any] | None, n_gpu_layers: int | None) -> str:
     return f"split: {layers}; " + ", ".join(parts)
 
 
-def format_top(sample: dict[str, Any], history: list[dict[str, Any]], model: dict[str, Any], width: int = 80) -> str:
-    """A full screen for `vramchat top`: the status lines plus history sparklines."""
-    spark_width = max(10, width - 24)
-    series = {
-        "RAM used": [s["host"]["ram_used"] for s in history],
-        "swap used": [s["host"]["swap_used"] for s in history],
-        "swap in/s": [s["host"]["swap_in_bps"] for s in history],
-        "tok/s": [(s.get("generation") or {}).get("tokens_per_s") for s in history],
-    }
-    for index, _ in enumerate(sample["gpus"]):
-        series[f"GPU{index} used"] = [s["gpus"][index]["memory_used"] if len(s["gpus"]) > index else None for s in history]
-    name = model.get("name") or "no model"
-    lines = [f"vramchat top: {name} ({model.get('state')}), {format_split(model.get('split'), model.get('n_gpu_layers'))}"[:width], ""]
-    lines += [line[:width] for line in format_status(sample).splitlines()]
-    lines.append("")
-    minutes = (history[-1]["t"] - history[0]["t"]) / 60 if len(history) > 1 else 0
-    lines.append(f"history, last {minutes:.1f} min:")
-    for label, values in series.items():
-        lines.append(f"  {label:<12}{sparkline(values, spark_width)}")
+def format_status(sample: dict[str, Any] | None, alarms: Sequence[dict[str, Any]] = (), *,
+                  model: dict[str, Any] | None = None) -> str:
+    """The memory part of `vramchat status`; `model` (the daemon's model state) adds its split."""
+    lines = []
+    if model is not None:
+        lines.append(f"model {model.get('name') or 'no model'} ({model.get('state') or 'idle'}), "
+                     + format_split(model.get("split"), model.get("n_gpu_layers")))
+    if sample is None:
+        return "\n".join([*lines, "memory: no sample yet"])
+    host, engine = sample["host"], sample.get("engine")
+    lines += gpu_lines(sample)
+    lines.append(
+        f"RAM   {format_bytes(host['ram_used'])} used of {format_bytes(host['ram_total'])}, "
+        f"{format_bytes(host['ram_available'])} available ({format_bytes(host['page_cache'])} page cache)"
+    )
+    swapping = (host["swap_in_bps"] or 0) > SWAPPING_BPS
+    lines.append(
+        f"swap  {format_bytes(host['swap_used'])} used of {format_bytes(host['swap_total'])}; "
+        f"in {_rate(host['swap_in_bps'])}, out {_rate(host['swap_out_bps'])}" + ("  SWAPPING" if swapping else "")
+    )
+    if engine:
+        lines.append(
+            f"engine pid {engine['pid']}: RSS {format_bytes(engine['rss'])} = model file "
+            f"{format_bytes(engine.get('model_file_resident'))} + anonymous {format_bytes(engine.get('anon_resident'))} + other"
+        )
+        if engine.get("major_faults_ps"):
+            lines.append(f"      {engine['major_faults_ps']:.0f} major page faults/s (model pages read from disk)")
+    else:
+        lines.append("engine not running")
+    generation = sample.get("generation") or {}
+    last = generation.get("last") or {}
+    if generation.get("tokens_per_s"):
+        lines.append(f"speed generating now at {generation['tokens_per_s']:.1f} tok/s")
+    elif last.get("tokens_per_s"):
+        lines.append(
+            f"speed last reply {last['tokens_per_s']:.1f} tok/s, prompt {_value(last.get('prompt_tokens_per_s'), ' tok/s', 1)}, "
+            f"first token after {_value(None if last.get('ttft_s') is None else last['ttft_s'] * 1000, ' ms')}"
+        )
+    for alarm in alarms:
+        lines.append(f"ALARM {alarm['message']}")
     return "\n".join(lines)
+
+
+def format_top(sample: dict[str, Any], history: list[dict[str, Any]], model: dict[str, Any] | None = None,
+               width: int = 80) -> str:
+    """A screen for `vramchat top`: the status lines, then a sparkline per measurement over the history."""
+    label_width, value_width = 11, 12
+    spark_width = max(10, width - label_width - value_width - 2)
+    host = sample["host"]
+    # (label, values, scale top, current value as text)
+    series: list[tuple[str, list[float | None], float | None, str]] = [
+        ("RAM used", [s["host"]["ram_used"] for s in history], host["ram_total"], format_bytes(host["ram_used"])),
+        ("swap used", [s["host"]["swap_used"] for s in history], host["swap_total"], format_bytes(host["swap_used"])),
+        ("swap in", [s["host"]["swap_in_bps"] for s in history], None, _rate(host["swap_in_bps"])),
+    ]
+    for gpu in sample["gpus"]:
+        index = gpu["index"]
+        values = [next((g["memory_used"] for g in s["gpus"] if g["index"] == index), None) for s in history]
+        series.append((f"GPU{index} VRAM", values, gpu["memory_total"], format_bytes(gpu["memory_used"])))
+    speeds = [(s.get("generation") or {}).get("tokens_per_s") for s in history]
+    now = (sample.get("generation") or {}).get("tokens_per_s")
+    series.append(("tok/s", speeds, None, _value(now, " tok/s", 1)))
+
+    lines = format_status(sample, model=model or {}).splitlines()
+    minutes = (history[-1]["t"] - history[0]["t"]) / 60 if len(history) > 1 else 0.0
+    lines += ["", f"history, last {minutes:.1f} min"]
+    for label, values, top, current in series:
+        lines.append(f"{label:<{label_width}} {sparkline(values, spark_width, top)} {current:>{value_width}}")
+    return "\n".join(line[:width] for line in lines)
