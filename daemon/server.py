@@ -33,6 +33,7 @@ from vramchat.shared.gguf import GGUFError
 from vramchat.shared.llama_log import parse_load_log
 from vramchat.shared.planner import (
     DEFAULT_VRAM_MARGIN,
+    Machine,
     PlanSettings,
     estimate_tokens_per_second,
     fit,
@@ -151,7 +152,7 @@ class Daemon:
         self.listeners: list[Listener] = []
         self.rate_limiter = RateLimiter()
         self._authenticator: Any = None
-        self.telemetry = TelemetrySampler()
+        self.telemetry = TelemetrySampler(interval_s=settings.telemetry_interval_s)
         self.alarms = AlarmTracker()
         self.last_stats: dict[str, Any] | None = None
         self._queue_changed = asyncio.Event()
@@ -528,16 +529,15 @@ class Daemon:
             info = inspect_cached(params["model_path"])
         except GGUFError as exc:
             raise ProtocolError("not_gguf", str(exc)) from None
-        settings = PlanSettings(n_ctx=params["n_ctx"])
-        sample = self.telemetry.latest() or self.telemetry.sample(engine_pid=None)
-        free_vram = sum(gpu["memory_free"] or 0 for gpu in sample["gpus"])
+        host = Machine.from_sample(self.telemetry.latest() or self.telemetry.sample(engine_pid=None))
+        settings = PlanSettings(n_ctx=params["n_ctx"], has_gpu=host.has_gpu)
         budget_text = field_of(body, "vram_budget", (int, str), None)
         try:
             budget = parse_size(budget_text) if isinstance(budget_text, str) else budget_text
         except ValueError as exc:
             raise ProtocolError("invalid_value", str(exc)) from None
         if budget is None:
-            budget = max(0, free_vram - DEFAULT_VRAM_MARGIN)
+            budget = max(0, host.free_vram - DEFAULT_VRAM_MARGIN)
         layers = params["n_gpu_layers"]
         if layers == "auto":
             layers = fit(info, budget, settings).n_gpu_layers
@@ -548,12 +548,8 @@ class Daemon:
                 f'choose 0..{info.n_layer + 1}, or "auto" to fit the VRAM budget',
             )
         prediction = predict(info, layers, settings)
-        gpu_name = sample["gpus"][0]["name"] if sample["gpus"] else None
-        prediction.tokens_per_s = estimate_tokens_per_second(prediction, ram_bandwidth(), gpu_bandwidth_for(gpu_name))
-        engine = sample["engine"] or {}
-        # The engine being replaced gives its own memory back before the new one loads.
-        available = sample["host"]["ram_available"] + engine.get("anon_resident", 0)
-        swap = swap_check(prediction, available)
+        prediction.tokens_per_s = estimate_tokens_per_second(prediction, ram_bandwidth(), gpu_bandwidth_for(host.gpu_name))
+        swap = swap_check(prediction, host.available_ram)
         if swap.would_swap and not field_of(body, "force", bool, False):
             raise ProtocolError("would_swap", swap.message)
         return {"n_gpu_layers": layers, "vram_budget": budget, "prediction": prediction.to_dict(), "swap": swap.to_dict()}

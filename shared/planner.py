@@ -12,12 +12,12 @@ import functools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vramchat.shared import paths
-from vramchat.shared.gguf import GGUFInfo, inspect_gguf
+from vramchat.shared.gguf import GGUFInfo, TensorInfo, inspect_gguf
 from vramchat.shared.units import format_bytes
 
 MIB = 1 << 20
@@ -39,6 +39,21 @@ class PlanError(ValueError):
     pass
 
 
+@functools.cache
+def cpu_repack_types() -> frozenset[str]:
+    """Weight types ggml's CPU backend repacks into its CPU_REPACK buffer on this CPU.
+
+    ggml-cpu/repack.cpp (ggml_repack_get_optimal_repack_type): with AVX2, Q4_0, Q4_K and IQ4_NL
+    matrices whose row count is a multiple of 8 are copied out of the mmapped file into an
+    interleaved layout. The bytes stay the same; they move from page cache to anonymous memory.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset({"Q4_0", "Q4_K", "IQ4_NL"}) if " avx2" in flags else frozenset()
+
+
 @dataclass(frozen=True)
 class PlanSettings:
     """The load settings the prediction depends on; defaults are llama-cpp-python 0.3.36's."""
@@ -48,20 +63,27 @@ class PlanSettings:
     n_ubatch: int = 512
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
-    flash_attn: bool = False
+    flash_attn: bool = False  # Llama(flash_attn=False) disables it outright (llama.cpp's own default is auto)
     n_seq: int = 1
     # llama.cpp's default (llama_context_default_params): sliding-window layers get a full-size
     # cache too. Off, they keep only the window, as llama-server's --swa-full=false does.
     swa_full: bool = True
+    # A GPU build on a machine with a GPU: the CUDA context and a compute buffer live in VRAM even
+    # at n_gpu_layers = 0, because llama.cpp runs large prompt batches' matrix products there.
+    has_gpu: bool = False
+    cpu_repack: frozenset[str] = field(default_factory=cpu_repack_types)
 
     def check(self) -> None:
         for name in (self.cache_type_k, self.cache_type_v):
             if name not in KV_TYPE_BYTES:
                 raise PlanError(f"unknown KV cache type {name!r}; use one of {', '.join(KV_TYPE_BYTES)}")
         if self.cache_type_v not in ("f32", "f16", "bf16") and not self.flash_attn:
-            raise PlanError(f"a quantized V cache ({self.cache_type_v}) needs flash attention: add --flash-attn, or keep V at f16")
-        if self.n_ctx < 1:
-            raise PlanError("n_ctx must be at least 1")
+            raise PlanError(
+                f"a quantized V cache ({self.cache_type_v}) needs flash attention, and llama.cpp refuses to load "
+                "without it: add --flash-attn, or keep V at f16"
+            )
+        if self.n_ctx < 1 or self.n_batch < 1 or self.n_ubatch < 1 or self.n_seq < 1:
+            raise PlanError("n_ctx, n_batch, n_ubatch and n_seq must be at least 1")
 
 
 @dataclass
@@ -88,6 +110,9 @@ class Prediction:
     cpu: Side
     layers_on_gpu: int  # repeating layers
     output_on_gpu: bool
+    # Weight bytes each generated token reads on each side (MoE: only the experts it uses).
+    gpu_bytes_per_token: int = 0
+    cpu_bytes_per_token: int = 0
     tokens_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +127,9 @@ def _pad(n: int, to: int) -> int:
 
 def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSettings()) -> Prediction:
     settings.check()
+    for name, dim in ((settings.cache_type_k, info.head_dim_k), (settings.cache_type_v, info.head_dim_v)):
+        if name in ("q8_0", "q4_0") and dim % 32:
+            raise PlanError(f"a {name} KV cache needs a head size that divides by 32, and this model's is {dim}: keep f16")
     L = info.n_layer
     if not 0 <= n_gpu_layers <= L + 1:
         raise PlanError(f"n_gpu_layers must be between 0 and {L + 1} for this model ({L} layers + the output layer), not {n_gpu_layers}")
@@ -111,64 +139,105 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
     gpu, cpu = Side(), Side()
 
     # Weights. The CPU side is mmapped: llama.cpp maps the span of the file from its first to
-    # its last CPU tensor, and that span is its CPU_Mapped buffer.
-    gpu_tensors, cpu_tensors = [], []
+    # its last CPU tensor, and that span is its CPU_Mapped buffer. Tensors the CPU backend
+    # repacks are copied out of the map into a CPU_REPACK buffer instead.
+    mapped: list[TensorInfo] = []
     for tensor in info.tensors:
-        layer = _layer_of(tensor.name)
-        is_output = tensor.name.startswith("output")
-        goes_to_gpu = (layer is not None and layer < L and on_gpu[layer]) or (is_output and output_on_gpu)
-        (gpu_tensors if goes_to_gpu else cpu_tensors).append(tensor)
-    gpu.weights = sum(t.bytes for t in gpu_tensors)
+        is_output = tensor.name.startswith(("output.", "output_norm."))
+        if (tensor.layer is not None and tensor.layer < L and on_gpu[tensor.layer]) or (is_output and output_on_gpu):
+            gpu.weights += tensor.bytes
+        elif _repacked(tensor, settings.cpu_repack):
+            cpu.weights += tensor.bytes
+        else:
+            mapped.append(tensor)
     if info.tied_embeddings and output_on_gpu:
         gpu.weights += info.embedding_bytes  # the output reuses token_embd: llama.cpp copies it to the GPU
-    if cpu_tensors:
-        cpu.weights = max(t.offset + t.bytes for t in cpu_tensors) - min(t.offset for t in cpu_tensors)
+    if mapped:
+        cpu.weights += max(t.offset + t.bytes for t in mapped) - min(t.offset for t in mapped)
 
     # KV cache: each layer's K and V for every cell, on the device of its layer.
-    n_ctx = _pad(settings.n_ctx, 256)
+    n_ctx = _pad(settings.n_ctx, 256)  # llama-context.cpp pads n_ctx to 256
     # llama-cpp-python clamps n_batch to the n_ctx asked for, before llama.cpp pads n_ctx.
     n_ubatch = min(settings.n_ubatch, settings.n_batch, settings.n_ctx)
+    # llama-kv-cache-iswa.cpp: a sliding-window layer keeps n_swa * n_seq + n_ubatch cells.
     swa_cells = n_ctx if settings.swa_full else min(n_ctx, _pad((info.sliding_window or 0) * settings.n_seq + n_ubatch, 256))
     swa = set(info.swa_layers)
     bytes_k, bytes_v = KV_TYPE_BYTES[settings.cache_type_k], KV_TYPE_BYTES[settings.cache_type_v]
     for layer in range(L):
         cells = swa_cells if layer in swa else n_ctx
         per_cell = info.n_head_kv[layer] * (info.head_dim_k * bytes_k + info.head_dim_v * bytes_v)
-        side = gpu if on_gpu[layer] else cpu
-        side.kv += int(cells * per_cell)
+        (gpu if on_gpu[layer] else cpu).kv += int(cells * per_cell)
 
     # Compute buffers: the peak of the graph's live tensors, which is either the attention step
     # (scores per head per cell per batch token, plus the mask, plus the FFN activations) or the
-    # output step (logits for every batch token). Fitted to llama.cpp's own figures: within 7.7%
-    # on the models in tests/test_planner.py, within 3.2% from n_ctx 1024 up.
-    n_head = max(info.n_head)
-    n_ff = info.n_ff or 4 * info.n_embd
+    # output step (logits for every batch token). Fitted to llama.cpp's own figures; see
+    # docs/planner.md for the measured error.
+    masks = 2 if info.swa_layers else 1  # sliding-window models build a second mask
+    mask = masks * n_ctx * n_ubatch * (2 if settings.flash_attn else 4)  # f16 with flash attention
+    # Without flash attention the scores are materialised; with it, only its f32 output.
     if settings.flash_attn:
-        attention = n_ctx * n_ubatch * 2 + n_head * info.head_dim_v * n_ubatch * 4
+        attention = mask + max(info.n_head) * info.head_dim_v * n_ubatch * 4
     else:
-        masks = 2 if info.swa_layers else 1  # sliding-window models build a second mask
-        attention = n_head * n_ctx * n_ubatch * 4 + masks * n_ctx * n_ubatch * 4
-    activations = n_ubatch * (3 * n_ff + 2 * info.n_embd) * 4
-    logits = n_ubatch * (info.n_vocab + info.n_embd) * 4
-    compute = max(attention + activations, logits)
-    if n_gpu_layers > 0:
+        attention = mask + max(info.n_head) * n_ctx * n_ubatch * 4
+    n_ff = info.n_ff_expert or info.n_ff or 4 * info.n_embd
+    live_embd = 2 if settings.flash_attn else 1
+
+    def ffn(width: int) -> int:  # gate, up and their product, plus the layer's input
+        return n_ubatch * (3 * width + live_embd * info.n_embd) * 4
+
+    # A mixture-of-experts layer holds the activations of every expert a token uses, at a point
+    # where the attention scores are already freed.
+    moe_step = mask + ffn(n_ff * info.n_expert_used) if info.n_expert else 0
+    logits = n_ubatch * (info.n_vocab + 3 * info.n_embd) * 4
+    compute = max(attention + ffn(n_ff), moe_step, logits)
+    if n_gpu_layers > 0 or settings.has_gpu:
         gpu.compute = compute
         gpu.overhead = GPU_OVERHEAD_BYTES
-        cpu.compute = n_ubatch * info.n_embd * 4 * 4  # inputs staged in pinned host memory
+        # Not yet measured: the attention of layers left on the CPU runs there, next to their KV
+        # cache, so count its step in host memory; otherwise only the staged inputs.
+        staging = n_ubatch * info.n_embd * 4 * 4
+        cpu.compute = attention + ffn(n_ff) if not all(on_gpu) else staging
     else:
         cpu.compute = compute
     cpu.output = info.n_vocab * 4 * settings.n_seq  # the logits kept for sampling
 
+    gpu_read, cpu_read = _bytes_read_per_token(info, on_gpu, output_on_gpu)
     return Prediction(
         n_gpu_layers=n_gpu_layers, n_layer=L, n_ctx=n_ctx, gpu=gpu, cpu=cpu,
         layers_on_gpu=sum(on_gpu), output_on_gpu=output_on_gpu,
+        gpu_bytes_per_token=gpu_read, cpu_bytes_per_token=cpu_read,
     )
 
 
-def _layer_of(name: str) -> int | None:
-    if name.startswith("blk."):
-        return int(name.split(".", 2)[1])
-    return None
+def _repacked(tensor: TensorInfo, types: frozenset[str]) -> bool:
+    """Whether ggml-cpu copies this CPU tensor into its CPU_REPACK buffer (matrix products only)."""
+    return (
+        tensor.type in types and tensor.name != "token_embd.weight"  # a row lookup, not a product
+        and len(tensor.shape) >= 2 and tensor.shape[1] % 8 == 0
+    )
+
+
+def _bytes_read_per_token(info: GGUFInfo, on_gpu: list[bool], output_on_gpu: bool) -> tuple[int, int]:
+    """Weight bytes one generated token streams from VRAM and from RAM.
+
+    Every layer is read whole, except that a mixture-of-experts layer reads only n_expert_used
+    of its n_expert experts. The token embedding is one row, so it does not count; the output
+    matrix (token_embd again when the embeddings are tied) is read whole.
+    """
+    expert_share = info.n_expert_used / info.n_expert if info.n_expert else 1.0
+    gpu = cpu = 0
+    for layer in range(info.n_layer):
+        read = info.layer_bytes[layer] - info.layer_expert_bytes[layer] * (1 - expert_share)
+        if on_gpu[layer]:
+            gpu += int(read)
+        else:
+            cpu += int(read)
+    output = info.output_bytes + (info.embedding_bytes if info.tied_embeddings else 0)
+    if output_on_gpu:
+        gpu += output
+    else:
+        cpu += output
+    return gpu, cpu
 
 
 def plan_table(info: GGUFInfo, settings: PlanSettings = PlanSettings(), *, ram_bandwidth: float | None = None,
@@ -217,6 +286,30 @@ def fit(info: GGUFInfo, vram_budget: int, settings: PlanSettings = PlanSettings(
     return Fit(best.n_gpu_layers, best.n_ctx, vram_budget, best, best.n_gpu_layers == info.n_layer + 1)
 
 
+@dataclass(frozen=True)
+class Machine:
+    """The daemon's machine as a reload would find it: the engine being replaced gives its VRAM
+    and its anonymous RAM back before the new one loads."""
+
+    free_vram: int = 0
+    available_ram: int = 0
+    gpu_name: str | None = None
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_name is not None
+
+    @classmethod
+    def from_sample(cls, sample: dict[str, Any] | None) -> "Machine":
+        """From a telemetry sample (daemon/telemetry.py); an empty machine before the first one."""
+        if sample is None:
+            return cls()
+        gpus = sample["gpus"]
+        vram = sum((g.get("memory_free") or 0) + (g.get("engine_memory") or 0) for g in gpus)
+        ram = (sample["host"].get("ram_available") or 0) + ((sample.get("engine") or {}).get("anon_resident") or 0)
+        return cls(vram, ram, (gpus[0].get("name") or "unknown GPU") if gpus else None)
+
+
 @dataclass
 class SwapVerdict:
     would_swap: bool
@@ -249,9 +342,13 @@ def swap_check(prediction: Prediction, available_ram: int) -> SwapVerdict:
 
 
 def estimate_tokens_per_second(prediction: Prediction, ram_bandwidth: float, gpu_bandwidth: float) -> float:
-    """Each token reads every weight once: the CPU side at RAM speed, the GPU side at VRAM speed."""
-    seconds = prediction.cpu.weights / ram_bandwidth + prediction.gpu.weights / gpu_bandwidth
-    return 1 / seconds if seconds > 0 else float("inf")
+    """Each token reads its weights once: the CPU side at RAM speed, the GPU side at VRAM speed.
+
+    An upper bound: it leaves out compute, the KV cache reads and the PCIe transfer between the
+    two halves, which matter for small models and long contexts.
+    """
+    seconds = prediction.cpu_bytes_per_token / ram_bandwidth + prediction.gpu_bytes_per_token / gpu_bandwidth
+    return 1 / seconds if seconds > 0 else 0.0
 
 
 def gpu_bandwidth_for(name: str | None) -> float:

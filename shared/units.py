@@ -34,3 +34,12 @@ def format_bytes(n: int | None) -> str:
     if n >= 1024:
         return f"{sign}{n / 1024:.1f} KiB"
     return f"{sign}{n} B"
+
+
+def format_count(n: int) -> str:
+    """A parameter count as model cards write it: "135M", "1.7B", "70B", "172K"."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f}{suffix}" if value < 10 else f"{value:.0f}{suffix}"
+    return str(n)

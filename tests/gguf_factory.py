@@ -1,8 +1,9 @@
-"""Tiny llama-architecture GGUF files with random weights, written with the gguf package.
+"""Tiny GGUF files with random weights, written with the gguf package.
 
 They load in milliseconds and generate (meaningless) tokens, so the daemon, the engine and the
 planner can be tested with real files of varied shapes: layer count, GQA, vocabulary size, tied
-embeddings.
+embeddings, quantized weights, mixture-of-experts layers, and (gemma2, gemma3) sliding-window
+layers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf.quants import quantize
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -34,6 +36,9 @@ class TinyModelSpec:
     f16: bool = False
     chat_template: str | None = CHATML_TEMPLATE
     seed: int = 0
+    quant: str | None = None  # "Q8_0" or "Q4_0": the weight matrices quantized with gguf.quants
+    n_expert: int = 0  # > 0: mixture-of-experts FFN (ffn_*_exps tensors) instead of a dense one
+    n_expert_used: int = 2
 
 
 def _vocabulary(n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
@@ -80,9 +85,21 @@ def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     def norm(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)  # norms stay f32, as llama.cpp's converters write them
 
+    def add_weight(name: str, *shape: int) -> None:
+        """A weight matrix, quantized when the spec asks (rows must be a multiple of 32)."""
+        data = weight(*shape)
+        if spec.quant is None:
+            writer.add_tensor(name, data)
+            return
+        qtype = GGMLQuantizationType[spec.quant]
+        writer.add_tensor(name, quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
+
+    file_type = {"Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4_0}.get(
+        spec.quant or "", LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32
+    )
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(f"tiny-llama-{spec.n_layer}L-{spec.n_embd}d-kv{spec.n_head_kv}")
-    writer.add_file_type(LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32)
+    writer.add_file_type(file_type)
     writer.add_context_length(spec.n_ctx_train)
     writer.add_embedding_length(spec.n_embd)
     writer.add_block_count(spec.n_layer)
@@ -92,26 +109,35 @@ def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(spec.n_vocab)
+    if spec.n_expert:
+        writer.add_expert_count(spec.n_expert)
+        writer.add_expert_used_count(spec.n_expert_used)
 
     _add_tokenizer(writer, spec.n_vocab)
     if spec.chat_template is not None:
         writer.add_chat_template(spec.chat_template)
 
-    writer.add_tensor("token_embd.weight", weight(spec.n_vocab, spec.n_embd))
+    add_weight("token_embd.weight", spec.n_vocab, spec.n_embd)
     writer.add_tensor("output_norm.weight", norm(spec.n_embd))
     if not spec.tied_embeddings:
-        writer.add_tensor("output.weight", weight(spec.n_vocab, spec.n_embd))
+        add_weight("output.weight", spec.n_vocab, spec.n_embd)
     for i in range(spec.n_layer):
         block = f"blk.{i}"
         writer.add_tensor(f"{block}.attn_norm.weight", norm(spec.n_embd))
-        writer.add_tensor(f"{block}.attn_q.weight", weight(spec.n_head * head_dim, spec.n_embd))
-        writer.add_tensor(f"{block}.attn_k.weight", weight(spec.n_head_kv * head_dim, spec.n_embd))
-        writer.add_tensor(f"{block}.attn_v.weight", weight(spec.n_head_kv * head_dim, spec.n_embd))
-        writer.add_tensor(f"{block}.attn_output.weight", weight(spec.n_embd, spec.n_head * head_dim))
+        add_weight(f"{block}.attn_q.weight", spec.n_head * head_dim, spec.n_embd)
+        add_weight(f"{block}.attn_k.weight", spec.n_head_kv * head_dim, spec.n_embd)
+        add_weight(f"{block}.attn_v.weight", spec.n_head_kv * head_dim, spec.n_embd)
+        add_weight(f"{block}.attn_output.weight", spec.n_embd, spec.n_head * head_dim)
         writer.add_tensor(f"{block}.ffn_norm.weight", norm(spec.n_embd))
-        writer.add_tensor(f"{block}.ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"{block}.ffn_up.weight", weight(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"{block}.ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+        if spec.n_expert:
+            writer.add_tensor(f"{block}.ffn_gate_inp.weight", weight(spec.n_expert, spec.n_embd).astype(np.float32))
+            add_weight(f"{block}.ffn_gate_exps.weight", spec.n_expert, spec.n_ff, spec.n_embd)
+            add_weight(f"{block}.ffn_up_exps.weight", spec.n_expert, spec.n_ff, spec.n_embd)
+            add_weight(f"{block}.ffn_down_exps.weight", spec.n_expert, spec.n_embd, spec.n_ff)
+        else:
+            add_weight(f"{block}.ffn_gate.weight", spec.n_ff, spec.n_embd)
+            add_weight(f"{block}.ffn_up.weight", spec.n_ff, spec.n_embd)
+            add_weight(f"{block}.ffn_down.weight", spec.n_embd, spec.n_ff)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -120,17 +146,31 @@ def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     return path
 
 
-
 def write_tiny_gemma2(path: Path, n_layer: int = 4, window: int = 128, seed: int = 0) -> Path:
     """A gemma2 GGUF: every other layer attends through a sliding window of `window` tokens."""
+    return write_tiny_gemma(path, "gemma2", n_layer, window, seed)
+
+
+def write_tiny_gemma(path: Path, arch: str = "gemma2", n_layer: int = 4, window: int = 128, seed: int = 0,
+                     n_vocab: int = 320) -> Path:
+    """A gemma2 or gemma3 GGUF with tied embeddings and sliding-window layers.
+
+    llama.cpp's default pattern: gemma2 alternates windowed and global layers, gemma3 makes every
+    sixth layer global.
+    """
+    if arch not in ("gemma2", "gemma3"):
+        raise ValueError(f"no tiny {arch}: gemma2 or gemma3")
     rng = np.random.default_rng(seed)
-    n_embd, n_head, n_head_kv, n_ff, n_vocab = 64, 4, 2, 128, 320
+    n_embd, n_head, n_head_kv, n_ff = 64, 4, 2, 128
     head_dim = n_embd // n_head
 
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
-    writer = GGUFWriter(str(path), "gemma2")
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    writer = GGUFWriter(str(path), arch)
     writer.add_file_type(LlamaFileType.ALL_F32)
     writer.add_context_length(4096)
     writer.add_embedding_length(n_embd)
@@ -142,15 +182,19 @@ def write_tiny_gemma2(path: Path, n_layer: int = 4, window: int = 128, seed: int
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_sliding_window(window)
-    writer.add_attn_logit_softcapping(50.0)
-    writer.add_final_logit_softcapping(30.0)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(50.0)
+        writer.add_final_logit_softcapping(30.0)
     _add_tokenizer(writer, n_vocab)
-    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))  # tied: gemma2 has no output.weight
-    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))  # tied: gemma has no output.weight
+    writer.add_tensor("output_norm.weight", ones(n_embd))
     for i in range(n_layer):
         block = f"blk.{i}"
         for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
-            writer.add_tensor(f"{block}.{norm}.weight", np.ones(n_embd, dtype=np.float32))
+            writer.add_tensor(f"{block}.{norm}.weight", ones(n_embd))
+        if arch == "gemma3":
+            writer.add_tensor(f"{block}.attn_q_norm.weight", ones(head_dim))
+            writer.add_tensor(f"{block}.attn_k_norm.weight", ones(head_dim))
         writer.add_tensor(f"{block}.attn_q.weight", weight(n_head * head_dim, n_embd))
         writer.add_tensor(f"{block}.attn_k.weight", weight(n_head_kv * head_dim, n_embd))
         writer.add_tensor(f"{block}.attn_v.weight", weight(n_head_kv * head_dim, n_embd))

@@ -35,3 +35,27 @@ def test_a_file_that_is_not_a_model_gets_one_line(tmp_path: Path) -> None:
     bad.write_text("hello")
     result = plan(str(bad))
     assert result.returncode == 2 and "not a readable GGUF" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_without_a_gpu_it_says_so_and_plans_for_the_cpu(models_dir: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    import argparse
+
+    from vramchat.tui import plan_cmd
+
+    monkeypatch.setattr(plan_cmd, "this_machine_vram", lambda: (0, None))
+    monkeypatch.setattr(plan_cmd, "ram_bandwidth", lambda: 20e9)
+    parser = argparse.ArgumentParser()
+    plan_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["plan", str(models_dir / "tiny.gguf"), "--ram", "8GiB"])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "no NVIDIA GPU found" in out and "0 GPU layers" in out
+    assert "GPU: weights 0 B + KV 0 B + compute 0 B" in out
+
+
+def test_detail_of_a_chosen_layer_count_and_a_refused_cache(models_dir: Path) -> None:
+    result = plan(str(models_dir / "tiny.gguf"), "--vram", "12GiB", "--gpu-layers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "1 GPU layers (0 of 2 repeating layers + output)" in result.stdout and "overhead 512.0 MiB" in result.stdout
+    refused = plan(str(models_dir / "tiny.gguf"), "--cache-type", "q8_0")
+    assert refused.returncode == 2 and "flash attention" in refused.stderr

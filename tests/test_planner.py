@@ -1,134 +1,176 @@
-"""The memory planner: accuracy against llama.cpp's own figures, the fit, and the swap guard."""
+"""The planner's arithmetic: layer placement, the fit, the swap guard, cache types and speed.
+
+tests/test_planner_accuracy.py checks the figures against llama.cpp itself.
+"""
 
 from __future__ import annotations
 
-import ctypes
+from dataclasses import replace
 from pathlib import Path
 
-import llama_cpp
+import msgpack
 import pytest
-from gguf_factory import TinyModelSpec, write_tiny_gemma2, write_tiny_llama
+from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
 
-from vramchat.shared.gguf import GGUFError, inspect_gguf
-from vramchat.shared.llama_log import parse_load_log
-from vramchat.shared.paths import demo_model_path
-from vramchat.shared.planner import PlanError, PlanSettings, fit, plan_table, predict, swap_check
+from vramchat.shared import paths
+from vramchat.shared.gguf import GGUFInfo, inspect_gguf
+from vramchat.shared.planner import (
+    GPU_OVERHEAD_BYTES,
+    PlanError,
+    PlanSettings,
+    estimate_tokens_per_second,
+    fit,
+    gpu_bandwidth_for,
+    plan_table,
+    predict,
+    ram_bandwidth,
+    swap_check,
+)
 
-SHAPES = {
-    "tiny": TinyModelSpec(),
-    "gqa-tied-f16": TinyModelSpec(n_layer=4, n_head_kv=2, tied_embeddings=True, f16=True),
-    "wide-vocab": TinyModelSpec(n_layer=3, n_embd=128, n_head=8, n_head_kv=2, n_ff=256, n_vocab=4000),
-}
-LOG_RESOLUTION = 0.0051 * (1 << 20)  # llama.cpp prints MiB with two decimals, rounded
+NO_REPACK = PlanSettings(cpu_repack=frozenset())
 
 
 @pytest.fixture(scope="module")
-def model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GGUFInfo]:
     directory = tmp_path_factory.mktemp("planner")
-    found = {name: write_tiny_llama(directory / f"{name}.gguf", spec) for name, spec in SHAPES.items()}
-    found["gemma2-swa"] = write_tiny_gemma2(directory / "gemma2-swa.gguf")
-    found["smollm2-q4_1"] = demo_model_path()
-    return found
+    return {
+        "tiny": inspect_gguf(write_tiny_llama(directory / "tiny.gguf", TinyModelSpec())),
+        "wide": inspect_gguf(write_tiny_llama(
+            directory / "wide.gguf", TinyModelSpec(n_layer=6, n_embd=128, n_head=8, n_head_kv=2, n_ff=256, n_vocab=4000))),
+        "moe": inspect_gguf(write_tiny_llama(directory / "moe.gguf", TinyModelSpec(n_layer=3, n_expert=4, n_expert_used=1))),
+        "q4": inspect_gguf(write_tiny_llama(directory / "q4.gguf", TinyModelSpec(n_embd=128, n_ff=256, quant="Q4_0"))),
+        "gemma2": inspect_gguf(write_tiny_gemma(directory / "gemma2.gguf")),
+    }
 
 
-class LlamaLog:
-    """llama.cpp's log while a model loads in this process."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._callback = llama_cpp.llama_log_callback(lambda level, text, data: self.lines.append(text.decode()))
-
-    def load(self, path: Path, n_ctx: int) -> str:
-        self.lines.clear()
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
-        model = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_gpu_layers=0, verbose=False)
-        del model
-        return "".join(self.lines)
-
-
-@pytest.mark.parametrize("name", [*SHAPES, "gemma2-swa", "smollm2-q4_1"])
-@pytest.mark.parametrize("n_ctx", [200, 1024, 4096])
-def test_prediction_matches_what_llama_cpp_allocates(model_paths: dict[str, Path], name: str, n_ctx: int) -> None:
-    info = inspect_gguf(model_paths[name])
-    report = parse_load_log(LlamaLog().load(model_paths[name], n_ctx))
-    predicted = predict(info, 0, PlanSettings(n_ctx=n_ctx))
-    assert report.n_ctx == predicted.n_ctx
-    for kind, value, tolerance in (("model", predicted.cpu.weights, 0.01), ("kv", predicted.cpu.kv, 0.01),
-                                   ("output", predicted.cpu.output, 0.01), ("compute", predicted.cpu.compute, 0.10)):
-        actual = report.total(kind)
-        assert abs(value - actual) <= max(tolerance * actual, LOG_RESOLUTION), (kind, value, actual)
-    assert predicted.gpu.total == 0
-
-
-def test_inspection_reads_shape_quantization_and_layers(model_paths: dict[str, Path]) -> None:
-    info = inspect_gguf(model_paths["gqa-tied-f16"])
-    assert (info.architecture, info.n_layer, info.n_embd, info.n_vocab) == ("llama", 4, 64, 320)
-    assert info.n_head == [4] * 4 and info.n_head_kv == [2] * 4 and info.tied_embeddings
-    assert info.file_type == "MOSTLY_F16" and set(info.quantization_mix) == {"F16", "F32"}
-    assert sum(info.layer_bytes) + info.embedding_bytes + info.output_bytes == sum(t.bytes for t in info.tensors)
-    demo = inspect_gguf(model_paths["smollm2-q4_1"])
-    assert demo.has_chat_template and demo.file_type == "MOSTLY_Q4_1" and 134e6 < demo.parameters < 136e6
-
-
-@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00garbage", b"PK\x03\x04 a zip file"])
-def test_unreadable_files_get_a_clear_error(tmp_path: Path, content: bytes) -> None:
-    path = tmp_path / "bad.gguf"
-    path.write_bytes(content)
-    with pytest.raises(GGUFError, match="not a readable GGUF"):
-        inspect_gguf(path)
-
-
-def test_layers_move_to_the_gpu_output_first_then_from_the_last_layer(model_paths: dict[str, Path]) -> None:
-    info = inspect_gguf(model_paths["tiny"])  # 2 layers
-    rows = plan_table(info)
+def test_layers_move_to_the_gpu_output_first_then_from_the_last_layer(models: dict[str, GGUFInfo]) -> None:
+    info = models["tiny"]  # 2 layers
+    rows = plan_table(info, NO_REPACK)
     assert [(r.layers_on_gpu, r.output_on_gpu) for r in rows] == [(0, False), (0, True), (1, True), (2, True)]
-    gpu = [r.gpu.weights for r in rows]
-    cpu = [r.cpu.weights for r in rows]
-    assert gpu == sorted(gpu) and cpu == sorted(cpu, reverse=True)
+    assert rows[1].gpu.weights == info.output_bytes
+    assert rows[2].gpu.weights - rows[1].gpu.weights == info.layer_bytes[1]
     assert rows[-1].cpu.weights == info.embedding_bytes  # only the token embedding stays behind
-    assert rows[-1].gpu.kv == predict(info, 0).cpu.kv
+    assert rows[-1].gpu.kv == rows[0].cpu.kv and rows[-1].cpu.kv == 0
     with pytest.raises(PlanError, match="between 0 and 3"):
         predict(info, 4)
 
 
-def test_fit_everything_nothing_and_at_a_layer_boundary(model_paths: dict[str, Path]) -> None:
-    info = inspect_gguf(model_paths["wide-vocab"])
+def test_the_table_is_monotonic(models: dict[str, GGUFInfo]) -> None:
+    rows = plan_table(models["wide"], PlanSettings(n_ctx=8192), ram_bandwidth=20e9, gpu_bandwidth=400e9)
+    gpu, cpu = [r.gpu.total for r in rows], [r.cpu.total for r in rows]
+    assert gpu == sorted(gpu) and len(set(gpu)) == len(gpu)
+    assert cpu[1:] == sorted(cpu[1:], reverse=True)  # from 1 on; at 0 the compute buffer is on the CPU
+    speeds = [r.tokens_per_s for r in rows]
+    assert speeds == sorted(speeds) and speeds[0] < speeds[-1]
+    assert msgpack.unpackb(msgpack.packb([r.to_dict() for r in rows]))[3]["gpu"]["total"] == gpu[3]
+
+
+def test_fit_everything_nothing_and_at_a_layer_boundary(models: dict[str, GGUFInfo]) -> None:
+    info = models["wide"]
     rows = plan_table(info)
-    assert fit(info, 1 << 40).n_gpu_layers == info.n_layer + 1 and fit(info, 1 << 40).fits_all
-    assert fit(info, 0).n_gpu_layers == 0
-    boundary = rows[2].gpu.total
-    assert fit(info, boundary).n_gpu_layers == 2
-    assert fit(info, boundary - 1).n_gpu_layers == 1
+    everything = fit(info, 1 << 40)
+    assert everything.n_gpu_layers == info.n_layer + 1 and everything.fits_all
+    nothing = fit(info, 0)
+    assert nothing.n_gpu_layers == 0 and not nothing.fits_all and nothing.prediction.gpu.total == 0
+    boundary = rows[4].gpu.total
+    assert fit(info, boundary).n_gpu_layers == 4
+    assert fit(info, boundary - 1).n_gpu_layers == 3
+    assert fit(info, GPU_OVERHEAD_BYTES).n_gpu_layers == 0  # the CUDA context alone fills it
 
 
-def test_fit_can_choose_the_context_too(model_paths: dict[str, Path]) -> None:
-    info = inspect_gguf(model_paths["wide-vocab"])
+def test_fit_can_choose_the_context_too(models: dict[str, GGUFInfo]) -> None:
+    info = models["wide"]
     budget = predict(info, info.n_layer + 1, PlanSettings(n_ctx=1024)).gpu.total
     fitted = fit(info, budget, fit_ctx=True)
     assert fitted.fits_all and fitted.n_ctx == 1024
+    assert fitted.to_dict()["prediction"]["n_ctx"] == 1024
 
 
-def test_swap_guard_refuses_with_numbers_and_ways_out(model_paths: dict[str, Path]) -> None:
-    prediction = predict(inspect_gguf(model_paths["smollm2-q4_1"]), 0, PlanSettings(n_ctx=4096))
-    assert not swap_check(prediction, 8 << 30).would_swap
-    verdict = swap_check(prediction, 100 << 20)
+def test_a_gpu_machine_keeps_compute_in_vram_even_with_no_layers(models: dict[str, GGUFInfo]) -> None:
+    info = models["wide"]
+    cpu_only = predict(info, 0, PlanSettings())
+    gpu_build = predict(info, 0, PlanSettings(has_gpu=True))
+    assert cpu_only.gpu.total == 0
+    assert gpu_build.gpu.compute == cpu_only.cpu.compute and gpu_build.gpu.overhead == GPU_OVERHEAD_BYTES
+    assert gpu_build.gpu.weights == gpu_build.gpu.kv == 0
+
+
+def test_swap_guard_refuses_with_numbers_and_ways_out(models: dict[str, GGUFInfo]) -> None:
+    prediction = predict(models["wide"], 2, PlanSettings(n_ctx=4096))
+    assert not swap_check(prediction, prediction.cpu.total).would_swap
+    verdict = swap_check(prediction, prediction.cpu.total - (3 << 20))
     assert verdict.would_swap and verdict.needed == prediction.cpu.total
-    assert "MiB short" in verdict.message and "more layers on the GPU" in verdict.message and "--force" in verdict.message
+    assert "3.0 MiB short" in verdict.message
+    for way in ("more layers on the GPU", "lower the context", "smaller quantization", "--force"):
+        assert way in verdict.message
+    all_on_gpu = predict(models["wide"], models["wide"].n_layer + 1)
+    assert "more layers" not in swap_check(all_on_gpu, 0).message
+    assert msgpack.unpackb(msgpack.packb(verdict.to_dict()))["would_swap"] is True
 
 
-def test_quantized_v_cache_needs_flash_attention(model_paths: dict[str, Path]) -> None:
-    info = inspect_gguf(model_paths["tiny"])
+def test_quantized_v_cache_needs_flash_attention(models: dict[str, GGUFInfo]) -> None:
+    info = models["wide"]  # head size 16: too small for q8_0 blocks of 32
     with pytest.raises(PlanError, match="flash attention"):
         predict(info, 0, PlanSettings(cache_type_v="q8_0"))
-    f16 = predict(info, 0, PlanSettings(n_ctx=4096)).cpu.kv
-    q8 = predict(info, 0, PlanSettings(n_ctx=4096, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn=True)).cpu.kv
+    with pytest.raises(PlanError, match="divides by 32"):
+        predict(info, 0, PlanSettings(cache_type_k="q8_0"))
+    q4 = models["q4"]  # head size 32
+    f16 = predict(q4, 0, PlanSettings(n_ctx=4096)).cpu.kv
+    q8 = predict(q4, 0, PlanSettings(n_ctx=4096, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn=True)).cpu.kv
     assert q8 == pytest.approx(f16 * 34 / 64)
+    with pytest.raises(PlanError, match="unknown KV cache type"):
+        PlanSettings(cache_type_k="q3").check()
 
 
-def test_sliding_window_layers_are_found_and_sized_by_the_swa_full_setting(model_paths: dict[str, Path]) -> None:
-    info = inspect_gguf(model_paths["gemma2-swa"])
-    assert info.architecture == "gemma2" and info.sliding_window == 128 and info.swa_layers == [0, 2]
+def test_sliding_window_layers_are_sized_by_the_swa_full_setting(models: dict[str, GGUFInfo]) -> None:
+    info = models["gemma2"]  # layers 0 and 2 of 4 slide over 128 tokens
     full = predict(info, 0, PlanSettings(n_ctx=4096)).cpu.kv
     windowed = predict(info, 0, PlanSettings(n_ctx=4096, swa_full=False)).cpu.kv
     # Two of four layers keep pad(128 + 512, 256) = 768 cells instead of 4096.
     assert windowed == full // 2 + full // 2 * 768 // 4096
+
+
+def test_repacked_weights_leave_the_map_but_still_count(models: dict[str, GGUFInfo]) -> None:
+    info = models["q4"]
+    mapped = predict(info, 0, NO_REPACK).cpu.weights
+    repacked = predict(info, 0, PlanSettings(cpu_repack=frozenset({"Q4_0"}))).cpu.weights
+    matrices = sum(t.bytes for t in info.tensors if t.type == "Q4_0" and t.name != "token_embd.weight")
+    assert repacked > mapped  # the copies come on top of the mapped span that still holds the norms
+    assert repacked <= mapped + matrices
+
+
+def test_speed_reads_only_the_experts_a_token_uses(models: dict[str, GGUFInfo]) -> None:
+    info = models["moe"]  # 1 of 4 experts per token
+    row = predict(info, 0)
+    experts = sum(info.layer_expert_bytes)
+    assert row.cpu_bytes_per_token == sum(info.layer_bytes) - experts * 3 // 4 + info.output_bytes
+    assert estimate_tokens_per_second(row, 1e9, 1e12) == pytest.approx(1e9 / row.cpu_bytes_per_token)
+    on_gpu = predict(info, info.n_layer + 1)
+    assert on_gpu.cpu_bytes_per_token == 0 and estimate_tokens_per_second(on_gpu, 1e9, 1e12) == pytest.approx(
+        1e12 / on_gpu.gpu_bytes_per_token)
+
+
+def test_gpu_bandwidth_table_prefers_the_longest_name() -> None:
+    assert gpu_bandwidth_for("NVIDIA GeForce RTX 4070 Ti SUPER") == 5.04e11
+    assert gpu_bandwidth_for("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert gpu_bandwidth_for("Some Future GPU") == gpu_bandwidth_for(None)
+
+
+def test_ram_bandwidth_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paths, "cache_dir", lambda: tmp_path)
+    measured = ram_bandwidth(refresh=True)
+    assert 1e8 < measured < 1e13
+    cache = tmp_path / "ram_bandwidth.json"
+    cache.write_text('{"bytes_per_second": 1234.0}')
+    assert ram_bandwidth() == 1234.0
+
+
+def test_settings_defaults_are_llama_cpp_pythons() -> None:
+    import inspect
+
+    import llama_cpp
+
+    defaults = inspect.signature(llama_cpp.Llama.__init__).parameters
+    settings = replace(PlanSettings(), cpu_repack=frozenset())
+    for name in ("n_batch", "n_ubatch", "flash_attn"):  # n_ctx: the engine always passes it
+        assert getattr(settings, name) == defaults[name].default, name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import psutil
@@ -21,7 +22,7 @@ from vramchat.shared.planner import (
     ram_bandwidth,
     swap_check,
 )
-from vramchat.shared.units import format_bytes, parse_size
+from vramchat.shared.units import format_bytes, format_count, parse_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,20 +55,22 @@ def this_machine_vram() -> tuple[int, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    free_vram, gpu_name = (args.vram, None) if args.vram is not None else this_machine_vram()
     try:
         info = inspect_cached(args.model)
-        settings = PlanSettings(n_ctx=args.ctx, cache_type_k=args.cache_type, cache_type_v=args.cache_type, flash_attn=args.flash_attn)
+        settings = PlanSettings(n_ctx=args.ctx, cache_type_k=args.cache_type, cache_type_v=args.cache_type,
+                                flash_attn=args.flash_attn, has_gpu=free_vram > 0)
         settings.check()
+        plan_table(info, settings)  # model-specific refusals (a q8_0 cache on a head size of 16...)
     except (GGUFError, PlanError, OSError) as exc:
         print(f"vramchat plan: {exc}", file=sys.stderr)
         return 2
-    free_vram, gpu_name = (args.vram, None) if args.vram is not None else this_machine_vram()
     available_ram = args.ram if args.ram is not None else psutil.virtual_memory().available
     budget = args.vram_budget if args.vram_budget is not None else max(0, free_vram - DEFAULT_VRAM_MARGIN)
     table = plan_table(info, settings, ram_bandwidth=ram_bandwidth(), gpu_bandwidth=gpu_bandwidth_for(gpu_name))
     fitted = fit(info, budget, settings, fit_ctx=args.fit_ctx)
     if args.fit_ctx:
-        settings = PlanSettings(**{**settings.__dict__, "n_ctx": fitted.n_ctx})
+        settings = replace(settings, n_ctx=fitted.n_ctx)
         table = plan_table(info, settings, ram_bandwidth=ram_bandwidth(), gpu_bandwidth=gpu_bandwidth_for(gpu_name))
     chosen = table[args.gpu_layers] if args.gpu_layers is not None and 0 <= args.gpu_layers < len(table) else table[fitted.n_gpu_layers]
     if args.gpu_layers is not None and chosen.n_gpu_layers != args.gpu_layers:
@@ -91,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(info: Any, settings: PlanSettings, free_vram: int, gpu_name: str | None, ram: int, budget: int, vram_given: bool) -> str:
-    gpu = f"{format_bytes(free_vram)} free VRAM" + (" (given)" if vram_given else f" on {gpu_name}" if gpu_name else " (no NVIDIA GPU found; use --vram to plan for one)")
-    return (f"{info.name or info.path}: {info.architecture}, {info.parameters / 1e9:.2f} B parameters, {info.file_type}, "
+    gpu = f"{format_bytes(free_vram)} free VRAM" + (" (given)" if vram_given else f" on {gpu_name}" if gpu_name else " (no NVIDIA GPU found, so every layer stays on the CPU; use --vram to plan for a GPU)")
+    return (f"{info.name or info.path}: {info.architecture}, {format_count(info.parameters)} parameters, {info.file_type}, "
             f"{info.n_layer} layers + output, trained context {info.n_ctx_train}\n"
             f"n_ctx {settings.n_ctx}, KV {settings.cache_type_k}/{settings.cache_type_v}, flash attention "
             f"{'on' if settings.flash_attn else 'off'}; {gpu}, budget {format_bytes(budget)}; {format_bytes(ram)} RAM available")
