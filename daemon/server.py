@@ -45,7 +45,7 @@ from vramchat.shared.planner import (
 )
 from vramchat.shared.units import parse_size
 from vramchat.shared.paths import ensure_private_dir
-from vramchat.shared.protocol import Event, ProtocolError, Request, field_of
+from vramchat.shared.protocol import SAMPLING_FIELDS, Event, ProtocolError, Request, field_of
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,6 @@ MAX_QUEUED_TOTAL = 256
 # After this many engine crashes within CRASH_WINDOW_S, stop reloading by itself.
 MAX_AUTO_RELOADS = 3
 CRASH_WINDOW_S = 300.0
-SAMPLING_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "top_k": int,
-    "min_p": (int, float),
-    "repeat_penalty": (int, float),
-    "max_tokens": int,
-    "seed": int,
-}
 
 
 # Each client may send this many requests in a burst, refilled at RATE_PER_S.
@@ -870,7 +861,7 @@ def _sampling(raw: dict[str, Any]) -> dict[str, Any]:
     sampling = {}
     for name, kind in SAMPLING_FIELDS.items():
         if name in raw and raw[name] is not None:
-            sampling[name] = field_of(raw, name, kind)
+            sampling[name] = field_of(raw, name, (int, float) if kind is float else int)
     if "max_tokens" in sampling and sampling["max_tokens"] < 1:
         raise ProtocolError("invalid_value", "max_tokens must be at least 1")
     if "temperature" in sampling and not 0 <= sampling["temperature"] <= 5:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 from typing import Any, Callable
 
-from vramchat.shared.client import Client
-from vramchat.tui.app import ChatMessage, DashboardScreen, PromptInput, VramchatApp, memory_bar_text
+from textual.widgets import DataTable, Label, ListView
+
+from vramchat.shared.client import Client, RequestFailed
+from vramchat.tui.app import VramchatApp
+from vramchat.tui.dashboard import DashboardScreen, gauge
+from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
+from vramchat.tui.models import LayerStepper, LoadDialog, ModelsScreen
+from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput
 
 
 async def until(pilot: Any, condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -20,16 +28,40 @@ def replies(app: VramchatApp) -> list[dict[str, Any]]:
     return [w.message for w in app.query(ChatMessage) if w.message["role"] == "assistant"]
 
 
+def text_of(widget: Any) -> str:
+    return str(widget.render())
+
+
+async def ready(pilot: Any, app: VramchatApp) -> None:
+    await until(pilot, lambda: app.connected and app.model.get("state") == "ready")
+
+
 async def type_and_send(pilot: Any, app: VramchatApp, text: str) -> None:
     app.query_one(PromptInput).focus()
     app.query_one(PromptInput).insert(text)
     await pilot.press("enter")
 
 
+def submit_while_streaming(app: VramchatApp, text: str) -> None:
+    """What Enter does, without Pilot's press: that waits for an idle CPU, up to 2 s per key,
+    and a reply of the tiny model can be over by then."""
+    prompt = app.query_one(PromptInput)
+    prompt.insert(text)
+    prompt.post_message(PromptInput.Submitted(prompt.text))
+
+
+async def long_conversation(runtime_dir: Path) -> str:
+    """A conversation whose replies run long enough (3000 tokens) to be caught while generating."""
+    async with Client(runtime_dir) as client:
+        conversation = (await client.request("conversation.create", {}))["conversation"]["id"]
+        await client.request("conversation.update", {"id": conversation, "settings": {"temperature": 0.0, "max_tokens": 3000}})
+    return conversation
+
+
 async def test_send_a_message_and_see_the_streamed_reply(tiny_daemon: Any) -> None:
     app = VramchatApp(str(tiny_daemon.runtime_dir))
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: app.connected and app.model.get("state") == "ready")
+        await ready(pilot, app)
         await type_and_send(pilot, app, "hello")
         await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
         assert app.query_one(PromptInput).text == ""
@@ -37,22 +69,56 @@ async def test_send_a_message_and_see_the_streamed_reply(tiny_daemon: Any) -> No
             stored = await client.request("conversation.get", {"id": app.current})
         shown = replies(app)[-1]
         assert shown["content"] == stored["messages"][-1]["content"] and shown["content"]
-        assert "tokens" in str(app.query(ChatMessage).last().meta.render())
+        assert "tokens" in text_of(app.query(ChatMessage).last().meta) and "tok/s" in text_of(app.query(ChatMessage).last().meta)
+        assert [c["id"] for c in app.conversations] == [app.current]
+
+
+async def test_ctrl_j_adds_a_newline_instead_of_sending(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await type_and_send(pilot, app, "")
+        await pilot.press("a", "ctrl+j", "b")
+        assert app.query_one(PromptInput).text == "a\nb" and not app.query(ChatMessage)
 
 
 async def test_cancel_with_escape(tiny_daemon: Any) -> None:
+    conversation = await long_conversation(tiny_daemon.runtime_dir)
     app = VramchatApp(str(tiny_daemon.runtime_dir))
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: app.connected and app.model.get("state") == "ready")
-        async with Client(tiny_daemon.runtime_dir) as client:
-            await client.request("conversation.update", {"id": (await client.request("conversation.create", {}))["conversation"]["id"],
-                                                         "settings": {"temperature": 0.0, "max_tokens": 3000}})
-        await until(pilot, lambda: bool(app.conversations))
-        app.current = app.conversations[0]["id"]
-        await type_and_send(pilot, app, "go on for a long time")
+        await ready(pilot, app)
+        app.current = conversation
+        submit_while_streaming(app, "go on for a long time")
         await until(pilot, lambda: any(r["status"] == "generating" for r in replies(app)))
         await pilot.press("escape")
         await until(pilot, lambda: any(r["status"] == "cancelled" for r in replies(app)))
+        assert "cancelled" in text_of(app.query(ChatMessage).last().meta)
+
+
+async def test_queue_position_while_another_clients_reply_generates(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot, Client(tiny_daemon.runtime_dir) as other:
+        await ready(pilot, app)
+        await app.action_new_conversation()
+        # Four long replies of another client, each in a fresh conversation so that none is cut
+        # short by a full context: seconds of generation to queue behind, even at ~2,700 tok/s.
+        others = [f"other-{i}" for i in range(4)]
+        for request in others:
+            conversation = await long_conversation(tiny_daemon.runtime_dir)
+            await other.request("chat", {"conversation": conversation, "content": "go on for a long time"}, request_id=request)
+        queue = app.query_one("#queue", Label)
+        await until(pilot, lambda: text_of(queue) == "another client's reply is generating" and queue.display)
+        submit_while_streaming(app, "me too")
+        await until(pilot, lambda: re.match(r"queued: [1-4] request\(s\) ahead of yours, another client's", text_of(queue)) is not None)
+        await app.run_action("cancel")  # ours, queued; not the other client's running one
+        await until(pilot, lambda: text_of(queue) == "another client's reply is generating")
+        for request in reversed(others):
+            try:
+                await other.request("cancel", {"request": request})
+            except RequestFailed as exc:
+                assert exc.code == "not_found"  # finished already
+        await until(pilot, lambda: not queue.display)
+        assert not replies(app)
 
 
 async def test_two_apps_show_a_reply_one_requested_and_switching_conversations(tiny_daemon: Any) -> None:
@@ -63,27 +129,128 @@ async def test_two_apps_show_a_reply_one_requested_and_switching_conversations(t
         await until(p1, lambda: any(r["status"] == "complete" for r in replies(first)))
         await until(p2, lambda: len(second.query("#conversations ListItem")) >= 1)
         await second.action_new_conversation()  # look at nothing first, then pick the chat from the list
-        listing = second.query_one("#conversations")
-        listing.focus()
-        listing.index = 0
+        await p2.press("ctrl+l")
+        assert isinstance(second.focused, ListView)
+        second.query_one("#conversations", ListView).index = 0
         await p2.press("enter")
         await until(p2, lambda: second.current == first.current and any(r["status"] == "complete" for r in replies(second)))
         assert replies(second)[-1]["content"] == replies(first)[-1]["content"]
-        assert "2 client(s)" in first.sub_title or "3 client(s)" in first.sub_title
+        assert isinstance(second.focused, PromptInput)
+        await until(p1, lambda: "2 client(s)" in first.sub_title)
+
+
+async def test_rename_settings_and_delete_a_conversation(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await type_and_send(pilot, app, "hello")
+        await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
+        await pilot.press("f4")
+        assert isinstance(app.screen, TextDialog)
+        app.screen.query_one("Input").value = ""
+        await pilot.press(*"Renamed", "enter")
+        await until(pilot, lambda: "Renamed" in [text_of(label) for label in app.query("#conversations Label")])
+
+        await pilot.press("f5")
+        assert isinstance(app.screen, SettingsDialog)
+        app.screen.query_one("#s-temperature").focus()
+        await pilot.press(*"0.3")
+        app.screen.query_one("#system-prompt").insert("Answer briefly.")
+        await pilot.press("ctrl+s")
+        async with Client(tiny_daemon.runtime_dir) as client:
+            await until(pilot, lambda: app.conversations[0]["settings"].get("temperature") == 0.3)
+            stored = (await client.request("conversation.get", {"id": app.current}))["conversation"]
+        assert stored["system_prompt"] == "Answer briefly." and stored["settings"] == {"temperature": 0.3}
+
+        await pilot.press("f6")
+        assert isinstance(app.screen, ConfirmDialog)
+        await pilot.press("y")
+        await until(pilot, lambda: app.conversations == [] and app.current is None and not app.query(ChatMessage))
 
 
 async def test_dashboard_and_memory_bar(tiny_daemon: Any) -> None:
     app = VramchatApp(str(tiny_daemon.runtime_dir))
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: len(app.history) >= 2)
-        bar = memory_bar_text(app.history[-1], app.model)
-        assert "no NVIDIA GPU" in bar and "RAM" in bar and "tiny.gguf" in bar
+        await until(pilot, lambda: len(app.history) >= 2 and app.model.get("state") == "ready")
+        bar = text_of(app.query_one(MemoryBar))
+        assert "RAM" in bar and "tiny.gguf (ready" in bar
         await pilot.press("f2")
         assert isinstance(app.screen, DashboardScreen)
-        await pilot.pause(0.6)
-        assert "no NVIDIA GPU" in str(app.screen.query_one("#dashboard-status").render())
+        samples = len(app.history)
+        await until(pilot, lambda: len(app.history) > samples + 1)
+        assert "GPU: no NVIDIA GPU" in text_of(app.screen.query_one(".gpu-name"))
+        ram_gauge = text_of(app.screen.query_one("#gauge-ram"))
+        assert ram_gauge.startswith("RAM") and re.search("[▏▎▍▌▋▊▉█]", ram_gauge), ram_gauge
+        assert len(app.screen.query_one("#spark-ram").data) == len(app.history)
+        assert "predicted" in text_of(app.screen.query_one("#split"))
+        assert "tiny.gguf" in text_of(app.screen.query_one(MemoryBar))
         await pilot.press("escape")
         assert not isinstance(app.screen, DashboardScreen)
+
+
+async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows_progress(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f3")
+        assert isinstance(app.screen, ModelsScreen)
+        table = app.screen.query_one(DataTable)
+        await until(pilot, lambda: table.row_count >= 2 and all("…" not in table.get_row_at(i) for i in range(table.row_count)))
+        names = [str(table.get_row_at(i)[0]).removeprefix("● ") for i in range(table.row_count)]
+        rows = dict(zip(names, (table.get_row_at(i) for i in range(table.row_count))))
+        assert rows["tiny-gqa.gguf"][1:2] == ["llama"] and rows["tiny-gqa.gguf"][4] == "4"
+        assert rows["tiny.gguf"][0] == "● tiny.gguf"  # the loaded one
+        table.move_cursor(row=names.index("tiny-gqa.gguf"))
+        await pilot.press("enter")
+        dialog = app.screen
+        assert isinstance(dialog, LoadDialog)
+        prediction = dialog.query_one("#prediction")
+        await until(pilot, lambda: "GPU layers" in text_of(prediction))
+        assert text_of(prediction).startswith("0 GPU layers")  # auto, with no GPU here
+        before = text_of(prediction)
+        await pilot.press("right", "right")
+        assert dialog.query_one(LayerStepper).value == 2
+        assert text_of(prediction).startswith("2 GPU layers: 1 of 4 layers + output") and text_of(prediction) != before
+        await pilot.press("left")
+        assert text_of(prediction).startswith("1 GPU layers: 0 of 4 layers + output")
+
+        await pilot.press("enter")
+        await until(pilot, lambda: app.model.get("name") == "tiny-gqa.gguf" and app.model.get("state") == "ready", timeout=30)
+        await until(pilot, lambda: not isinstance(app.screen, (LoadDialog, ModelsScreen)))
+        assert dialog.progress_seen and dialog.progress_seen[0] == 0.0
+        assert app.model["n_gpu_layers"] == 1
+        await until(pilot, lambda: "tiny-gqa.gguf (ready, " in text_of(app.query_one(MemoryBar)))
+
+
+async def test_gpu_layer_keys_preview_and_ask_before_reloading(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f8")
+        dialog = app.screen
+        assert isinstance(dialog, LoadDialog) and "with 1 GPU layers (now 0)" in dialog.heading
+        await until(pilot, lambda: text_of(dialog.query_one("#prediction")).startswith("1 GPU layers"))
+        await pilot.press("escape")  # nothing reloads without a yes
+        assert not isinstance(app.screen, LoadDialog) and app.model["n_gpu_layers"] == 0
+        await pilot.press("f7")
+        assert isinstance(app.screen, LoadDialog) and app.screen.query_one(LayerStepper).value == 0
+        loaded_at = app.model.get("engine_pid")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.model.get("state") == "ready" and app.model.get("engine_pid") != loaded_at, timeout=30)
+
+
+async def test_a_load_error_is_shown_in_the_dialog(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f8")
+        dialog = app.screen
+        assert isinstance(dialog, LoadDialog)
+        dialog.query_one("#n-ctx").value = "5"
+        await pilot.press("enter")
+        error = dialog.query_one("#load-error")
+        await until(pilot, lambda: error.display and "n_ctx must be between 16" in text_of(error))
+        assert app.screen is dialog
 
 
 async def test_the_app_reconnects_after_a_daemon_restart_and_keeps_the_input(tiny_daemon: Any) -> None:
@@ -92,7 +259,19 @@ async def test_the_app_reconnects_after_a_daemon_restart_and_keeps_the_input(tin
         await until(pilot, lambda: app.connected)
         app.query_one(PromptInput).insert("half-typed")
         tiny_daemon.stop()
-        await until(pilot, lambda: not app.connected, timeout=10)
+        await until(pilot, lambda: not app.connected and app.sub_title.startswith("disconnected"), timeout=10)
+        await pilot.press("enter")  # refused while disconnected: the text stays
+        assert app.query_one(PromptInput).text == "half-typed"
         tiny_daemon.start()
         await until(pilot, lambda: app.connected and app.model.get("state") == "ready", timeout=30)
-        assert app.query_one(PromptInput).text == "half-typed"
+        assert app.query_one(PromptInput).text == "half-typed" and app.sub_title.startswith("connected")
+        await pilot.press("enter")
+        await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
+
+
+def test_gauge_fills_in_eighths_so_a_small_fraction_still_shows() -> None:
+    assert gauge("RAM", 0, 100, "x") == f"{'RAM':<11} {'░' * 20} x"
+    assert gauge("RAM", 1, 1000, "x").split()[1].startswith("▏")  # 0.16 of a cell: shown, not rounded away
+    assert gauge("RAM", 50, 100, "x").split()[1] == "█" * 10 + "░" * 10
+    assert gauge("RAM", 33, 100, "x").split()[1] == "█" * 6 + "▋" + "░" * 13  # 52.8 eighths
+    assert gauge("RAM", None, 100, "N/A").endswith("░ N/A")

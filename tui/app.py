@@ -1,4 +1,4 @@
-"""The Textual app: chat with streaming Markdown, an always-visible memory bar, a dashboard.
+"""The Textual app: chat with streaming Markdown, an always-visible memory bar, a dashboard, models.
 
 All state comes from the daemon through `Client.stream()`: a snapshot, then events. After a gap
 or a daemon restart a new snapshot replaces everything, so every attached app shows what the
@@ -9,166 +9,64 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 from textual import on, work
-from textual.app import App, ComposeResult
-from textual.binding import Binding
+from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
-from textual.screen import Screen
-from textual.widgets import Footer, Header, Label, ListItem, ListView, Markdown, Sparkline, Static, TextArea
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Footer, Header, Label, ListItem, ListView, Static
+from textual.worker import Worker, WorkerState
 
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
-from vramchat.shared.units import format_bytes
-from vramchat.tui.telemetry_view import format_split, format_status
+from vramchat.tui import keys
+from vramchat.tui.dashboard import DashboardScreen
+from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
+from vramchat.tui.models import LoadDialog, ModelsScreen
+from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput, StateChanged
 
 # Without an event for this long (telemetry comes every 0.5 s) the daemon is taken to be gone.
 SILENCE_S = 3.0
-
-
-class PromptInput(TextArea):
-    """Enter sends; Ctrl+J adds a newline (Shift+Enter does not reach most terminals)."""
-
-    class Submitted(Message):
-        def __init__(self, text: str) -> None:
-            super().__init__()
-            self.text = text
-
-    async def _on_key(self, event: Any) -> None:
-        if event.key == "enter":
-            event.prevent_default()
-            event.stop()
-            if self.text.strip():
-                self.post_message(self.Submitted(self.text))
-        elif event.key == "ctrl+j":
-            event.prevent_default()
-            event.stop()
-            self.insert("\n")
-
-
-class ChatMessage(Vertical):
-    """One message: its Markdown body and, for replies, a status and stats line."""
-
-    def __init__(self, message: dict[str, Any]) -> None:
-        super().__init__(classes=f"message {message['role']}")
-        self.message = message
-        self.body = Markdown(message["content"] or " ")
-        self.meta = Label(describe_reply(message), classes="meta")
-        self.stream: Any = None
-
-    def compose(self) -> ComposeResult:
-        yield self.body
-        if self.message["role"] == "assistant":
-            yield self.meta
-
-    async def append(self, text: str) -> None:
-        """Stream text in pieces: MarkdownStream batches fragments instead of re-rendering per token."""
-        if self.stream is None:
-            self.stream = Markdown.get_stream(self.body)
-        await self.stream.write(text)
-
-    async def finish(self, message: dict[str, Any]) -> None:
-        if self.stream is not None:
-            await self.stream.stop()
-            self.stream = None
-        self.message = message
-        await self.body.update(message["content"] or " ")
-        self.meta.update(describe_reply(message))
-
-
-def describe_reply(message: dict[str, Any]) -> str:
-    if message["role"] != "assistant":
-        return ""
-    if message["status"] == "generating":
-        return "generating… (Esc cancels)"
-    stats = message.get("stats") or {}
-    parts = [] if message["status"] == "complete" else [f"{message['status']}: {message.get('error') or ''}"]
-    if stats.get("generated_tokens"):
-        speed = f", {stats['tokens_per_s']:.1f} tok/s" if stats.get("tokens_per_s") else ""
-        first = f", first token {stats['ttft_s'] * 1000:.0f} ms" if stats.get("ttft_s") else ""
-        parts.append(f"{stats['generated_tokens']} tokens{speed}{first}")
-    return " · ".join(parts)
-
-
-def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str:
-    """One line: VRAM per GPU, RAM, swap (flagged while swapping), model and split, tok/s."""
-    if sample is None:
-        return "memory: waiting for the first sample"
-    host = sample["host"]
-    gpus = " ".join(f"GPU{g['index']} {format_bytes(g['memory_used'])}/{format_bytes(g['memory_total'])}" for g in sample["gpus"])
-    swapping = (host["swap_in_bps"] or 0) > 1 << 20
-    swap = f"swap {format_bytes(host['swap_used'])}" + (" [b red]SWAPPING[/]" if swapping else "")
-    split = model.get("split") or {}
-    layers = (f"{split['offloaded_layers']}/{split['total_layers']} layers on GPU" if split.get("offloaded_layers") is not None
-              else f"{model.get('n_gpu_layers', 0)} GPU layers")
-    speed = (sample.get("generation") or {}).get("tokens_per_s")
-    return (f"{gpus or 'no NVIDIA GPU'} │ RAM {format_bytes(host['ram_used'])}/{format_bytes(host['ram_total'])} │ {swap} │ "
-            f"{model.get('name') or 'no model'} ({model.get('state')}, {layers})" + (f" │ {speed:.1f} tok/s" if speed else ""))
-
-
-class DashboardScreen(Screen[None]):
-    BINDINGS = [Binding("escape,f2", "app.pop_screen", "Back to chat")]
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        with VerticalScroll():
-            yield Static(id="dashboard-status")
-            for key, label in (("ram", "RAM used"), ("swap", "swap used"), ("swap_in", "swap-in per second"),
-                               ("engine", "engine RSS"), ("tok_s", "tok/s"), ("gpu", "VRAM used (GPU 0)")):
-                yield Label(label, classes="spark-label")
-                yield Sparkline([], id=f"spark-{key}")
-        yield Footer()
-
-    def on_mount(self) -> None:
-        self.refresh_from(self.app)  # type: ignore[arg-type]
-
-    def refresh_from(self, app: "VramchatApp") -> None:
-        history = app.history[-240:]
-        series = {
-            "ram": [s["host"]["ram_used"] for s in history],
-            "swap": [s["host"]["swap_used"] for s in history],
-            "swap_in": [s["host"]["swap_in_bps"] or 0 for s in history],
-            "engine": [(s["engine"] or {}).get("rss", 0) for s in history],
-            "tok_s": [(s.get("generation") or {}).get("tokens_per_s") or 0 for s in history],
-            "gpu": [s["gpus"][0]["memory_used"] if s["gpus"] else 0 for s in history],
-        }
-        for key, values in series.items():
-            self.query_one(f"#spark-{key}", Sparkline).data = values
-        model = app.model
-        self.query_one("#dashboard-status", Static).update(
-            format_status(history[-1] if history else None, app.alarms) + "\n" + format_split(model.get("split"), model.get("n_gpu_layers"))
-        )
+HISTORY_KEPT = 1200
+# Streamed text reaches the screen at most this often. A small model on a GPU makes hundreds of
+# tokens a second; drawing each one would put the screen further behind with every token.
+FRAME_S = 1 / 30
+# Actions that make sense on the dashboard and models screens too; the rest belong to the chat.
+EVERYWHERE = {"dashboard", "models", "gpu_layers", "quit", "command_palette"}
 
 
 class VramchatApp(App[None]):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute: subclasses live elsewhere
     TITLE = "vramchat"
-    # priority: the prompt's TextArea binds many Ctrl keys (Ctrl+D deletes) and has the focus.
-    BINDINGS = [
-        Binding("ctrl+n", "new_conversation", "New chat", priority=True),
-        Binding("escape", "cancel", "Cancel reply"),
-        Binding("ctrl+r", "regenerate", "Regenerate", priority=True),
-        Binding("f2", "dashboard", "Dashboard", priority=True),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
-    ]
+    BINDINGS = keys.bindings()
 
-    def __init__(self, runtime_dir: str | None = None) -> None:
+    def __init__(self, runtime_dir: str | None = None, *, follow: bool = True) -> None:
+        """`follow=False` leaves the daemon alone: the tests feed state to the widgets themselves."""
         super().__init__()
         self.client = Client(runtime_dir, name="vramchat tui")
+        self.follow = follow
         self.conversations: list[dict[str, Any]] = []
         self.current: str | None = None
         self.model: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.alarms: list[dict[str, Any]] = []
+        # The reply generating now: {"message", "conversation", "parts"}, its text so far in pieces.
+        self.in_flight: dict[str, Any] | None = None
+        # Tokens received for the conversation on screen and not drawn yet, per message id.
+        self.unpainted: dict[str, list[str]] = {}
+        self.paint_wanted = asyncio.Event()
         self.my_request: str | None = None
         self.connected = False
         self.clients = 0
         self.last_event = 0.0
+        self.drawing = asyncio.Lock()  # one writer at a time in the message log
+        self.keymap: dict[str, str] = {}
+        self.sub_title = "connecting…"
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("", id="memory-bar")
+        yield MemoryBar("memory: waiting for the daemon", classes="memory-bar")
         with Horizontal():
             yield ListView(id="conversations")
             with Vertical(id="chat"):
@@ -178,10 +76,16 @@ class VramchatApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#log", VerticalScroll).anchor()  # follow new text unless the user scrolled up
+        self.keymap, problems = keys.load_keymap()
+        self.set_keymap(self.keymap)
+        for problem in problems:
+            self.notify(problem, severity="warning", timeout=10)
+        self.query_one("#log", VerticalScroll).anchor()  # follow new text until the user scrolls up
         self.query_one(PromptInput).focus()
-        self.follow_daemon()
-        self.set_interval(1.0, self.check_connection)
+        self.run_worker(self.paint_tokens(), group="paint", exit_on_error=False)
+        if self.follow:
+            self.follow_daemon()
+            self.set_interval(1.0, self.check_connection)
 
     # --- the daemon ----------------------------------------------------------------------------
 
@@ -199,6 +103,9 @@ class VramchatApp(App[None]):
                         await self.apply_snapshot(item.body)
                     else:
                         await self.apply_event(item.topic, item.body)
+                    # A queued event is received without suspending: yield, or a fast reply
+                    # starves key presses and repaints until the backlog is drained.
+                    await asyncio.sleep(0)
             except (DaemonNotRunning, RequestFailed, asyncio.TimeoutError) as exc:
                 self.set_connected(False, str(exc))
                 await self.client.close()
@@ -209,7 +116,7 @@ class VramchatApp(App[None]):
             self.set_connected(False, "no events from vramchatd; waiting for it to come back")
 
     def set_connected(self, connected: bool, reason: str = "") -> None:
-        if connected == self.connected:
+        if connected == self.connected and (connected or self.sub_title.startswith("disconnected")):
             return
         if not connected:
             self.notify(f"disconnected: {reason}", severity="warning")
@@ -222,27 +129,28 @@ class VramchatApp(App[None]):
 
     async def apply_snapshot(self, body: dict[str, Any]) -> None:
         self.model = body["model"]
-        self.history = list(body["telemetry"]["history"])
-        self.alarms = list(body.get("alarms", []))
+        self.history = list((body.get("telemetry") or {}).get("history") or [])[-HISTORY_KEPT:]
+        self.alarms = list(body.get("alarms") or [])
         self.conversations = body["conversations"]
         self.clients = body["clients"]
+        flight = body["in_flight"]
+        self.in_flight = flight and {"message": flight["message"], "conversation": flight["conversation"], "parts": [flight["text"]]}
         self.show_connection()
         if self.current not in {c["id"] for c in self.conversations}:
             self.current = self.conversations[0]["id"] if self.conversations else None
         await self.show_conversation_list()
-        await self.show_conversation(in_flight=body["in_flight"])
-        self.update_memory_bar()
+        await self.show_conversation()
+        self.show_queue(body["queue"])
+        self.state_changed()
 
     async def apply_event(self, topic: str, body: dict[str, Any]) -> None:
         if topic == "telemetry":
             self.history.append(body)
-            del self.history[:-1200]
-            self.update_memory_bar()
-            if isinstance(self.screen, DashboardScreen):
-                self.screen.refresh_from(self)
+            del self.history[:-HISTORY_KEPT]
+            self.state_changed()
         elif topic == "model":
             self.model = body
-            self.update_memory_bar()
+            self.state_changed()
         elif topic == "clients":
             self.clients = body["count"]
             self.show_connection()
@@ -250,34 +158,77 @@ class VramchatApp(App[None]):
             self.alarms = [a for a in self.alarms if a["kind"] != body["kind"]] + ([body] if body["active"] else [])
             if body["active"]:
                 self.notify(body["message"], severity="error" if body["severity"] == "critical" else "warning", timeout=10)
+            self.state_changed()
         elif topic == "conversation":
             await self.on_conversation_event(body)
-        elif topic == "msg" and body["conversation_id"] == self.current:
+        elif topic == "msg":
             await self.on_message_event(body)
-        elif topic == "tok" and body["conversation"] == self.current:
-            widget = self.message_widget(body["message"])
-            if widget is not None:
-                await widget.append(body["text"])
+        elif topic == "tok":
+            await self.on_token(body)
         elif topic == "queue":
             self.show_queue(body)
+
+    def state_changed(self) -> None:
+        """Redraw the memory bar on every screen, and tell the other screens to redraw themselves."""
+        sample = self.history[-1] if self.history else None
+        for screen in self.screen_stack:
+            for bar in screen.query(MemoryBar):
+                bar.show(sample, self.model)
+            if screen is not self.screen_stack[0]:
+                screen.post_message(StateChanged())
 
     async def on_conversation_event(self, body: dict[str, Any]) -> None:
         conversation = body["conversation"]
         self.conversations = [c for c in self.conversations if c["id"] != conversation["id"]]
         if body["action"] != "deleted":
             self.conversations.insert(0, conversation)
+        elif conversation["id"] == self.current:
+            self.current = self.conversations[0]["id"] if self.conversations else None
+            await self.show_conversation()
         await self.show_conversation_list()
 
     async def on_message_event(self, message: dict[str, Any]) -> None:
-        log = self.query_one("#log", VerticalScroll)
-        widget = self.message_widget(message["id"])
-        if message["status"] == "deleted":
-            if widget is not None:
-                await widget.remove()
-        elif widget is None:
-            await log.mount(ChatMessage(message))
-        elif message["status"] != "generating":
-            await widget.finish(message)
+        if message["status"] == "generating":
+            self.in_flight = {"message": message["id"], "conversation": message["conversation_id"], "parts": [message["content"] or ""]}
+        elif self.in_flight and self.in_flight["message"] == message["id"]:
+            self.in_flight = None
+        if message["conversation_id"] != self.current:
+            return
+        async with self.drawing:
+            widget = self.message_widget(message["id"])
+            if message["status"] == "deleted":
+                if widget is not None:
+                    await widget.remove()
+            elif widget is None:
+                await self.query_one("#log", VerticalScroll).mount(ChatMessage(message))
+            elif message["status"] != "generating":
+                self.unpainted.pop(message["id"], None)  # the stored text replaces them
+                await widget.finish(message)
+
+    async def on_token(self, body: dict[str, Any]) -> None:
+        """Only collect the text here: `paint_tokens` draws it, a frame at a time."""
+        if self.in_flight and self.in_flight["message"] == body["message"]:
+            self.in_flight["parts"].append(body["text"])
+        if body["conversation"] == self.current:
+            self.unpainted.setdefault(body["message"], []).append(body["text"])
+            self.paint_wanted.set()
+
+    async def paint_tokens(self) -> None:
+        """Draw what arrived since the last frame, in one Markdown append per message, forever."""
+        while True:
+            await self.paint_wanted.wait()
+            self.paint_wanted.clear()
+            async with self.drawing:
+                pending, self.unpainted = self.unpainted, {}
+                for message_id, parts in pending.items():
+                    widget = self.message_widget(message_id)
+                    if widget is not None:
+                        await widget.append("".join(parts))
+            self.painted(pending)
+            await asyncio.sleep(FRAME_S)
+
+    def painted(self, texts: dict[str, list[str]]) -> None:
+        """Called after each frame's text is in the log; benchmarks/tui_lag.py times it."""
 
     def message_widget(self, message_id: str) -> ChatMessage | None:
         for widget in self.query(ChatMessage):
@@ -285,94 +236,169 @@ class VramchatApp(App[None]):
                 return widget
         return None
 
+    async def fetch_messages(self, conversation_id: str) -> list[dict[str, Any]]:
+        return (await self.client.request("conversation.get", {"id": conversation_id}))["messages"]
+
     # --- drawing -------------------------------------------------------------------------------
 
     async def show_conversation_list(self) -> None:
         listing = self.query_one("#conversations", ListView)
         await listing.clear()
-        for conversation in self.conversations:
-            item = ListItem(Label(conversation["title"][:40]), name=conversation["id"])
-            await listing.append(item)
+        await listing.extend(ListItem(Label(c["title"][:60]), name=c["id"]) for c in self.conversations)
         ids = [c["id"] for c in self.conversations]
         if self.current in ids:
             listing.index = ids.index(self.current)
 
-    async def show_conversation(self, in_flight: dict[str, Any] | None = None) -> None:
+    async def show_conversation(self) -> None:
+        """Redraw the log from the store, with the text generated so far for a reply in flight."""
         log = self.query_one("#log", VerticalScroll)
-        await log.remove_children()
-        if self.current is None:
-            await log.mount(Static("Type a message below and press Enter. Ctrl+N starts a new chat.", classes="hint"))
-            return
-        try:
-            data = await self.client.request("conversation.get", {"id": self.current})
-        except RequestFailed:
-            return
-        messages = data["messages"]
-        if in_flight and in_flight["conversation"] == self.current:
-            messages = [{**m, "content": in_flight["text"]} if m["id"] == in_flight["message"] else m for m in messages]
-        await log.mount_all([ChatMessage(m) for m in messages])
-        log.scroll_end(animate=False)
+        async with self.drawing:
+            await log.remove_children()
+            if self.current is None:
+                await log.mount(Static("Type a message below and press Enter (Ctrl+J: new line). "
+                                       "Ctrl+P lists every command.", classes="hint"))
+                return
+            try:
+                messages = await self.fetch_messages(self.current)
+            except RequestFailed:
+                return
+            flight = self.in_flight
+            self.unpainted.clear()  # the text so far is drawn whole below
+            messages = [{**m, "content": "".join(flight["parts"])} if flight and m["id"] == flight["message"] else m for m in messages]
+            await log.mount_all([ChatMessage(m) for m in messages])
+            log.anchor()
 
     def show_queue(self, queue: dict[str, Any]) -> None:
         mine = next((job for job in queue["pending"] if job["request"] == self.my_request), None)
         running = queue["running"]
         text = ""
         if mine:
-            text = f"queued: {mine['position']} request(s) ahead of yours"
+            ahead = mine["position"] - 1 + (1 if running else 0)
+            text = f"queued: {ahead} request(s) ahead of yours" + (", another client's reply is generating" if running else "")
         elif running and running["request"] != self.my_request:
             text = "another client's reply is generating"
-        self.query_one("#queue", Label).update(text)
-
-    def update_memory_bar(self) -> None:
-        self.query_one("#memory-bar", Static).update(memory_bar_text(self.history[-1] if self.history else None, self.model))
+        label = self.query_one("#queue", Label)
+        label.update(text)
+        label.display = bool(text)
 
     # --- actions -------------------------------------------------------------------------------
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Chat actions only on the chat screen; none behind a dialog but quit and the palette."""
+        if isinstance(self.screen, ModalScreen):
+            return action in ("quit", "command_palette")
+        if self.screen is not self.screen_stack[0] and action in {a.action.split("(")[0] for a in keys.ACTIONS}:
+            return action in EVERYWHERE
+        return True
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for action in keys.ACTIONS:
+            if action.id != "quit":
+                key = self.keymap.get(action.id, action.key)
+                yield SystemCommand(action.description, f"{key}: {action.description.lower()}",
+                                    lambda a=action.action: self.run_action(a))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place where a failed worker is reported: a request that went wrong, a dead socket."""
+        if event.state == WorkerState.ERROR and event.worker.error is not None:
+            error = event.worker.error
+            message = error.message if isinstance(error, RequestFailed) else str(error) or type(error).__name__
+            self.notify(message, severity="error", timeout=8)
+
     @on(PromptInput.Submitted)
-    async def send(self, event: PromptInput.Submitted) -> None:
-        prompt = self.query_one(PromptInput)
-        self.my_request = uuid.uuid4().hex
-        body: dict[str, Any] = {"content": event.text}
-        if self.current:
-            body["conversation"] = self.current
-        try:
-            accepted = await self.client.request("chat", body, request_id=self.my_request)
-        except (RequestFailed, asyncio.TimeoutError) as exc:
-            self.notify(str(exc), severity="error")  # the text stays in the input
+    def on_submit(self, event: PromptInput.Submitted) -> None:
+        if not self.connected:
+            self.notify("not connected to vramchatd; your text is kept, send it again when it is back", severity="warning")
             return
-        prompt.clear()
-        if accepted["conversation"] != self.current:
-            self.current = accepted["conversation"]
+        self.send(event.text)
+
+    @work(group="send", exclusive=True, exit_on_error=False)
+    async def send(self, text: str) -> None:
+        prompt = self.query_one(PromptInput)
+        if self.current is None:
+            # Create the conversation first, so that its events are shown from the first one on.
+            self.current = (await self.client.request("conversation.create", {}))["conversation"]["id"]
             await self.show_conversation()
+        self.my_request = uuid.uuid4().hex
+        await self.client.request("chat", {"content": text, "conversation": self.current}, request_id=self.my_request)
+        if prompt.text == text:
+            prompt.clear()
 
     @on(ListView.Selected, "#conversations")
     async def switch_conversation(self, event: ListView.Selected) -> None:
         if event.item.name and event.item.name != self.current:
             self.current = event.item.name
             await self.show_conversation()
+        self.query_one(PromptInput).focus()
+
+    def action_focus_conversations(self) -> None:
+        self.query_one("#conversations", ListView).focus()
 
     async def action_new_conversation(self) -> None:
         self.current = None
         await self.show_conversation()
         self.query_one(PromptInput).focus()
 
+    def current_conversation(self) -> dict[str, Any] | None:
+        return next((c for c in self.conversations if c["id"] == self.current), None)
+
+    def action_rename_conversation(self) -> None:
+        if conversation := self.current_conversation():
+            self.push_screen(TextDialog("New title", conversation["title"]),
+                             lambda title: title and self.update_conversation({"id": conversation["id"], "title": title}))
+
+    def action_conversation_settings(self) -> None:
+        if conversation := self.current_conversation():
+            self.push_screen(SettingsDialog(conversation), lambda body: body and self.update_conversation(body))
+        else:
+            self.notify("start a chat first: settings belong to a conversation", severity="warning")
+
+    @work(group="requests", exit_on_error=False)
+    async def update_conversation(self, body: dict[str, Any]) -> None:
+        await self.client.request("conversation.update", body)
+
+    def action_delete_conversation(self) -> None:
+        if conversation := self.current_conversation():
+            self.push_screen(ConfirmDialog(f"Delete “{conversation['title']}” and all its messages?"),
+                             lambda yes: yes and self.delete_conversation(conversation["id"]))
+
+    @work(group="requests", exit_on_error=False)
+    async def delete_conversation(self, conversation_id: str) -> None:
+        await self.client.request("conversation.delete", {"id": conversation_id})
+
+    @work(group="requests", exit_on_error=False)
     async def action_cancel(self) -> None:
         if self.my_request:
             try:
                 await self.client.request("cancel", {"request": self.my_request})
-            except RequestFailed:
-                pass  # it already finished
+            except RequestFailed as exc:
+                if exc.code != "not_found":  # it had already finished
+                    raise
 
+    @work(group="requests", exit_on_error=False)
     async def action_regenerate(self) -> None:
         if self.current:
             self.my_request = uuid.uuid4().hex
-            try:
-                await self.client.request("regenerate", {"conversation": self.current}, request_id=self.my_request)
-            except RequestFailed as exc:
-                self.notify(exc.message, severity="error")
+            await self.client.request("regenerate", {"conversation": self.current}, request_id=self.my_request)
 
     def action_dashboard(self) -> None:
-        self.push_screen(DashboardScreen())
+        if not isinstance(self.screen, DashboardScreen):
+            self.push_screen(DashboardScreen())
+
+    def action_models(self) -> None:
+        if not isinstance(self.screen, ModelsScreen):
+            self.push_screen(ModelsScreen())
+
+    def action_gpu_layers(self, delta: int) -> None:
+        """Step n_gpu_layers from the loaded model's: the load dialog shows the prediction and asks first."""
+        model = self.model
+        if model.get("state") != "ready" or not isinstance(model.get("n_gpu_layers"), int):
+            self.notify("no model is loaded: open the models screen (F3) to load one", severity="warning")
+            return
+        layers = max(0, model["n_gpu_layers"] + delta)
+        title = f"Reload {model['name']} with {layers} GPU layers (now {model['n_gpu_layers']})?"
+        self.push_screen(LoadDialog({"name": model["name"], "path": model["path"]}, layers, model.get("n_ctx") or 4096, title))
 
 
 def run_app(runtime_dir: str | None) -> int:

@@ -1,0 +1,74 @@
+"""Key bindings, overridable from the `[keys]` table of the config file.
+
+Each action has a binding id; the config maps ids to Textual key names, e.g.
+
+    [keys]
+    dashboard = "f2"
+    gpu_layers_down = "f7,ctrl+down"
+
+Textual's keymap (`App.set_keymap`) applies them, so the footer and the command palette show the
+keys the user chose. An unknown id or a value that is not a string is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual.binding import Binding
+
+from vramchat.shared import paths
+
+
+@dataclass(frozen=True)
+class Action:
+    id: str
+    key: str
+    action: str
+    description: str
+    show: bool = True  # in the footer; every action is in the command palette either way
+
+
+ACTIONS: tuple[Action, ...] = (
+    Action("cancel", "escape", "cancel", "Cancel reply"),
+    Action("regenerate", "ctrl+r", "regenerate", "Regenerate"),
+    Action("new_conversation", "ctrl+n", "new_conversation", "New chat"),
+    Action("dashboard", "f2", "dashboard", "Dashboard"),
+    Action("models", "f3", "models", "Models"),
+    Action("rename_conversation", "f4", "rename_conversation", "Rename chat", show=False),
+    Action("conversation_settings", "f5", "conversation_settings", "Chat settings", show=False),
+    Action("delete_conversation", "f6", "delete_conversation", "Delete chat", show=False),
+    Action("gpu_layers_down", "f7", "gpu_layers(-1)", "GPU layers -1"),
+    Action("gpu_layers_up", "f8", "gpu_layers(1)", "GPU layers +1"),
+    Action("focus_conversations", "ctrl+l", "focus_conversations", "Chat list", show=False),
+    Action("quit", "ctrl+q", "quit", "Quit"),
+)
+
+
+def bindings() -> list[Binding]:
+    """Priority bindings: the prompt's TextArea has the focus and binds many Ctrl keys itself."""
+    return [Binding(a.key, a.action, a.description, show=a.show, priority=a.id != "cancel", id=a.id) for a in ACTIONS]
+
+
+def load_keymap(config: Path | None = None) -> tuple[dict[str, str], list[str]]:
+    """The `[keys]` overrides from the config file, and a message for each entry that was ignored."""
+    path = config or paths.config_path()
+    try:
+        raw = tomllib.loads(path.read_text()).get("keys", {})
+    except FileNotFoundError:
+        return {}, []
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return {}, [f"key bindings not read from {path}: {exc}"]
+    if not isinstance(raw, dict):
+        return {}, [f"[keys] in {path} must be a table of action = \"key\""]
+    known = {a.id for a in ACTIONS}
+    keymap, problems = {}, []
+    for action, key in raw.items():
+        if action not in known:
+            problems.append(f"[keys] {action}: no such action; known: {', '.join(sorted(known))}")
+        elif not isinstance(key, str) or not key.strip():
+            problems.append(f"[keys] {action}: the key must be a string such as \"f2\" or \"ctrl+x\"")
+        else:
+            keymap[action] = key.strip()
+    return keymap, problems

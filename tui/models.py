@@ -1,0 +1,286 @@
+"""The models screen and the load dialog, with the planner's prediction before anything loads.
+
+The planner reads the GGUF header here, in the TUI, so the prediction follows every keystroke
+without a round trip; the daemon plans again when it loads (and refuses a load that would swap).
+A model the daemon names by a path this machine cannot read is listed without a plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Static
+
+from vramchat.shared.client import RequestFailed
+from vramchat.shared.gguf import GGUFError, GGUFInfo
+from vramchat.shared.planner import (
+    DEFAULT_VRAM_MARGIN,
+    Machine,
+    PlanError,
+    PlanSettings,
+    Prediction,
+    estimate_tokens_per_second,
+    fit,
+    gpu_bandwidth_for,
+    inspect_cached,
+    predict,
+    ram_bandwidth,
+    swap_check,
+)
+from vramchat.shared.units import format_bytes, format_count, parse_size
+from vramchat.tui.widgets import MemoryBar, StateChanged
+
+
+def machine(app: Any) -> Machine:
+    return Machine.from_sample(app.history[-1] if app.history else None)
+
+
+def describe_prediction(row: Prediction, budget: int, available_ram: int, gpu_name: str | None) -> str:
+    """Five lines a person can act on: VRAM against the budget, RAM against what is available, speed."""
+    row.tokens_per_s = estimate_tokens_per_second(row, ram_bandwidth(), gpu_bandwidth_for(gpu_name))
+    gpu, cpu = row.gpu, row.cpu
+    fits = "fits" if gpu.total <= budget else f"[b red]over by {format_bytes(gpu.total - budget)}[/]"
+    swap = swap_check(row, available_ram)
+    return "\n".join([
+        f"{row.n_gpu_layers} GPU layers: {row.layers_on_gpu} of {row.n_layer} layers"
+        f"{' + output' if row.output_on_gpu else ''}, n_ctx {row.n_ctx}",
+        f"VRAM {format_bytes(gpu.total)} (weights {format_bytes(gpu.weights)}, KV {format_bytes(gpu.kv)}, "
+        f"compute {format_bytes(gpu.compute)}); budget {format_bytes(budget)}: {fits}",
+        f"RAM  {format_bytes(cpu.total)} (weights {format_bytes(cpu.weights)}, KV {format_bytes(cpu.kv)}); "
+        f"{format_bytes(available_ram)} available: " + ("[b red]would swap[/]" if swap.would_swap else "fits"),
+        f"speed at most {row.tokens_per_s:.1f} tok/s (memory bandwidth bound)",
+    ])
+
+
+class LayerStepper(Static, can_focus=True):
+    """n_gpu_layers: a number, or "auto" to fit the VRAM budget."""
+
+    BINDINGS = [
+        Binding("left,minus", "step(-1)", "-1 layer"),
+        Binding("right,plus,equals_sign", "step(1)", "+1 layer"),
+        Binding("a", "auto", "auto"),
+    ]
+    value: reactive[int | str] = reactive[int | str]("auto")
+
+    def __init__(self, value: int | str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.maximum: int | None = None
+        self.set_reactive(LayerStepper.value, value)
+        self.fitted: int | None = None  # what "auto" resolves to, for stepping from it
+
+    class Changed(Message):
+        pass
+
+    def render(self) -> str:
+        top = f"0..{self.maximum}" if self.maximum is not None else "0.."
+        shown = f"auto ({self.fitted})" if self.value == "auto" and self.fitted is not None else str(self.value)
+        return f"GPU layers  ◀ {shown} ▶   {top}  (←/→ step, a: auto)"
+
+    def action_step(self, delta: int) -> None:
+        start = self.fitted if self.value == "auto" else self.value
+        if isinstance(start, int):
+            top = self.maximum if self.maximum is not None else start + delta
+            self.value = max(0, min(top, start + delta))
+
+    def action_auto(self) -> None:
+        self.value = "auto"
+
+    def watch_value(self) -> None:
+        self.post_message(self.Changed())
+
+
+class LoadDialog(ModalScreen[dict[str, Any] | None]):
+    """Choose n_gpu_layers, n_ctx and a VRAM budget, see the prediction, then load; returns the loaded model."""
+
+    BINDINGS = [Binding("escape", "close", "Close"), Binding("enter", "load", "Load")]
+
+    def __init__(self, model: dict[str, Any], n_gpu_layers: int | str = "auto", n_ctx: int = 4096, title: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.initial_layers = n_gpu_layers
+        self.initial_ctx = n_ctx
+        self.heading = title or f"Load {model['name']}"
+        self.info: GGUFInfo | None = None
+        self.progress_seen: list[float] = []
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="load-dialog", classes="dialog"):
+            yield Label(self.heading, classes="dialog-title")
+            yield Label("reading the model…", id="model-info")
+            yield LayerStepper(self.initial_layers, id="layers")
+            with Horizontal(classes="field"):
+                yield Label("n_ctx", classes="field-label")
+                yield Input(str(self.initial_ctx), id="n-ctx", type="integer", compact=True)
+            with Horizontal(classes="field"):
+                yield Label("VRAM budget", classes="field-label")
+                yield Input(placeholder="free VRAM - 1 GiB", id="budget", compact=True)
+            yield Static("", id="prediction")
+            yield Checkbox("load even if it would swap", id="force")
+            yield ProgressBar(total=1.0, show_eta=False, id="progress")
+            yield Label("", id="load-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Load", variant="primary", id="load")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#progress").display = False
+        self.query_one("#load-error").display = False
+        self.query_one(LayerStepper).focus()
+        self.inspect()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="inspect")
+    def inspect(self) -> None:
+        """Reading a GGUF header parses its whole vocabulary: seconds for a big model."""
+        try:
+            info = inspect_cached(self.model["path"])
+            ram_bandwidth()  # measured once per machine and cached
+        except (GGUFError, OSError) as exc:
+            self.app.call_from_thread(self.query_one("#model-info", Label).update, f"no plan: {exc}")
+            return
+        self.app.call_from_thread(self.show_info, info)
+
+    def show_info(self, info: GGUFInfo) -> None:
+        self.info = info
+        self.query_one(LayerStepper).maximum = info.n_layer + 1
+        self.query_one("#model-info", Label).update(
+            f"{info.architecture}, {format_count(info.parameters)} parameters, {info.file_type or '?'}, {format_bytes(info.file_size)}, "
+            f"{info.n_layer} layers + output, trained ctx {info.n_ctx_train}")
+        self.update_prediction()
+
+    @on(LayerStepper.Changed)
+    @on(Input.Changed)
+    def update_prediction(self) -> None:
+        stepper = self.query_one(LayerStepper)
+        if self.info is None:
+            stepper.refresh()
+            return
+        host = machine(self.app)
+        try:
+            settings = PlanSettings(n_ctx=int(self.query_one("#n-ctx", Input).value or 0), has_gpu=host.has_gpu)
+            budget_text = self.query_one("#budget", Input).value.strip()
+            budget = parse_size(budget_text) if budget_text else max(0, host.free_vram - DEFAULT_VRAM_MARGIN)
+            fitted = fit(self.info, budget, settings)
+            stepper.fitted = fitted.n_gpu_layers
+            layers = fitted.n_gpu_layers if stepper.value == "auto" else min(int(stepper.value), self.info.n_layer + 1)
+            text = describe_prediction(predict(self.info, layers, settings), budget, host.available_ram, host.gpu_name)
+        except (PlanError, ValueError) as exc:
+            text = f"[b red]{exc}[/]"
+        stepper.refresh()
+        self.query_one("#prediction", Static).update(text)
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#load")
+    def action_load(self) -> None:
+        if self.query_one("#load", Button).disabled:
+            return  # already loading
+        self.query_one("#load-error", Label).display = False
+        self.query_one("#progress").display = True
+        self.query_one("#load", Button).disabled = True
+        self.load()
+
+    @work(exclusive=True, exit_on_error=False, group="load")
+    async def load(self) -> None:
+        stepper = self.query_one(LayerStepper)
+        body: dict[str, Any] = {"model": self.model["path"], "n_gpu_layers": stepper.value,
+                                "n_ctx": int(self.query_one("#n-ctx", Input).value or 0),
+                                "force": self.query_one("#force", Checkbox).value}
+        if budget := self.query_one("#budget", Input).value.strip():
+            body["vram_budget"] = budget
+        try:
+            reply = await self.app.client.request("load", body, timeout=None, request_id=uuid.uuid4().hex)  # type: ignore[attr-defined]
+        except (RequestFailed, asyncio.TimeoutError) as exc:
+            error = self.query_one("#load-error", Label)
+            error.update(exc.message if isinstance(exc, RequestFailed) else "the daemon did not answer")
+            error.display = True
+            self.query_one("#progress").display = False
+            self.query_one("#load", Button).disabled = False
+            return
+        self.dismiss(reply["model"])
+
+    def on_state_changed(self, _: StateChanged) -> None:
+        """Loading progress comes from the daemon's `model` events."""
+        model = self.app.model  # type: ignore[attr-defined]
+        if model.get("state") == "loading" and model.get("path") == self.model["path"] and model.get("progress") is not None:
+            self.progress_seen.append(model["progress"])
+            self.query_one("#progress", ProgressBar).update(progress=model["progress"])
+
+    @on(Button.Pressed, "#cancel")
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class ModelsScreen(Screen[None]):
+    """The daemon's models with their metadata and whether each fits; Enter opens the load dialog."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back to chat")]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield MemoryBar(classes="memory-bar")
+        yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
+        yield Label("Enter: plan and load the model under the cursor", id="models-hint")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        self.columns = table.add_columns("model", "arch", "size", "quant", "layers", "ctx", "fits")
+        self.models: list[dict[str, Any]] = []
+        self.list_models()
+
+    @work(exclusive=True, exit_on_error=False, group="models")
+    async def list_models(self) -> None:
+        reply = await self.app.client.request("models")  # type: ignore[attr-defined]
+        self.models = reply["models"]
+        table = self.query_one(DataTable)
+        for model in self.models:
+            name = ("● " if model.get("loaded") else "") + model["name"]
+            table.add_row(name, "…", format_bytes(model["size_bytes"]), "…", "…", "…", "…", key=model["path"])
+        if not self.models:
+            self.query_one("#models-hint", Label).update(f"no models found in {', '.join(reply['model_dirs']) or 'any model dir'}")
+        self.describe_models()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="describe")
+    def describe_models(self) -> None:
+        host = machine(self.app)
+        budget = max(0, host.free_vram - DEFAULT_VRAM_MARGIN)
+        for model in self.models:
+            try:
+                info = inspect_cached(model["path"])
+            except (GGUFError, OSError):
+                self.app.call_from_thread(self.set_row, model["path"], ("?", "?", "?", "?", "not readable here"))
+                continue
+            fitted = fit(info, budget, PlanSettings(n_ctx=min(4096, info.n_ctx_train or 4096), has_gpu=host.has_gpu))
+            if swap_check(fitted.prediction, host.available_ram).would_swap:
+                verdict = "would swap"
+            elif fitted.fits_all:
+                verdict = "all on GPU"
+            elif budget:
+                verdict = f"{fitted.n_gpu_layers}/{info.n_layer + 1} on GPU"
+            else:
+                verdict = "CPU, fits RAM"
+            row = (info.architecture, info.file_type or "?", str(info.n_layer), str(info.n_ctx_train), verdict)
+            self.app.call_from_thread(self.set_row, model["path"], row)
+
+    def set_row(self, key: str, values: tuple[str, ...]) -> None:
+        table = self.query_one(DataTable)
+        arch, _size, *rest = self.columns[1:]
+        for column, value in zip((arch, *rest), values):
+            table.update_cell(key, column, value)
+
+    @on(DataTable.RowSelected)
+    def choose(self, event: DataTable.RowSelected) -> None:
+        model = next(m for m in self.models if m["path"] == event.row_key.value)
+        self.app.push_screen(LoadDialog(model), self.loaded)
+
+    def loaded(self, model: dict[str, Any] | None) -> None:
+        if model:
+            self.app.pop_screen()

@@ -1,0 +1,132 @@
+"""Widgets of the chat screen: the prompt, one message, the memory bar, and their text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Label, Markdown, Static, TextArea
+
+from vramchat.shared.units import format_bytes
+
+# Swap-in above this rate means the system is swapping now, not just holding old pages in swap.
+SWAPPING_BPS = 1 << 20
+
+
+class StateChanged(Message):
+    """The app's copy of the daemon state (model, telemetry, alarms) changed; screens redraw."""
+
+
+def _keys_of(binding: Any) -> str:
+    return binding.key if isinstance(binding, Binding) else binding[0]
+
+
+class PromptInput(TextArea, inherit_bindings=False):
+    """Enter sends; Ctrl+J (and Shift+Enter where the terminal reports it) adds a newline.
+
+    TextArea's F6 (select line) and F7 (select all) are left out: the app uses the F keys.
+    """
+
+    BINDINGS = [b for b in TextArea.BINDINGS if _keys_of(b) not in ("f6", "f7")]
+
+    class Submitted(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.prevent_default()
+            event.stop()
+            if self.text.strip():
+                self.post_message(self.Submitted(self.text))
+        elif event.key in ("ctrl+j", "shift+enter"):
+            event.prevent_default()
+            event.stop()
+            self.insert("\n")
+
+
+class ChatMessage(Vertical):
+    """One message: its Markdown body and, for replies, a status and stats line."""
+
+    def __init__(self, message: dict[str, Any]) -> None:
+        super().__init__(classes=f"message {message['role']}")
+        self.message = message
+        self.body = Markdown(message["content"] or " ")
+        self.meta = Label(describe_reply(message), classes="meta")
+
+    def compose(self) -> ComposeResult:
+        yield self.body
+        if self.message["role"] == "assistant":
+            yield self.meta
+
+    async def append(self, text: str) -> None:
+        """Markdown.append re-parses only from the last block on, so a frame's worth of tokens is cheap."""
+        await self.body.append(text)
+
+    async def finish(self, message: dict[str, Any]) -> None:
+        """The stored message is the truth: replace whatever was streamed with it."""
+        self.message = message
+        self.meta.update(describe_reply(message))
+        await self.body.update(message["content"] or " ")
+
+
+def describe_reply(message: dict[str, Any]) -> str:
+    """The line under a reply: its status unless complete, then tokens, tok/s and first-token time."""
+    if message["role"] != "assistant":
+        return ""
+    if message["status"] == "generating":
+        return "generating… (Esc cancels)"
+    stats = message.get("stats") or {}
+    parts = [] if message["status"] == "complete" else [f"{message['status']}" + (f": {message['error']}" if message.get("error") else "")]
+    if stats.get("generated_tokens"):
+        speed = f", {stats['tokens_per_s']:.1f} tok/s" if stats.get("tokens_per_s") else ""
+        first = f", first token {stats['ttft_s'] * 1000:.0f} ms" if stats.get("ttft_s") else ""
+        parts.append(f"{stats['generated_tokens']} tokens{speed}{first}")
+    return " · ".join(parts)
+
+
+def layer_split(model: dict[str, Any]) -> str:
+    """"24/31 layers on GPU" from what llama.cpp reported, else from what was asked for."""
+    split = model.get("split") or {}
+    if split.get("offloaded_layers") is not None:
+        return f"{split['offloaded_layers']}/{split['total_layers']} layers on GPU"
+    if model.get("n_gpu_layers") is not None:
+        return f"{model['n_gpu_layers']} GPU layers"
+    return "no split"
+
+
+def swapping(sample: dict[str, Any]) -> bool:
+    return (sample["host"].get("swap_in_bps") or 0) > SWAPPING_BPS
+
+
+def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str:
+    """Console markup, one or two lines: VRAM per GPU, RAM, swap (red while swapping), model and split, tok/s."""
+    if model.get("state") == "loading":
+        state = f"loading {(model.get('progress') or 0) * 100:.0f}%"
+    else:
+        state = model.get("state") or "no model"
+    model_part = f"{model.get('name') or 'no model'} ({state}, {layer_split(model)})"
+    if sample is None:
+        return f"memory: waiting for the first sample │ {model_part}"
+    host = sample["host"]
+    gpus = " ".join(f"GPU{g['index']} {format_bytes(g['memory_used'])}/{format_bytes(g['memory_total'])}" for g in sample["gpus"])
+    swap = f"swap {format_bytes(host['swap_used'])}"
+    if swapping(sample):
+        swap = f"[b white on red] {swap} SWAPPING [/]"
+    generation = sample.get("generation") or {}
+    speed = generation.get("tokens_per_s") or (generation.get("last") or {}).get("tokens_per_s")
+    return (f"{gpus or sample.get('gpu_status') or 'no NVIDIA GPU'} │ RAM {format_bytes(host['ram_used'])}/{format_bytes(host['ram_total'])}"
+            f" │ {swap} │ {model_part}" + (f" │ {speed:.1f} tok/s" if speed else ""))
+
+
+class MemoryBar(Static):
+    """Always visible, on every screen; the app updates each one."""
+
+    def show(self, sample: dict[str, Any] | None, model: dict[str, Any]) -> None:
+        self.update(memory_bar_text(sample, model))
+        self.set_class(sample is not None and swapping(sample), "swapping")
