@@ -53,7 +53,7 @@ def compare(runs: int, max_tokens: int, n_threads: int) -> dict[str, Any]:
 
     with daemon("--model", model, "--threads", str(n_threads)) as d:
         asyncio.run(measure(d))
-    del direct_model
+    direct_model.llm.close()
 
     direct_rate = median([rate(r["produced"]) for r in direct])
     daemon_rate = median([rate(r["received"]) for r in through])

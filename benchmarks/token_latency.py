@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from benchmarks.common import PROMPT, RawClient, daemon, loadavg, median, percentile, target
+from benchmarks.common import PROMPT, RawClient, daemon, loadavg, percentile, target
 from vramchat.shared import protocol
 from vramchat.shared.paths import demo_model_path
 

@@ -83,6 +83,14 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it holds `text`: the daemon goes on logging after its socket appears."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"{text!r} not logged in {timeout} s:\n{self.log()}"
+            time.sleep(0.05)
+        return self.log()
+
 
 @pytest.fixture
 def daemon_factory(models_dir: Path) -> Iterator[Callable[..., "DaemonProcess"]]:

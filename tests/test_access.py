@@ -140,7 +140,7 @@ def test_insecure_tcp_needs_tcp_and_says_so_loudly(daemon_factory: Any) -> None:
     assert lone.process.wait(30) == 2 and "needs --tcp" in lone.log()
     port = free_port_pair()
     plain = daemon_factory("--no-load", "--insecure-tcp", "--tcp", f"127.0.0.1:{port}")
-    assert "NO ENCRYPTION" in plain.log()
+    plain.wait_for_log("NO ENCRYPTION")
     asyncio.run(_plain_hello(port))
 
 

@@ -143,7 +143,6 @@ async def test_eight_clients_with_25_queued_requests_each_complete_in_fifo_order
     all_ids = {request_id for ids in submitted for request_id in ids}
     assert len(all_ids) == 200
 
-    accepted_order: list[str] = []  # by the seq of the stored user message... of the request
     started_order: list[str] = []
     finished: dict[str, list[dict[str, Any]]] = {}
     user_seq: dict[str, int] = {}
