@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from textual.app import App, ComposeResult
 from textual.widgets import DataTable, Label, ListView
 
 from vramchat.shared.client import Client, RequestFailed
@@ -69,6 +70,7 @@ async def test_send_a_message_and_see_the_streamed_reply(tiny_daemon: Any) -> No
             stored = await client.request("conversation.get", {"id": app.current})
         shown = replies(app)[-1]
         assert shown["content"] == stored["messages"][-1]["content"] and shown["content"]
+        assert app.query(ChatMessage).last().body.source.strip() == shown["content"].strip()  # streamed, then completed
         assert "tokens" in text_of(app.query(ChatMessage).last().meta) and "tok/s" in text_of(app.query(ChatMessage).last().meta)
         assert [c["id"] for c in app.conversations] == [app.current]
 
@@ -275,3 +277,19 @@ def test_gauge_fills_in_eighths_so_a_small_fraction_still_shows() -> None:
     assert gauge("RAM", 50, 100, "x").split()[1] == "█" * 10 + "░" * 10
     assert gauge("RAM", 33, 100, "x").split()[1] == "█" * 6 + "▋" + "░" * 13  # 52.8 eighths
     assert gauge("RAM", None, 100, "N/A").endswith("░ N/A")
+
+
+async def test_a_finished_reply_shows_the_stored_text_whether_or_not_the_stream_matched_it() -> None:
+    streamed = {"id": "m", "role": "assistant", "status": "generating", "content": "", "conversation_id": "c"}
+
+    class OneMessage(App[None]):
+        def compose(self) -> ComposeResult:
+            yield ChatMessage(streamed)
+
+    async with OneMessage().run_test() as pilot:
+        widget = pilot.app.query_one(ChatMessage)
+        await widget.append("The answer")
+        await widget.finish({**streamed, "status": "complete", "content": "The answer is 42."})  # the stream fell behind
+        assert widget.body.source.strip() == widget.shown == "The answer is 42."
+        await widget.finish({**streamed, "status": "complete", "content": "Something else"})  # the stream was wrong
+        assert widget.body.source == widget.shown == "Something else"

@@ -56,7 +56,8 @@ class ChatMessage(Vertical):
     def __init__(self, message: dict[str, Any]) -> None:
         super().__init__(classes=f"message {message['role']}")
         self.message = message
-        self.body = Markdown(message["content"] or " ")
+        self.shown = message["content"] or ""  # the text in `body`; Markdown gets " " when empty, to keep its line
+        self.body = Markdown(self.shown or " ")
         self.meta = Label(describe_reply(message), classes="meta")
 
     def compose(self) -> ComposeResult:
@@ -66,13 +67,21 @@ class ChatMessage(Vertical):
 
     async def append(self, text: str) -> None:
         """Markdown.append re-parses only from the last block on, so a frame's worth of tokens is cheap."""
+        self.shown += text
         await self.body.append(text)
 
     async def finish(self, message: dict[str, Any]) -> None:
-        """The stored message is the truth: replace whatever was streamed with it."""
+        """The stored message is the truth. It usually extends what was streamed, so only the rest is
+        appended; re-parsing a whole long reply would hold the screen back by tens of milliseconds."""
         self.message = message
         self.meta.update(describe_reply(message))
-        await self.body.update(message["content"] or " ")
+        content = message["content"] or ""
+        if self.shown and content.startswith(self.shown):
+            if rest := content[len(self.shown):]:
+                await self.append(rest)
+        else:
+            self.shown = content
+            await self.body.update(content or " ")
 
 
 def describe_reply(message: dict[str, Any]) -> str:
