@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve --tcp WITHOUT encryption or authentication: anyone who reaches the port can read every chat",
     )
     parser.add_argument("--telemetry-interval", type=float, default=0.5, metavar="SECONDS", help="memory sampling interval (default 0.5)")
+    parser.add_argument(
+        "--unwatched-telemetry-interval", type=float, default=5.0, metavar="SECONDS",
+        help="sampling interval while no client is attached and nothing generates or loads (default 5)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keys = commands.add_parser("keys", help="create or show the CURVE keys for TCP clients")
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vramchatd: {exc}", file=sys.stderr)
         return 2
+    for flag, seconds in (("--telemetry-interval", args.telemetry_interval), ("--unwatched-telemetry-interval", args.unwatched_telemetry_interval)):
+        if not 0.01 <= seconds <= 86400:
+            print(f"vramchatd: {flag} must be between 0.01 and 86400 seconds, not {seconds}", file=sys.stderr)
+            return 2
     if args.insecure_tcp and not (args.tcp or config.tcp_listen):
         print("vramchatd: --insecure-tcp needs --tcp HOST:PORT (or tcp_listen in the config)", file=sys.stderr)
         return 2
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         tcp_listen=args.tcp or config.tcp_listen,
         insecure_tcp=args.insecure_tcp,
         telemetry_interval_s=args.telemetry_interval,
+        unwatched_telemetry_interval_s=args.unwatched_telemetry_interval,
     )
     try:
         return asyncio.run(Daemon(settings).run())

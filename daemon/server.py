@@ -76,6 +76,10 @@ class DaemonSettings:
     tcp_listen: str | None = None
     insecure_tcp: bool = False
     telemetry_interval_s: float = 0.5
+    # With no subscriber and no reply or load under way, samples only feed alarms, the status
+    # line and the history a client gets when it attaches: an idle service, which runs all day,
+    # takes them this often instead (docs/benchmarks.md, daemon footprint).
+    unwatched_telemetry_interval_s: float = 5.0
 
 
 @dataclass
@@ -147,6 +151,7 @@ class Daemon:
         self.alarms = AlarmTracker()
         self.last_stats: dict[str, Any] | None = None
         self._queue_changed = asyncio.Event()
+        self._new_subscriber = asyncio.Event()
         self._model_ready = asyncio.Event()
         self._engine_lock = asyncio.Lock()
         self._load_lock = asyncio.Lock()
@@ -322,6 +327,7 @@ class Daemon:
             frame = await events.recv()
             if frame[:1] == b"\x01":
                 self.subscribers += 1
+                self._new_subscriber.set()
             elif frame[:1] == b"\x00":
                 self.subscribers = max(0, self.subscribers - 1)
             else:
@@ -359,7 +365,19 @@ class Daemon:
             for alarm in self.alarms.update(sample, generating=self.in_flight is not None, cpu_side_need_bytes=split.get("cpu_bytes")):
                 log.warning("alarm %s %s: %s", alarm["kind"], "on" if alarm["active"] else "off", alarm["message"])
                 self.publish("alarm", alarm)
-            await asyncio.sleep(self.settings.telemetry_interval_s)
+            await self._until_next_sample()
+
+    async def _until_next_sample(self) -> None:
+        """The interval, or less: a new subscriber gets a fresh sample at once."""
+        watched = self.subscribers or self.in_flight or self.pending or self.model.get("state") == "loading"
+        interval = self.settings.telemetry_interval_s
+        if not watched:
+            interval = max(interval, self.settings.unwatched_telemetry_interval_s)
+        self._new_subscriber.clear()
+        try:
+            await asyncio.wait_for(self._new_subscriber.wait(), interval)
+        except TimeoutError:
+            pass
 
     def _generation_view(self) -> dict[str, Any]:
         """Speed now (the reply in flight) and of the latest finished reply."""
@@ -443,6 +461,7 @@ class Daemon:
                 "message": self.in_flight.message_id,
                 "text": self.in_flight.text,
             }
+        history = self.telemetry.history()  # once: the sampler thread may add one meanwhile
         return {
             "epoch": self.epoch,
             "seq": self.seq,
@@ -451,7 +470,7 @@ class Daemon:
             "in_flight": in_flight,
             "queue": self._queue_state(),
             "clients": self.subscribers,
-            "telemetry": {"latest": self.telemetry.latest(), "history": self.telemetry.history()},
+            "telemetry": {"latest": history[-1] if history else None, "history": history},
             "alarms": list(self.alarms.active.values()),
         }
 

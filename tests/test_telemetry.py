@@ -61,7 +61,9 @@ async def test_engine_memory_is_present_and_grows_after_loading_a_bigger_model(t
 
 async def test_history_accumulates_and_reaches_a_late_joiner(daemon_factory: Any, models_dir: Path) -> None:
     daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--telemetry-interval", "0.05")
-    await asyncio.sleep(1.0)
+    async with Client(daemon.runtime_dir) as watcher:  # watched: samples come every 0.05 s
+        await watcher.subscribe()
+        await asyncio.sleep(1.0)
     async with Client(daemon.runtime_dir) as late:
         snapshot = await anext(late.stream())
     assert isinstance(snapshot, Snapshot)
@@ -70,6 +72,29 @@ async def test_history_accumulates_and_reaches_a_late_joiner(daemon_factory: Any
     times = [sample["t"] for sample in history]
     assert times == sorted(times) and times[-1] - times[0] > 0.4
     assert snapshot.body["telemetry"]["latest"] == history[-1]
+
+
+async def test_unwatched_sampling_slows_down_and_a_new_subscriber_gets_a_fresh_sample(daemon_factory: Any, models_dir: Path) -> None:
+    daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--telemetry-interval", "0.05",
+                            "--unwatched-telemetry-interval", "0.5")
+    async with Client(daemon.runtime_dir) as client:
+        await wait_ready(client)
+        await asyncio.sleep(2.0)  # nobody subscribed, nothing generating
+        history = (await client.request("snapshot"))["telemetry"]["history"]
+        unwatched = [s["t"] for s in history if s["t"] > time.time() - 1.5]
+        assert 1 <= len(unwatched) <= 5, f"{len(unwatched)} samples in 1.5 s with nobody watching"
+        subscribed_at = time.time()
+        sample = await next_telemetry(client)  # subscribes
+        assert sample["t"] >= subscribed_at - 0.01 and sample["t"] - subscribed_at < 0.4
+        await asyncio.sleep(1.0)
+        watched = [s["t"] for s in (await client.request("snapshot"))["telemetry"]["history"] if s["t"] > subscribed_at]
+        assert len(watched) >= 8, f"{len(watched)} samples in 1 s with a subscriber"
+
+
+def test_an_absurd_telemetry_interval_is_refused_with_the_range() -> None:
+    result = subprocess.run([sys.executable, "-m", "vramchat.daemon.cli", "--telemetry-interval", "-1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "between 0.01 and 86400 seconds" in result.stderr
 
 
 def _llama_log_of_load(model: Path, n_ctx: int) -> str:
