@@ -103,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         head = (f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}{' (quick)' if args.quick else ''}\n\n"
                 f"Machine: {where['cpu']}, {where['cores']} cores, {where['ram_gib']} GiB RAM, Linux {where['kernel']}, "
                 f"Python {where['python']}, llama-cpp-python {where['llama_cpp_python']}, pyzmq {where['pyzmq']} "
-                f"(libzmq {where['libzmq']}). Load average at the start {where['load_average']}, at the end {loadavg()} "
-                f"(other work shared the machine). Took {took:.0f} s.\n")
+                f"(libzmq {where['libzmq']}). Load average at the start {where['load_average']}, at the end {loadavg()}. "
+                f"A one-byte pipe round trip to a bare echo process, the cost of waking a sleeping process here: "
+                f"{where['pipe_round_trip_ms']['back_to_back']:.2f} ms back to back, "
+                f"{where['pipe_round_trip_ms']['after_0.3_s_idle']:.2f} ms after 0.3 s idle. Took {took:.0f} s.\n")
         with DOC.open("a") as doc:
             doc.write(head + "".join(section(r) for r in results))
         print(f"==> appended to {DOC}")

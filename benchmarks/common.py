@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import glob
 import os
 import platform
 import shutil
@@ -246,12 +247,67 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+SLEEP_LOOP = """
+import sys, time
+interval, duration = float(sys.argv[1]), float(sys.argv[2])
+began, end = time.process_time(), time.monotonic() + duration
+while time.monotonic() < end:
+    time.sleep(interval)
+print(100 * (time.process_time() - began) / duration)
+"""
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of all the process's threads: how often it slept and woke."""
+    total = 0
+    for status in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(status) as f:
+                total += int(f.read().split("voluntary_ctxt_switches:")[1].split()[0])
+        except (OSError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def sleep_loop_cpu_percent(wakeups_per_s: float, seconds: float) -> float:
+    """CPU charged to a process that only sleeps and wakes `wakeups_per_s` times a second."""
+    if wakeups_per_s <= 0:
+        return 0.0
+    out = subprocess.run([sys.executable, "-c", SLEEP_LOOP, str(1 / wakeups_per_s), str(seconds)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
 def loadavg() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def target(figure: str, goal: str, met: bool, why: str | None = None) -> dict[str, Any]:
     return {"figure": figure, "target": goal, "met": bool(met), "why": None if met else why}
+
+
+ECHO = "import os\nwhile os.read(0, 1):\n    os.write(1, b'x')\n"
+
+
+def pipe_round_trips_ms(idle_s: float, rounds: int = 10) -> float:
+    """Median round trip of one byte to a bare echo process and back, after `idle_s` of sleep.
+
+    Nothing of vramchat is involved: it shows what waking a sleeping process costs on this
+    machine. On a VM whose vCPUs halt when idle it grows with the idle time before it."""
+    echo = subprocess.Popen([sys.executable, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    assert echo.stdin is not None and echo.stdout is not None
+    trips = []
+    try:
+        for _ in range(rounds + 1):  # the first wakes a process that has just started
+            time.sleep(idle_s)
+            started = time.perf_counter()
+            echo.stdin.write(b"x")
+            echo.stdout.read(1)
+            trips.append(time.perf_counter() - started)
+    finally:
+        echo.stdin.close()
+        echo.wait()
+    return 1000 * statistics.median(trips[1:])
 
 
 def machine() -> dict[str, Any]:
@@ -267,4 +323,5 @@ def machine() -> dict[str, Any]:
         llama_version = "unknown"
     return {"cpu": cpu, "cores": CPUS, "ram_gib": round(psutil.virtual_memory().total / 1073741824, 1),
             "python": platform.python_version(), "llama_cpp_python": llama_version, "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(), "kernel": platform.release(), "load_average": loadavg()}
+            "libzmq": zmq.zmq_version(), "kernel": platform.release(), "load_average": loadavg(),
+            "pipe_round_trip_ms": {"back_to_back": pipe_round_trips_ms(0.0), "after_0.3_s_idle": pipe_round_trips_ms(0.3)}}

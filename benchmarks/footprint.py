@@ -12,46 +12,14 @@ the reference shows how much of the daemon's figure is the platform's. No target
 from __future__ import annotations
 
 import asyncio
-import glob
-import subprocess
 import sys
 from typing import Any
 
 import psutil
 
-from benchmarks.common import daemon, loadavg, wait_ready
+from benchmarks.common import daemon, loadavg, sleep_loop_cpu_percent, wait_ready, wakeups
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path
-
-SLEEP_LOOP = """
-import sys, time
-interval, duration = float(sys.argv[1]), float(sys.argv[2])
-end = time.monotonic() + duration
-while time.monotonic() < end:
-    time.sleep(interval)
-print(100 * time.process_time() / duration)
-"""
-
-
-def wakeups(pid: int) -> int:
-    """Voluntary context switches of all the process's threads: how often it slept and woke."""
-    total = 0
-    for status in glob.glob(f"/proc/{pid}/task/*/status"):
-        try:
-            with open(status) as f:
-                total += int(f.read().split("voluntary_ctxt_switches:")[1].split()[0])
-        except (OSError, IndexError):
-            continue  # a thread that ended meanwhile
-    return total
-
-
-def sleep_loop_cpu_percent(wakeups_per_s: float, seconds: float) -> float:
-    """CPU charged to a process that only sleeps and wakes `wakeups_per_s` times a second."""
-    if wakeups_per_s <= 0:
-        return 0.0
-    out = subprocess.run([sys.executable, "-c", SLEEP_LOOP, str(1 / wakeups_per_s), str(seconds)],
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout)
 
 
 def run(quick: bool = False) -> dict[str, Any]:

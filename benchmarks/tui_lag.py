@@ -121,8 +121,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         "worst_end_lag_ms": worst,
         "load_average_after": loadavg(),
         "targets": [target("worst_end_lag_ms", f"<= {1000 * KEEPS_UP_S:.0f} ms (two frames)", worst <= 1000 * KEEPS_UP_S,
-                           "the app shares this machine's 2 cores with the engine and the daemon; "
-                           f"p99 of the lag at each frame was {fastest['fastest_frame_lag_p99_ms']:.0f} ms on the fastest stream")],
+                           f"the median end lag was {fastest['fastest_end_lag_ms']:.0f} ms on the fastest stream and "
+                           f"{demo['demo_end_lag_ms']:.0f} ms on the demo model; the worst round is the app waiting for a core, "
+                           "which it shares with the engine's two llama threads and the daemon (p99 of the lag at each frame: "
+                           f"{fastest['fastest_frame_lag_p99_ms']:.0f} ms on the fastest stream)")],
     }
 
 
