@@ -15,7 +15,7 @@ from vramchat.tui.app import VramchatApp
 from vramchat.tui.dashboard import DashboardScreen, gauge
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
 from vramchat.tui.models import LayerStepper, LoadDialog, ModelsScreen
-from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput
+from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput, layer_split
 
 
 async def until(pilot: Any, condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -91,7 +91,8 @@ async def test_cancel_with_escape(tiny_daemon: Any) -> None:
         await ready(pilot, app)
         app.current = conversation
         submit_while_streaming(app, "go on for a long time")
-        await until(pilot, lambda: any(r["status"] == "generating" for r in replies(app)))
+        # Streamed: text is in the log while the reply is still generating.
+        await until(pilot, lambda: any(r["status"] == "generating" for r in replies(app)) and app.query(ChatMessage).last().shown != "")
         await pilot.press("escape")
         await until(pilot, lambda: any(r["status"] == "cancelled" for r in replies(app)))
         assert "cancelled" in text_of(app.query(ChatMessage).last().meta)
@@ -121,6 +122,28 @@ async def test_queue_position_while_another_clients_reply_generates(tiny_daemon:
                 assert exc.code == "not_found"  # finished already
         await until(pilot, lambda: not queue.display)
         assert not replies(app)
+
+
+async def test_a_reply_streams_live_in_a_second_app_on_the_same_conversation(tiny_daemon: Any) -> None:
+    conversation = await long_conversation(tiny_daemon.runtime_dir)
+    first, second = VramchatApp(str(tiny_daemon.runtime_dir)), VramchatApp(str(tiny_daemon.runtime_dir))
+    async with first.run_test(size=(80, 24)) as p1, second.run_test(size=(120, 40)) as p2:
+        await until(p1, lambda: first.connected and second.connected and first.model.get("state") == "ready")
+        for app in (first, second):
+            app.current = conversation
+            await app.show_conversation()
+        submit_while_streaming(first, "tell the other app")
+        seen: list[int] = []  # the second app's streamed length while the reply generates
+
+        def growing() -> bool:
+            reply = [w for w in second.query(ChatMessage) if w.message["role"] == "assistant"]
+            if reply and reply[-1].message["status"] == "generating" and reply[-1].shown:
+                seen.append(len(reply[-1].shown))
+            return len(set(seen)) >= 3
+
+        await until(p2, growing)
+        await first.run_action("cancel")  # the reply generating on screen, in both apps
+        await until(p2, lambda: any(r["status"] == "cancelled" for r in replies(second)))
 
 
 async def test_two_apps_show_a_reply_one_requested_and_switching_conversations(tiny_daemon: Any) -> None:
@@ -219,26 +242,31 @@ async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows
         await pilot.press("enter")
         await until(pilot, lambda: app.model.get("name") == "tiny-gqa.gguf" and app.model.get("state") == "ready", timeout=30)
         await until(pilot, lambda: not isinstance(app.screen, (LoadDialog, ModelsScreen)))
-        assert dialog.progress_seen and dialog.progress_seen[0] == 0.0
+        assert dialog.progress_seen and dialog.progress_seen[0] == 0.0  # the bar got the daemon's progress
         assert app.model["n_gpu_layers"] == 1
-        await until(pilot, lambda: "tiny-gqa.gguf (ready, " in text_of(app.query_one(MemoryBar)))
+        await until(pilot, lambda: f"tiny-gqa.gguf (ready, {layer_split(app.model)})" in text_of(app.query_one(MemoryBar)))
 
 
 async def test_gpu_layer_keys_preview_and_ask_before_reloading(tiny_daemon: Any) -> None:
     app = VramchatApp(str(tiny_daemon.runtime_dir))
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
+        notes: list[str] = []
+        app.notify = lambda message, **_: notes.append(message)  # type: ignore[method-assign]
+        await pilot.press("f7")  # the tiny model starts with 0 GPU layers: nothing to step down to
+        assert not isinstance(app.screen, LoadDialog) and "already the least" in notes[-1]
         await pilot.press("f8")
         dialog = app.screen
         assert isinstance(dialog, LoadDialog) and "with 1 GPU layers (now 0)" in dialog.heading
         await until(pilot, lambda: text_of(dialog.query_one("#prediction")).startswith("1 GPU layers"))
         await pilot.press("escape")  # nothing reloads without a yes
         assert not isinstance(app.screen, LoadDialog) and app.model["n_gpu_layers"] == 0
-        await pilot.press("f7")
-        assert isinstance(app.screen, LoadDialog) and app.screen.query_one(LayerStepper).value == 0
+        await pilot.press("f8")
+        assert isinstance(app.screen, LoadDialog) and app.screen.query_one(LayerStepper).value == 1
         loaded_at = app.model.get("engine_pid")
         await pilot.press("enter")
         await until(pilot, lambda: app.model.get("state") == "ready" and app.model.get("engine_pid") != loaded_at, timeout=30)
+        assert app.model["n_gpu_layers"] == 1
 
 
 async def test_a_load_error_is_shown_in_the_dialog(tiny_daemon: Any) -> None:
@@ -293,3 +321,72 @@ async def test_a_finished_reply_shows_the_stored_text_whether_or_not_the_stream_
         assert widget.body.source.strip() == widget.shown == "The answer is 42."
         await widget.finish({**streamed, "status": "complete", "content": "Something else"})  # the stream was wrong
         assert widget.body.source == widget.shown == "Something else"
+
+
+async def test_escape_cancels_the_reply_on_screen_even_with_another_of_mine_queued(tiny_daemon: Any) -> None:
+    conversation = await long_conversation(tiny_daemon.runtime_dir)
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        app.current = conversation
+        await app.show_conversation()
+        submit_while_streaming(app, "first")
+        await until(pilot, lambda: any(r["status"] == "generating" for r in replies(app)))
+        submit_while_streaming(app, "second")
+        queue = app.query_one("#queue", Label)
+        await until(pilot, lambda: text_of(queue) == "queued: 1 request(s) ahead of yours, including your reply that is generating")
+        await pilot.press("escape")  # the first, generating on screen; not the second, queued
+        await until(pilot, lambda: [r["status"] for r in replies(app)][:1] == ["cancelled"])
+        await until(pilot, lambda: len(replies(app)) == 2 and replies(app)[1]["status"] == "generating")
+        await pilot.press("escape")
+        await until(pilot, lambda: replies(app)[1]["status"] == "cancelled")
+
+
+async def test_a_resync_keeps_the_place_of_a_reader_scrolled_up(tiny_daemon: Any) -> None:
+    conversation = await long_conversation(tiny_daemon.runtime_dir)
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        app.current = conversation
+        await app.show_conversation()
+        await type_and_send(pilot, app, "a long one")
+        await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)), timeout=60)
+        log = app.query_one("#log")
+        await until(pilot, lambda: log.max_scroll_y > 10)
+        log.scroll_to(y=3, animate=False, immediate=True)
+        await pilot.pause()
+        await app.apply_snapshot(await app.client.request("snapshot"))  # what a reconnect does
+        await pilot.pause()
+        assert log.scroll_y == 3 and log.max_scroll_y > 10
+        await app.show_conversation()  # a switch goes to the end
+        await until(pilot, lambda: log.scroll_y == log.max_scroll_y)
+
+
+async def test_keys_from_the_config_file_rebind_and_show_in_the_palette(tiny_daemon: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[keys]\ndashboard = "f9"\nteleport = "f10"\n')
+    monkeypatch.setenv("VRAMCHAT_CONFIG", str(config))
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    notes: list[str] = []
+    app.notify = lambda message, **_: notes.append(message)  # type: ignore[method-assign]
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        assert any("teleport: no such action" in note for note in notes)
+        commands = {c.title: c.help for c in app.get_system_commands(app.screen)}
+        assert commands["Memory dashboard"].startswith("f9:") and commands["Models"].startswith("f3:")
+        await pilot.press("f2")  # no longer bound
+        assert not isinstance(app.screen, DashboardScreen)
+        await pilot.press("f9")
+        assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_regenerate_replaces_the_last_reply(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await type_and_send(pilot, app, "hello")
+        await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
+        first = replies(app)[-1]["id"]
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: [r["status"] for r in replies(app)] == ["complete"] and replies(app)[-1]["id"] != first)
+        assert [m.message["role"] for m in app.query(ChatMessage)] == ["user", "assistant"]

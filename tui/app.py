@@ -8,6 +8,7 @@ daemon stored. What the user is typing is never touched by a resync.
 from __future__ import annotations
 
 import asyncio
+import collections
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Header, Label, ListItem, ListView, Static
 from textual.worker import Worker, WorkerState
+import zmq
 
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.tui import keys
@@ -56,7 +58,9 @@ class VramchatApp(App[None]):
         # Tokens received for the conversation on screen and not drawn yet, per message id.
         self.unpainted: dict[str, list[str]] = {}
         self.paint_wanted = asyncio.Event()
-        self.my_request: str | None = None
+        # This app's recent chat and regenerate requests, newest last; the daemon's queue names requests.
+        self.my_requests: collections.deque[str] = collections.deque(maxlen=64)
+        self.queue: dict[str, Any] = {"running": None, "pending": []}
         self.connected = False
         self.clients = 0
         self.last_event = 0.0
@@ -73,7 +77,7 @@ class VramchatApp(App[None]):
                 yield VerticalScroll(id="log")
                 yield Label("", id="queue")
                 yield PromptInput(id="prompt")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.keymap, problems = keys.load_keymap()
@@ -106,7 +110,7 @@ class VramchatApp(App[None]):
                     # A queued event is received without suspending: yield, or a fast reply
                     # starves key presses and repaints until the backlog is drained.
                     await asyncio.sleep(0)
-            except (DaemonNotRunning, RequestFailed, asyncio.TimeoutError) as exc:
+            except (DaemonNotRunning, RequestFailed, asyncio.TimeoutError, zmq.ZMQError, OSError) as exc:
                 self.set_connected(False, str(exc))
                 await self.client.close()
                 await asyncio.sleep(1.0)
@@ -139,7 +143,7 @@ class VramchatApp(App[None]):
         if self.current not in {c["id"] for c in self.conversations}:
             self.current = self.conversations[0]["id"] if self.conversations else None
         await self.show_conversation_list()
-        await self.show_conversation()
+        await self.show_conversation(resync=True)
         self.show_queue(body["queue"])
         self.state_changed()
 
@@ -249,9 +253,12 @@ class VramchatApp(App[None]):
         if self.current in ids:
             listing.index = ids.index(self.current)
 
-    async def show_conversation(self) -> None:
-        """Redraw the log from the store, with the text generated so far for a reply in flight."""
+    async def show_conversation(self, resync: bool = False) -> None:
+        """Redraw the log from the store, with the text generated so far for a reply in flight.
+
+        On a resync, a user reading older messages keeps their place; otherwise the log follows the end."""
         log = self.query_one("#log", VerticalScroll)
+        reading_at = log.scroll_y if resync and log.scroll_y < log.max_scroll_y else None
         async with self.drawing:
             await log.remove_children()
             if self.current is None:
@@ -266,16 +273,24 @@ class VramchatApp(App[None]):
             self.unpainted.clear()  # the text so far is drawn whole below
             messages = [{**m, "content": "".join(flight["parts"])} if flight and m["id"] == flight["message"] else m for m in messages]
             await log.mount_all([ChatMessage(m) for m in messages])
-            log.anchor()
+            if reading_at is None:
+                log.anchor()
+            else:
+                log.release_anchor()
+                self.call_after_refresh(log.scroll_to, y=reading_at, animate=False, immediate=True)
 
     def show_queue(self, queue: dict[str, Any]) -> None:
-        mine = next((job for job in queue["pending"] if job["request"] == self.my_request), None)
+        self.queue = queue
+        mine = next((job for job in queue["pending"] if job["request"] in self.my_requests), None)
         running = queue["running"]
+        running_is_mine = running is not None and running["request"] in self.my_requests
         text = ""
         if mine:
             ahead = mine["position"] - 1 + (1 if running else 0)
-            text = f"queued: {ahead} request(s) ahead of yours" + (", another client's reply is generating" if running else "")
-        elif running and running["request"] != self.my_request:
+            text = f"queued: {ahead} request(s) ahead of yours"
+            if running:
+                text += ", including your reply that is generating" if running_is_mine else ", another client's reply is generating"
+        elif running and not running_is_mine:
             text = "another client's reply is generating"
         label = self.query_one("#queue", Label)
         label.update(text)
@@ -320,8 +335,9 @@ class VramchatApp(App[None]):
             # Create the conversation first, so that its events are shown from the first one on.
             self.current = (await self.client.request("conversation.create", {}))["conversation"]["id"]
             await self.show_conversation()
-        self.my_request = uuid.uuid4().hex
-        await self.client.request("chat", {"content": text, "conversation": self.current}, request_id=self.my_request)
+        request_id = uuid.uuid4().hex
+        self.my_requests.append(request_id)
+        await self.client.request("chat", {"content": text, "conversation": self.current}, request_id=request_id)
         if prompt.text == text:
             prompt.clear()
 
@@ -369,9 +385,19 @@ class VramchatApp(App[None]):
 
     @work(group="requests", exit_on_error=False)
     async def action_cancel(self) -> None:
-        if self.my_request:
+        """Cancel the reply generating on screen, whoever asked for it; else this app's newest queued request."""
+        running = self.queue["running"]
+        if running and running["conversation"] == self.current:
+            target = running["request"]
+        else:
+            queued = [job["request"] for job in self.queue["pending"] if job["request"] in self.my_requests]
+            # A request just sent may not be in the daemon's queue events yet.
+            known = {job["request"] for job in self.queue["pending"]} | ({running["request"]} if running else set())
+            latest = self.my_requests[-1] if self.my_requests else None
+            target = queued[-1] if queued else (latest if latest not in known else None)
+        if target:
             try:
-                await self.client.request("cancel", {"request": self.my_request})
+                await self.client.request("cancel", {"request": target})
             except RequestFailed as exc:
                 if exc.code != "not_found":  # it had already finished
                     raise
@@ -379,8 +405,9 @@ class VramchatApp(App[None]):
     @work(group="requests", exit_on_error=False)
     async def action_regenerate(self) -> None:
         if self.current:
-            self.my_request = uuid.uuid4().hex
-            await self.client.request("regenerate", {"conversation": self.current}, request_id=self.my_request)
+            request_id = uuid.uuid4().hex
+            self.my_requests.append(request_id)
+            await self.client.request("regenerate", {"conversation": self.current}, request_id=request_id)
 
     def action_dashboard(self) -> None:
         if not isinstance(self.screen, DashboardScreen):
@@ -397,6 +424,11 @@ class VramchatApp(App[None]):
             self.notify("no model is loaded: open the models screen (F3) to load one", severity="warning")
             return
         layers = max(0, model["n_gpu_layers"] + delta)
+        if (total := (model.get("split") or {}).get("total_layers")) is not None:
+            layers = min(layers, total)  # llama.cpp's count, the output layer included
+        if layers == model["n_gpu_layers"]:
+            self.notify(f"{layers} GPU layers is already the {'least' if delta < 0 else 'most'} this model takes", severity="warning")
+            return
         title = f"Reload {model['name']} with {layers} GPU layers (now {model['n_gpu_layers']})?"
         self.push_screen(LoadDialog({"name": model["name"], "path": model["path"]}, layers, model.get("n_ctx") or 4096, title))
 
