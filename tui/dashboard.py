@@ -103,6 +103,7 @@ class DashboardScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield MemoryBar(classes="memory-bar")
+        yield Footer(compact=True)  # docked: first, so that the early return below keeps it
         with VerticalScroll(id="dashboard"):
             yield Static(id="split")
             yield Static(id="alarms")
@@ -118,7 +119,6 @@ class DashboardScreen(Screen[None]):
             for key in series(history, len(latest["gpus"])):
                 yield Label("", id=f"gauge-{key}", classes="gauge")
                 yield Sparkline([], id=f"spark-{key}", summary_function=max)
-        yield Footer()
 
     def on_mount(self) -> None:
         self.refresh_from()

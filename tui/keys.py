@@ -26,29 +26,34 @@ class Action:
     id: str
     key: str
     action: str
-    description: str
-    show: bool = True  # in the footer; every action is in the command palette either way
+    description: str  # in the command palette
+    label: str = ""  # in the footer, short enough for all of them to fit in 80 columns; none: not shown
+
+    @property
+    def show(self) -> bool:
+        return bool(self.label)
 
 
 ACTIONS: tuple[Action, ...] = (
-    Action("cancel", "escape", "cancel", "Cancel reply"),
-    Action("regenerate", "ctrl+r", "regenerate", "Regenerate"),
-    Action("new_conversation", "ctrl+n", "new_conversation", "New chat"),
-    Action("dashboard", "f2", "dashboard", "Dashboard"),
-    Action("models", "f3", "models", "Models"),
-    Action("rename_conversation", "f4", "rename_conversation", "Rename chat", show=False),
-    Action("conversation_settings", "f5", "conversation_settings", "Chat settings", show=False),
-    Action("delete_conversation", "f6", "delete_conversation", "Delete chat", show=False),
-    Action("gpu_layers_down", "f7", "gpu_layers(-1)", "GPU layers -1"),
-    Action("gpu_layers_up", "f8", "gpu_layers(1)", "GPU layers +1"),
-    Action("focus_conversations", "ctrl+l", "focus_conversations", "Chat list", show=False),
-    Action("quit", "ctrl+q", "quit", "Quit"),
+    Action("cancel", "escape", "cancel", "Cancel the reply generating", "Cancel"),
+    Action("regenerate", "ctrl+r", "regenerate", "Regenerate the last reply", "Regen"),
+    Action("new_conversation", "ctrl+n", "new_conversation", "New chat", "New"),
+    Action("dashboard", "f2", "dashboard", "Memory dashboard", "Dash"),
+    Action("models", "f3", "models", "Models", "Models"),
+    Action("rename_conversation", "f4", "rename_conversation", "Rename chat"),
+    Action("conversation_settings", "f5", "conversation_settings", "Chat settings: system prompt and sampling"),
+    Action("delete_conversation", "f6", "delete_conversation", "Delete chat"),
+    Action("gpu_layers_down", "f7", "gpu_layers(-1)", "One GPU layer fewer (reload)", "GPU-"),
+    Action("gpu_layers_up", "f8", "gpu_layers(1)", "One GPU layer more (reload)", "GPU+"),
+    Action("focus_conversations", "ctrl+l", "focus_conversations", "Chat list"),
+    Action("quit", "ctrl+q", "quit", "Quit", "Quit"),
 )
 
 
 def bindings() -> list[Binding]:
     """Priority bindings: the prompt's TextArea has the focus and binds many Ctrl keys itself."""
-    return [Binding(a.key, a.action, a.description, show=a.show, priority=a.id != "cancel", id=a.id) for a in ACTIONS]
+    return [Binding(a.key, a.action, a.label or a.description, show=a.show, priority=a.id != "cancel", id=a.id)
+            for a in ACTIONS]
 
 
 def load_keymap(config: Path | None = None) -> tuple[dict[str, str], list[str]]:

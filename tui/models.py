@@ -124,12 +124,12 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
                 yield Label("VRAM budget", classes="field-label")
                 yield Input(placeholder="free VRAM - 1 GiB", id="budget", compact=True)
             yield Static("", id="prediction")
-            yield Checkbox("load even if it would swap", id="force")
+            yield Checkbox("load even if it would swap", id="force", compact=True)
             yield ProgressBar(total=1.0, show_eta=False, id="progress")
             yield Label("", id="load-error")
-            with Horizontal(classes="buttons"):
-                yield Button("Load", variant="primary", id="load")
-                yield Button("Cancel", id="cancel")
+            with Horizontal(classes="buttons"):  # compact: all of it, progress and error included, fits 80x24
+                yield Button("Load", variant="primary", id="load", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#progress").display = False
@@ -150,7 +150,10 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
 
     def show_info(self, info: GGUFInfo) -> None:
         self.info = info
-        self.query_one(LayerStepper).maximum = info.n_layer + 1
+        stepper = self.query_one(LayerStepper)
+        stepper.maximum = info.n_layer + 1
+        if isinstance(stepper.value, int) and stepper.value > stepper.maximum:
+            stepper.value = stepper.maximum
         self.query_one("#model-info", Label).update(
             f"{info.architecture}, {format_count(info.parameters)} parameters, {info.file_type or '?'}, {format_bytes(info.file_size)}, "
             f"{info.n_layer} layers + output, trained ctx {info.n_ctx_train}")
@@ -228,7 +231,7 @@ class ModelsScreen(Screen[None]):
         yield MemoryBar(classes="memory-bar")
         yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
         yield Label("Enter: plan and load the model under the cursor", id="models-hint")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
