@@ -39,7 +39,8 @@ def wait_for(session: str, condition: Callable[[str], bool], timeout: float = 60
 @pytest.mark.parametrize("term", ["xterm-256color", "screen"])
 def test_ask_the_demo_model_in_tmux(demo_daemon: Any, term: str, tmp_path: Path) -> None:
     session = f"vc-{tmp_path.name[-12:]}"
-    command = f"TERM={term} VRAMCHAT_CONFIG={tmp_path / 'none.toml'} {VRAMCHAT} --runtime-dir {demo_daemon.runtime_dir}"
+    # COLORTERM would tell Textual the terminal has true colour whatever TERM says.
+    command = f"env -u COLORTERM TERM={term} VRAMCHAT_CONFIG={tmp_path / 'none.toml'} {VRAMCHAT} --runtime-dir {demo_daemon.runtime_dir}"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command], check=True)
     try:
         wait_for(session, lambda s: "connected" in s and "(ready" in s)
