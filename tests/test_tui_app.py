@@ -392,3 +392,18 @@ async def test_regenerate_replaces_the_last_reply(tiny_daemon: Any) -> None:
         await pilot.press("ctrl+r")
         await until(pilot, lambda: [r["status"] for r in replies(app)] == ["complete"] and replies(app)[-1]["id"] != first)
         assert [m.message["role"] for m in app.query(ChatMessage)] == ["user", "assistant"]
+
+
+async def test_an_alarm_from_the_daemon_is_a_notification_and_shows_on_the_dashboard(tiny_daemon: Any) -> None:
+    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    notes: list[tuple[str, str]] = []
+    app.notify = lambda message, severity="information", **_: notes.append((message, severity))  # type: ignore[method-assign]
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        alarm = {"kind": "swap_thrash", "active": True, "severity": "critical", "message": "the engine is swapping: 80 MiB/s in"}
+        await app.apply_event("alarm", alarm)  # as the daemon publishes it
+        assert (alarm["message"], "error") in notes
+        await pilot.press("f2")
+        await until(pilot, lambda: "ALARM the engine is swapping" in text_of(app.screen.query_one("#alarms")))
+        await app.apply_event("alarm", {**alarm, "active": False})
+        await until(pilot, lambda: text_of(app.screen.query_one("#alarms")) == "")
