@@ -19,7 +19,6 @@ from vramchat.shared.client import Client, DaemonNotRunning
 from vramchat.shared.curve_client import client_keys
 
 OTHER_USER = "vramchat-test-other"
-SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
 
 
 def free_port_pair() -> int:
@@ -40,25 +39,34 @@ def free_port_pair() -> int:
 def other_user_can_connect(runtime_dir: Path, user: str) -> bool:
     """Can `user` open a connection to the control socket? (The kernel checks at connect().)
 
-    The probe uses the system Python and the standard library: the venv's interpreter lives
-    under /root, which another user cannot read.
+    A forked child takes the user's ids and connects: no interpreter is started as that user,
+    so nothing has to be readable by it (the venv lives under /root).
     """
-    probe = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-        f"try:\n    s.connect({str(runtime_dir / 'control.sock')!r})\nexcept OSError:\n    sys.exit(1)\n"
-    )
-    result = subprocess.run([SYSTEM_PYTHON, "-c", probe], user=user, capture_output=True, timeout=30)
-    assert result.returncode in (0, 1), result.stderr
-    return result.returncode == 0
+    account = pwd.getpwnam(user)
+    child = os.fork()
+    if child == 0:
+        code = 2  # could not become the user
+        try:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(runtime_dir / "control.sock"))
+                    code = 0
+                except OSError:
+                    code = 1
+        finally:
+            os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    assert code in (0, 1), f"the probe could not run as {user} (exit {code})"
+    return code == 0
 
 
 @pytest.fixture
 def other_user() -> str:
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second Unix user")
-    if not Path(SYSTEM_PYTHON).exists():
-        pytest.skip(f"no system Python at {SYSTEM_PYTHON} for the other user to run")
     try:
         pwd.getpwnam(OTHER_USER)
     except KeyError:
