@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from benchmarks.common import daemon, loadavg, sleep_loop_cpu_percent, wait_ready, wakeups
+from vramchat.daemon.server import DaemonSettings
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path
 
@@ -59,8 +60,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         m = asyncio.run(measure(d))
     return {
         "name": "daemon footprint",
-        "settings": {"model": demo_model_path().name, "idle_seconds": idle_s, "telemetry_interval_s": 0.5,
-                     "unwatched_telemetry_interval_s": 5.0},
+        "settings": {"model": demo_model_path().name, "idle_seconds": idle_s, "telemetry_interval_s": DaemonSettings.telemetry_interval_s,
+                     "unwatched_telemetry_interval_s": DaemonSettings.unwatched_telemetry_interval_s},
         "idle_cpu_percent_of_one_core_no_client": m["alone"],
         "idle_wakeups_per_s_no_client": m["alone_wakeups"],
         "sleep_loop_cpu_percent_at_that_rate": sleep_loop_cpu_percent(m["alone_wakeups"], idle_s),

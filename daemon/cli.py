@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-tcp", action="store_true",
         help="serve --tcp WITHOUT encryption or authentication: anyone who reaches the port can read every chat",
     )
-    parser.add_argument("--telemetry-interval", type=float, default=0.5, metavar="SECONDS", help="memory sampling interval (default 0.5)")
+    parser.add_argument("--telemetry-interval", type=float, default=DaemonSettings.telemetry_interval_s, metavar="SECONDS",
+                        help="memory sampling interval (default %(default)s)")
     parser.add_argument(
-        "--unwatched-telemetry-interval", type=float, default=5.0, metavar="SECONDS",
-        help="sampling interval while no client is attached and nothing generates or loads (default 5)",
+        "--unwatched-telemetry-interval", type=float, default=DaemonSettings.unwatched_telemetry_interval_s, metavar="SECONDS",
+        help="sampling interval while no client is attached and nothing generates or loads (default %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

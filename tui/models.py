@@ -85,11 +85,20 @@ class LayerStepper(Static, can_focus=True):
         shown = f"auto ({self.fitted})" if self.value == "auto" and self.fitted is not None else str(self.value)
         return f"GPU layers  ◀ {shown} ▶   {top}  (←/→ step, a: auto)"
 
+    def set_maximum(self, maximum: int) -> None:
+        """The model's layer count + the output layer; a value above it comes down to it."""
+        self.maximum = maximum
+        self.value = self.value
+
+    def validate_value(self, value: int | str) -> int | str:
+        if isinstance(value, int):
+            return max(0, value if self.maximum is None else min(self.maximum, value))
+        return value
+
     def action_step(self, delta: int) -> None:
         start = self.fitted if self.value == "auto" else self.value
         if isinstance(start, int):
-            top = self.maximum if self.maximum is not None else start + delta
-            self.value = max(0, min(top, start + delta))
+            self.value = start + delta
 
     def action_auto(self) -> None:
         self.value = "auto"
@@ -150,10 +159,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
 
     def show_info(self, info: GGUFInfo) -> None:
         self.info = info
-        stepper = self.query_one(LayerStepper)
-        stepper.maximum = info.n_layer + 1
-        if isinstance(stepper.value, int) and stepper.value > stepper.maximum:
-            stepper.value = stepper.maximum
+        self.query_one(LayerStepper).set_maximum(info.n_layer + 1)
         self.query_one("#model-info", Label).update(
             f"{info.architecture}, {format_count(info.parameters)} parameters, {info.file_type or '?'}, {format_bytes(info.file_size)}, "
             f"{info.n_layer} layers + output, trained ctx {info.n_ctx_train}")
@@ -173,7 +179,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
             budget = parse_size(budget_text) if budget_text else max(0, host.free_vram - DEFAULT_VRAM_MARGIN)
             fitted = fit(self.info, budget, settings)
             stepper.fitted = fitted.n_gpu_layers
-            layers = fitted.n_gpu_layers if stepper.value == "auto" else min(int(stepper.value), self.info.n_layer + 1)
+            layers = fitted.n_gpu_layers if stepper.value == "auto" else int(stepper.value)
             text = describe_prediction(predict(self.info, layers, settings), budget, host.available_ram, host.gpu_name)
         except (PlanError, ValueError) as exc:
             text = f"[b red]{exc}[/]"
