@@ -9,7 +9,6 @@ the measured figures (numbers, booleans, short strings), and `targets`: a list o
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import glob
 import os
@@ -30,6 +29,7 @@ import msgpack
 import psutil
 import zmq
 
+from vramchat.daemon.chat_model import ChatModel
 from vramchat.shared import protocol
 from vramchat.shared.client import Client
 
@@ -124,66 +124,29 @@ async def chat_and_collect(client: Client, events: Any, max_tokens: int, content
 
 
 class DirectModel:
-    """The demo model loaded as the engine loads it, generating with the engine's own loop
-    (format with the GGUF template, tokenize, Llama.generate(), incremental detokenization, the
-    stop-string filter), minus the sending."""
+    """The demo model loaded and run in this process through the engine's own ChatModel (format
+    with the GGUF template, tokenize, Llama.generate(), incremental detokenization, the stop-string
+    filter), minus the sending."""
 
     def __init__(self, model_path: str, n_threads: int = CPUS, n_ctx: int = 4096) -> None:
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        import llama_cpp
-
-        from vramchat.daemon.engine import FALLBACK_CHAT_TEMPLATE
-
         started = time.perf_counter()
-        self.llm = llm = Llama(model_path=model_path, n_gpu_layers=0, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                               n_batch=512, n_ubatch=512, use_mmap=True, verbose=False)
-        template = llm.metadata.get("tokenizer.chat_template")
-        eos_id, bos_id = llm.token_eos(), llm.token_bos()
-        self.formatter = Jinja2ChatFormatter(
-            template=template or FALLBACK_CHAT_TEMPLATE,
-            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
-        )
-        vocab = llm._model.vocab
-        self.is_end_of_generation = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+        self.model = ChatModel.load(model_path, n_gpu_layers=0, n_ctx=n_ctx, n_threads=n_threads)
+        self.llm = self.model.llm
         self.load_seconds = time.perf_counter() - started
 
     def generate(self, messages: list[dict[str, str]], max_tokens: int, seed: int = 1) -> dict[str, Any]:
-        from vramchat.daemon.engine import SAMPLING_DEFAULTS, _StopFilter
-
-        sampling = {**SAMPLING_DEFAULTS, "temperature": 0.0, "seed": seed}
-        llm = self.llm
         started = time.perf_counter()
-        formatted = self.formatter(messages=messages)
-        prompt = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
-        stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
-        text_out = _StopFilter(stops)
-        llm.set_seed(seed)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        tokens = llm.generate(prompt, temp=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
-                              top_k=int(sampling["top_k"]), min_p=float(sampling["min_p"]),
-                              repeat_penalty=float(sampling["repeat_penalty"]))
+        prompt = self.model.prompt(messages)
+        reply = self.model.reply(prompt, {"temperature": 0.0, "seed": seed, "max_tokens": max_tokens})
+        self.llm.set_seed(seed)
         produced: list[float] = []
         pieces: list[str] = []
-        generated = 0
-        try:
-            for token in tokens:
-                generated += 1
-                if self.is_end_of_generation(token):
-                    break
-                text, stopped = text_out.feed(utf8.decode(llm._model.detokenize([token])))
-                if text:
-                    produced.append(time.perf_counter())
-                    pieces.append(text)
-                if stopped or generated >= max_tokens:
-                    break
-        finally:
-            tokens.close()
-        return {"started": started, "produced": produced, "text": "".join(pieces), "generated": generated,
-                "prompt_tokens": len(prompt)}
+        for text in reply:
+            if text:
+                produced.append(time.perf_counter())
+                pieces.append(text)
+        return {"started": started, "produced": produced, "text": "".join(pieces), "generated": reply.generated,
+                "prompt_tokens": len(prompt.tokens)}
 
 
 # --- a plain ZeroMQ client (no asyncio), for timing the relay itself ---------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CPUS, DirectModel, chat_and_collect, daemon, loadavg, median, wait_ready
-from vramchat.daemon.models import DEMO_DEFAULTS
+from vramchat.daemon.model_files import DEMO_DEFAULTS
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path
 

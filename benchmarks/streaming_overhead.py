@@ -19,7 +19,7 @@ from typing import Any
 
 from benchmarks.common import (CPUS, PROMPT, DirectModel, chat_and_collect, cpu_seconds, daemon, loadavg, median, rate,
                                target, wait_ready)
-from vramchat.daemon.models import DEMO_DEFAULTS
+from vramchat.daemon.model_files import DEMO_DEFAULTS
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from benchmarks.common import CPUS, PROMPT, DirectModel, chat_and_collect, daemon, loadavg, median, target, wait_ready
-from vramchat.daemon.models import DEMO_DEFAULTS
+from vramchat.daemon.model_files import DEMO_DEFAULTS
 from vramchat.shared import protocol
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vramchat.daemon import curve
 from vramchat.daemon.server import Daemon, DaemonSettings
-from vramchat.daemon.store import StoreError
+from vramchat.daemon.store import Store, StoreError
 from vramchat.shared import paths
 from vramchat.shared.config import ConfigError, load_config
 from vramchat.shared.paths import UnsafeDirectoryError
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         unwatched_telemetry_interval_s=args.unwatched_telemetry_interval,
     )
     try:
-        return asyncio.run(Daemon(settings).run())
+        store = Store(settings.data_dir / "conversations.sqlite3")
+        return asyncio.run(Daemon(settings, store).run())
     except (StoreError, UnsafeDirectoryError) as exc:
         print(f"vramchatd: {exc}", file=sys.stderr)
         return 1

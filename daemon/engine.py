@@ -19,7 +19,6 @@ checked between tokens by polling the socket, so it takes effect within one toke
 from __future__ import annotations
 
 import argparse
-import codecs
 import collections
 import ctypes
 import os
@@ -28,43 +27,21 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import zmq
 
-# Plain ChatML, for models whose GGUF carries no chat template (the tiny test models, some
-# base models). llama-cpp-python would fall back to the llama-2 format instead.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-FALLBACK_STOP = ["<|im_end|>"]
+from vramchat.daemon.chat_model import ChatModel
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).
 DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
-
-SAMPLING_DEFAULTS: dict[str, Any] = {
-    "temperature": 0.7,
-    "top_p": 0.95,
-    "top_k": 40,
-    "min_p": 0.05,
-    "repeat_penalty": 1.0,
-    "max_tokens": 1024,
-    "seed": None,
-}
 
 
 class Engine:
     def __init__(self, socket: zmq.Socket) -> None:
         self.socket = socket
-        self.llm: Any = None
-        self.formatter: Any = None
-        self.fallback_stop: list[str] | None = None
-        self.is_end_of_generation: Callable[[int], bool] = lambda token: False
-        self.n_ctx = 0
+        self.model: ChatModel | None = None
         self.log_lines: list[str] = []
         self.shutdown_requested = False
         self.states = ConversationStates(0)
@@ -78,8 +55,6 @@ class Engine:
     def load(self, params: dict[str, Any]) -> bool:
         """Load the model, reporting progress; True when ready."""
         import llama_cpp
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.llama_cpp = llama_cpp
         self.states = ConversationStates(int(params.get("state_cache_bytes", DEFAULT_STATE_CACHE_BYTES)))
@@ -87,41 +62,20 @@ class Engine:
         self._report_load_progress(llama_cpp)
         started = time.monotonic()
         try:
-            self.llm = Llama(
-                model_path=params["model_path"],
-                n_gpu_layers=params["n_gpu_layers"],
-                n_ctx=params["n_ctx"],
-                n_threads=params.get("n_threads"),
-                n_threads_batch=params.get("n_threads"),
-                n_batch=params.get("n_batch", 512),
-                n_ubatch=params.get("n_ubatch", 512),
-                use_mmap=True,
-                verbose=False,
+            self.model = model = ChatModel.load(
+                params["model_path"], n_gpu_layers=params["n_gpu_layers"], n_ctx=params["n_ctx"],
+                n_threads=params.get("n_threads"), n_batch=params.get("n_batch", 512), n_ubatch=params.get("n_ubatch", 512),
             )
         except Exception as exc:  # llama-cpp-python raises ValueError for most load failures
             self.send({"ev": "load_failed", "error": _load_error_text(exc, self.log_lines)})
             return False
-
-        llm = self.llm
-        template = llm.metadata.get("tokenizer.chat_template")
-        eos_id, bos_id = llm.token_eos(), llm.token_bos()
-        self.formatter = Jinja2ChatFormatter(
-            template=template or FALLBACK_CHAT_TEMPLATE,
-            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
-        )
-        self.fallback_stop = None if template else FALLBACK_STOP
-        self.n_ctx = llm.n_ctx()
-        vocab = llm._model.vocab
-        self.is_end_of_generation = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
         self.send(
             {
                 "ev": "ready",
                 "load_seconds": time.monotonic() - started,
-                "n_ctx": self.n_ctx,
-                "n_vocab": llm.n_vocab(),
-                "chat_template": "gguf" if template else "chatml (fallback: the GGUF has none)",
+                "n_ctx": model.n_ctx,
+                "n_vocab": model.llm.n_vocab(),
+                "chat_template": model.chat_template,
                 "load_log": "".join(self.log_lines),
             }
         )
@@ -172,92 +126,60 @@ class Engine:
 
     def generate(self, request: dict[str, Any]) -> None:
         request_id = request["request"]
-        sampling = {**SAMPLING_DEFAULTS, **(request.get("sampling") or {})}
-        llm = self.llm
+        model = self.model
+        assert model is not None, "generate before a successful load"
         try:
-            formatted = self.formatter(messages=request["messages"])
-            prompt = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+            prompt = model.prompt(request["messages"])
         except Exception as exc:
             self.send({"ev": "failed", "request": request_id, "code": "bad_request", "error": f"cannot format the conversation: {exc}"})
             return
-        if len(prompt) >= self.n_ctx:
+        if len(prompt.tokens) >= model.n_ctx:
             self.send(
                 {
                     "ev": "failed",
                     "request": request_id,
                     "code": "prompt_too_long",
-                    "error": f"the conversation is {len(prompt)} tokens and the context window is {self.n_ctx}. "
+                    "error": f"the conversation is {len(prompt.tokens)} tokens and the context window is {model.n_ctx}. "
                     "Start a new conversation, shorten the message, or load the model with a larger context (--ctx).",
                 }
             )
             return
-        stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
-        text_out = _StopFilter(stops + (self.fallback_stop or []))
-        max_tokens = min(int(sampling["max_tokens"]), self.n_ctx - len(prompt))
+        reply = model.reply(prompt, request.get("sampling") or {})
+        llm = model.llm
         conversation = request.get("conversation")
         if conversation != self.conversation:
             if self.conversation is not None:
                 self.states.save(self.conversation, llm, self.llama_cpp)
             self.conversation = conversation
-        cached = self.states.restore(conversation, llm, self.llama_cpp, prompt)
-        llm.set_seed(sampling["seed"] if sampling["seed"] is not None else random.randrange(2**31))
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        cached = self.states.restore(conversation, llm, self.llama_cpp, prompt.tokens)
+        seed = reply.sampling["seed"]
+        llm.set_seed(seed if seed is not None else random.randrange(2**31))
 
         started = time.monotonic()
-        first_token_at: float | None = None
-        generated = 0
-        finish_reason = "length"
-        # generate() yields token ids. Detokenizing each one on its own, through an incremental
-        # UTF-8 decoder, keeps the cost per token constant; create_completion(stream=True)
-        # re-detokenizes the whole reply at every token, which is quadratic in its length.
-        tokens = llm.generate(
-            prompt,
-            temp=float(sampling["temperature"]),
-            top_p=float(sampling["top_p"]),
-            top_k=int(sampling["top_k"]),
-            min_p=float(sampling["min_p"]),
-            repeat_penalty=float(sampling["repeat_penalty"]),
-        )
         try:
-            for token in tokens:
-                if first_token_at is None:
-                    first_token_at = time.monotonic()
-                generated += 1
-                if self.is_end_of_generation(token):
-                    finish_reason = "stop"
-                    break
-                text, stopped = text_out.feed(utf8.decode(llm._model.detokenize([token])))
+            for text in reply:
                 if text:
                     self.send({"ev": "tok", "request": request_id, "text": text, "t": time.time()})
-                if stopped:
-                    finish_reason = "stop_string"
-                    break
                 if self._cancel_requested(request_id):
-                    finish_reason = "cancelled"
-                    break
-                if generated >= max_tokens:
-                    break
+                    reply.stop()
         except Exception as exc:
             self.send({"ev": "failed", "request": request_id, "code": "internal", "error": f"generation failed: {exc}"})
             return
-        finally:
-            tokens.close()  # from this thread: stops compute at once
-        if finish_reason != "stop_string" and (tail := text_out.flush() + utf8.decode(b"", final=True)):
-            self.send({"ev": "tok", "request": request_id, "text": tail})
         ended = time.monotonic()
-        finish_reason = "stop" if finish_reason == "stop_string" else finish_reason
 
-        evaluated = len(prompt) - min(cached, len(prompt) - 1)
+        n_prompt = len(prompt.tokens)
+        evaluated = n_prompt - min(cached, n_prompt - 1)
+        first_token_at, generated = reply.first_token_at, reply.generated
         ttft = (first_token_at - started) if first_token_at else None
         decode_time = ended - first_token_at if first_token_at else 0.0
         self.send(
             {
                 "ev": "done",
                 "request": request_id,
-                "finish_reason": finish_reason,
+                "finish_reason": reply.finish_reason,
                 "stats": {
-                    "prompt_tokens": len(prompt),
-                    "prompt_cached_tokens": len(prompt) - evaluated,
+                    "prompt_tokens": n_prompt,
+                    "prompt_cached_tokens": n_prompt - evaluated,
                     "generated_tokens": generated,
                     "ttft_s": ttft,
                     "prompt_tokens_per_s": evaluated / ttft if ttft else None,
@@ -348,30 +270,6 @@ class ConversationStates:
         llm.n_tokens = len(entry.tokens)
         llm._requires_eval = True  # the restored KV carries no logits: evaluate at least one token
         return _common_prefix(prompt, entry.tokens)
-
-
-class _StopFilter:
-    """Cuts the reply at the first stop string, holding back text that may be the start of one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [stop for stop in stops if stop]
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached."""
-        self.held += text
-        for stop in self.stops:
-            if (at := self.held.find(stop)) != -1:
-                out, self.held = self.held[:at], ""
-                return out, True
-        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.held.endswith(stop[:n])), default=0)
-        out = self.held[: len(self.held) - keep]
-        self.held = self.held[len(self.held) - keep :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

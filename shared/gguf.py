@@ -7,6 +7,7 @@ time is the vocabulary: GGUFReader makes a numpy view per token string (2 s for 
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections import defaultdict
@@ -249,3 +250,14 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         other_bytes=other,
         tensors=tensors,
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _inspect_cached(path: str, mtime: float, size: int) -> GGUFInfo:
+    return inspect_gguf(path)
+
+
+def inspect_cached(path: str | Path) -> GGUFInfo:
+    """inspect_gguf, remembered while the file is unchanged (GGUFReader parses the whole vocabulary)."""
+    stat = Path(path).stat()
+    return _inspect_cached(str(path), stat.st_mtime, stat.st_size)

@@ -9,15 +9,12 @@ repeating layers. The token embedding always stays on the CPU.
 from __future__ import annotations
 
 import functools
-import json
-import os
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from vramchat.shared import paths
-from vramchat.shared.gguf import GGUFInfo, TensorInfo, inspect_gguf
+from vramchat.shared import speed
+from vramchat.shared.gguf import GGUFInfo, TensorInfo
 from vramchat.shared.units import format_bytes
 
 MIB = 1 << 20
@@ -26,13 +23,6 @@ KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 1
 # A CUDA context and cuBLAS workspace take memory that llama.cpp does not log; NVML sees it.
 GPU_OVERHEAD_BYTES = 512 * MIB
 DEFAULT_VRAM_MARGIN = 1 << 30
-# Memory bandwidth of common GPUs in bytes/s, for the speed estimate (vendor specifications).
-GPU_BANDWIDTH = {
-    "H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 8.64e11, "A6000": 7.68e11, "RTX 6000 Ada": 9.6e11,
-    "4090": 1.008e12, "4080": 7.17e11, "4070 Ti": 5.04e11, "4070": 5.04e11, "4060 Ti": 2.88e11, "4060": 2.72e11,
-    "3090": 9.36e11, "3080": 7.6e11, "3070": 4.48e11, "3060": 3.6e11, "T4": 3.2e11, "V100": 9.0e11,
-}
-DEFAULT_GPU_BANDWIDTH = 4.0e11
 
 
 class PlanError(ValueError):
@@ -245,7 +235,7 @@ def plan_table(info: GGUFInfo, settings: PlanSettings = PlanSettings(), *, ram_b
     table = [predict(info, g, settings) for g in range(info.n_layer + 2)]
     if ram_bandwidth:
         for row in table:
-            row.tokens_per_s = estimate_tokens_per_second(row, ram_bandwidth, gpu_bandwidth or DEFAULT_GPU_BANDWIDTH)
+            row.tokens_per_s = speed.estimate_tokens_per_second(row, ram_bandwidth, gpu_bandwidth or speed.DEFAULT_GPU_BANDWIDTH)
     return table
 
 
@@ -294,10 +284,13 @@ class Machine:
     free_vram: int = 0
     available_ram: int = 0
     gpu_name: str | None = None
+    # Bytes/s; None: measure this machine's (speed.ram_bandwidth, cached after the first time).
+    ram_bandwidth: float | None = None
 
     @property
     def has_gpu(self) -> bool:
-        return self.gpu_name is not None
+        """A device to offload to: a GPU found, or VRAM given for a machine planned from afar."""
+        return self.gpu_name is not None or self.free_vram > 0
 
     @classmethod
     def from_sample(cls, sample: dict[str, Any] | None) -> "Machine":
@@ -341,52 +334,61 @@ def swap_check(prediction: Prediction, available_ram: int) -> SwapVerdict:
     )
 
 
-def estimate_tokens_per_second(prediction: Prediction, ram_bandwidth: float, gpu_bandwidth: float) -> float:
-    """Each token reads its weights once: the CPU side at RAM speed, the GPU side at VRAM speed.
+@dataclass
+class LoadPlan:
+    """Everything decided about a load before it happens: the daemon, the load dialog and
+    `vramchat plan` all build it with `plan_load`, so they cannot disagree."""
 
-    An upper bound: it leaves out compute, the KV cache reads and the PCIe transfer between the
-    two halves, which matter for small models and long contexts.
+    info: GGUFInfo
+    settings: PlanSettings
+    machine: Machine
+    budget: int  # VRAM the layers may fill
+    fitted: Fit  # the most layers within the budget
+    prediction: Prediction  # for the chosen layer count, with its tokens_per_s
+    swap: SwapVerdict
+    ram_bandwidth: float
+    gpu_bandwidth: float
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return self.prediction.n_gpu_layers
+
+    def table(self) -> list[Prediction]:
+        """The prediction for every layer count 0..n_layer+1, at this plan's settings."""
+        return plan_table(self.info, self.settings, ram_bandwidth=self.ram_bandwidth, gpu_bandwidth=self.gpu_bandwidth)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `plan` a `model` event carries (docs/protocol.md)."""
+        return {"n_gpu_layers": self.n_gpu_layers, "vram_budget": self.budget,
+                "prediction": self.prediction.to_dict(), "swap": self.swap.to_dict()}
+
+
+def plan_load(info: GGUFInfo, machine: Machine, n_gpu_layers: int | Literal["auto"], settings: PlanSettings,
+              *, vram_budget: int | None = None, fit_ctx: bool = False) -> LoadPlan:
+    """Plan a load of `info` on `machine`: resolve "auto" against the VRAM budget (by default the
+    free VRAM less a margin), predict every term, estimate the speed and judge the swap risk.
+
+    With `fit_ctx`, n_ctx is first raised to the largest at which every layer fits (see `fit`).
+    Raises PlanError with a message a person can act on for settings the model cannot take.
     """
-    seconds = prediction.cpu_bytes_per_token / ram_bandwidth + prediction.gpu_bytes_per_token / gpu_bandwidth
-    return 1 / seconds if seconds > 0 else 0.0
-
-
-def gpu_bandwidth_for(name: str | None) -> float:
-    if name:
-        for key, bandwidth in sorted(GPU_BANDWIDTH.items(), key=lambda item: -len(item[0])):
-            if key in name:
-                return bandwidth
-    return DEFAULT_GPU_BANDWIDTH
-
-
-def ram_bandwidth(refresh: bool = False) -> float:
-    """Bytes/s this machine's RAM reads at, measured once (~0.3 s) and cached."""
-    cache = paths.cache_dir() / "ram_bandwidth.json"
-    if not refresh:
-        try:
-            return float(json.loads(cache.read_text())["bytes_per_second"])
-        except (OSError, ValueError, KeyError):
-            pass
-    import numpy
-
-    data = numpy.ones(256 * MIB // 8)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        data.sum()  # streams the array from RAM
-        best = min(best, time.perf_counter() - started)
-    measured = data.nbytes / best
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"bytes_per_second": measured, "measured_at": time.time(), "cpus": os.cpu_count()}))
-    return measured
-
-
-@functools.lru_cache(maxsize=32)
-def _inspect_cached(path: str, mtime: float, size: int) -> GGUFInfo:
-    return inspect_gguf(path)
-
-
-def inspect_cached(path: str | Path) -> GGUFInfo:
-    """inspect_gguf, remembered while the file is unchanged (GGUFReader parses the whole vocabulary)."""
-    stat = Path(path).stat()
-    return _inspect_cached(str(path), stat.st_mtime, stat.st_size)
+    settings = replace(settings, has_gpu=settings.has_gpu or machine.has_gpu)
+    budget = max(0, machine.free_vram - DEFAULT_VRAM_MARGIN) if vram_budget is None else vram_budget
+    if budget < 0:
+        raise PlanError(f"the VRAM budget must not be negative, not {budget}")
+    fitted = fit(info, budget, settings, fit_ctx=fit_ctx)
+    if fit_ctx:
+        settings = replace(settings, n_ctx=fitted.n_ctx)
+    if n_gpu_layers == "auto":
+        layers = fitted.n_gpu_layers
+    elif not 0 <= n_gpu_layers <= info.n_layer + 1:
+        raise PlanError(
+            f"n_gpu_layers {n_gpu_layers} is outside what this model has: {info.n_layer} layers + the output layer; "
+            f'choose 0..{info.n_layer + 1}, or "auto" to fit the VRAM budget'
+        )
+    else:
+        layers = n_gpu_layers
+    prediction = fitted.prediction if layers == fitted.n_gpu_layers else predict(info, layers, settings)
+    ram_bw = machine.ram_bandwidth or speed.ram_bandwidth()
+    gpu_bw = speed.gpu_bandwidth_for(machine.gpu_name)
+    prediction.tokens_per_s = speed.estimate_tokens_per_second(prediction, ram_bw, gpu_bw)
+    return LoadPlan(info, settings, machine, budget, fitted, prediction, swap_check(prediction, machine.available_ram), ram_bw, gpu_bw)

@@ -15,17 +15,18 @@ from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
 from vramchat.shared import paths
 from vramchat.shared.gguf import GGUFInfo, inspect_gguf
 from vramchat.shared.planner import (
+    DEFAULT_VRAM_MARGIN,
     GPU_OVERHEAD_BYTES,
+    Machine,
     PlanError,
     PlanSettings,
-    estimate_tokens_per_second,
     fit,
-    gpu_bandwidth_for,
+    plan_load,
     plan_table,
     predict,
-    ram_bandwidth,
     swap_check,
 )
+from vramchat.shared.speed import estimate_tokens_per_second, gpu_bandwidth_for, ram_bandwidth
 
 NO_REPACK = PlanSettings(cpu_repack=frozenset())
 
@@ -174,3 +175,36 @@ def test_settings_defaults_are_llama_cpp_pythons() -> None:
     settings = replace(PlanSettings(), cpu_repack=frozenset())
     for name in ("n_batch", "n_ubatch", "flash_attn"):  # n_ctx: the engine always passes it
         assert getattr(settings, name) == defaults[name].default, name
+
+
+def test_plan_load_resolves_auto_to_the_fit_within_free_vram_less_the_margin(models: dict[str, GGUFInfo]) -> None:
+    info = models["wide"]
+    settings = replace(NO_REPACK, n_ctx=2048)
+    three_layers = predict(info, 3, replace(settings, has_gpu=True)).gpu.total
+    machine = Machine(free_vram=three_layers + DEFAULT_VRAM_MARGIN, available_ram=1 << 40, gpu_name="NVIDIA RTX 4090", ram_bandwidth=20e9)
+    plan = plan_load(info, machine, "auto", settings)
+    assert plan.budget == three_layers
+    assert plan.n_gpu_layers == fit(info, three_layers, replace(settings, has_gpu=True)).n_gpu_layers == 3
+    assert plan.settings.has_gpu and plan.prediction.gpu.overhead == GPU_OVERHEAD_BYTES
+    assert plan.prediction.tokens_per_s == pytest.approx(estimate_tokens_per_second(plan.prediction, 20e9, 1.008e12))
+    assert not plan.swap.would_swap
+    assert plan.to_dict()["n_gpu_layers"] == 3 and plan.to_dict()["vram_budget"] == three_layers
+    assert [row.n_gpu_layers for row in plan.table()] == list(range(info.n_layer + 2))
+
+
+def test_plan_load_takes_an_explicit_layer_count_and_refuses_one_the_model_lacks(models: dict[str, GGUFInfo]) -> None:
+    info = models["wide"]
+    machine = Machine(free_vram=0, available_ram=1 << 40, ram_bandwidth=20e9)
+    assert not machine.has_gpu
+    assert plan_load(info, machine, 2, NO_REPACK, vram_budget=0).n_gpu_layers == 2
+    assert plan_load(info, machine, "auto", NO_REPACK).n_gpu_layers == 0
+    with pytest.raises(PlanError, match=f"choose 0..{info.n_layer + 1}"):
+        plan_load(info, machine, info.n_layer + 2, NO_REPACK)
+
+
+def test_plan_load_judges_the_swap_risk_on_the_machines_ram(models: dict[str, GGUFInfo]) -> None:
+    info = models["wide"]
+    need = predict(info, 0, NO_REPACK).cpu.total
+    assert plan_load(info, Machine(available_ram=need, ram_bandwidth=20e9), 0, NO_REPACK).swap.would_swap is False
+    short = plan_load(info, Machine(available_ram=need - (1 << 20), ram_bandwidth=20e9), 0, NO_REPACK)
+    assert short.swap.would_swap and "would swap" in short.swap.message

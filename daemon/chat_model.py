@@ -1,0 +1,165 @@
+"""A `llama_cpp.Llama` with its chat template, and the token loop of one reply.
+
+The engine (engine.py) serves it over its socket; the benchmarks load and run it in-process
+through the same code, so "direct llama-cpp-python" in docs/benchmarks.md means exactly this.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+# Plain ChatML, for models whose GGUF carries no chat template (the tiny test models, some
+# base models). llama-cpp-python would fall back to the llama-2 format instead.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+FALLBACK_STOP = ["<|im_end|>"]
+
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "top_k": 40,
+    "min_p": 0.05,
+    "repeat_penalty": 1.0,
+    "max_tokens": 1024,
+    "seed": None,
+}
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    stops: list[str]  # the reply ends where one of these appears
+
+
+class ChatModel:
+    """A loaded model that formats conversations with its own chat template (ChatML without one)."""
+
+    def __init__(self, llm: Any) -> None:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.llm = llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        eos_id, bos_id = llm.token_eos(), llm.token_bos()
+        self.formatter = Jinja2ChatFormatter(
+            template=template or FALLBACK_CHAT_TEMPLATE,
+            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+        self.chat_template = "gguf" if template else "chatml (fallback: the GGUF has none)"
+        self._extra_stops = [] if template else FALLBACK_STOP
+        self.n_ctx: int = llm.n_ctx()
+        vocab = llm._model.vocab
+        self._is_end_of_generation = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+
+    @classmethod
+    def load(cls, model_path: str, *, n_gpu_layers: int, n_ctx: int, n_threads: int | None,
+             n_batch: int = 512, n_ubatch: int = 512) -> ChatModel:
+        """Load the GGUF (mmapped). Raises what llama-cpp-python raises, mostly ValueError."""
+        from llama_cpp import Llama
+
+        return cls(Llama(
+            model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+            n_batch=n_batch, n_ubatch=n_ubatch, use_mmap=True, verbose=False,
+        ))
+
+    def prompt(self, messages: list[dict[str, str]]) -> Prompt:
+        """The conversation formatted and tokenized as the model was trained to read it."""
+        formatted = self.formatter(messages=messages)
+        tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
+        return Prompt(tokens, stops + self._extra_stops)
+
+    def reply(self, prompt: Prompt, sampling: dict[str, Any]) -> Reply:
+        """A reply to `prompt`; `sampling` overrides SAMPLING_DEFAULTS."""
+        return Reply(self, prompt, {**SAMPLING_DEFAULTS, **sampling})
+
+
+class Reply:
+    """Iterating it generates: one text piece per token ("" while a token shows nothing yet).
+
+    `stop()` between two pieces ends it after the current token; `finish_reason` says why it
+    ended: "stop" (end of generation or a stop string), "length" or "cancelled".
+    """
+
+    def __init__(self, model: ChatModel, prompt: Prompt, sampling: dict[str, Any]) -> None:
+        self.model, self.prompt, self.sampling = model, prompt, sampling
+        self.max_tokens = min(int(sampling["max_tokens"]), model.n_ctx - len(prompt.tokens))  # what the context has room for
+        self.generated = 0
+        self.first_token_at: float | None = None
+        self.finish_reason = "length"
+        self._stop_requested = False
+
+    def stop(self) -> None:
+        self._stop_requested = True
+
+    def __iter__(self) -> Iterator[str]:
+        llm, sampling = self.model.llm, self.sampling
+        text_out = StopFilter(self.prompt.stops)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # generate() yields token ids. Detokenizing each one on its own, through an incremental
+        # UTF-8 decoder, keeps the cost per token constant; create_completion(stream=True)
+        # re-detokenizes the whole reply at every token, which is quadratic in its length.
+        tokens = llm.generate(
+            self.prompt.tokens,
+            temp=float(sampling["temperature"]),
+            top_p=float(sampling["top_p"]),
+            top_k=int(sampling["top_k"]),
+            min_p=float(sampling["min_p"]),
+            repeat_penalty=float(sampling["repeat_penalty"]),
+        )
+        try:
+            for token in tokens:
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                self.generated += 1
+                if self.model._is_end_of_generation(token):
+                    self.finish_reason = "stop"
+                    break
+                text, stopped = text_out.feed(utf8.decode(llm._model.detokenize([token])))
+                yield text
+                if stopped:
+                    self.finish_reason = "stop"
+                    return  # what was held back is the stop string's start: never shown
+                if self._stop_requested:
+                    self.finish_reason = "cancelled"
+                    break
+                if self.generated >= self.max_tokens:
+                    break
+        finally:
+            tokens.close()  # from this thread: stops compute at once
+        if tail := text_out.flush() + utf8.decode(b"", final=True):
+            yield tail
+
+
+class StopFilter:
+    """Cuts the reply at the first stop string, holding back text that may be the start of one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        self.held += text
+        for stop in self.stops:
+            if (at := self.held.find(stop)) != -1:
+                out, self.held = self.held[:at], ""
+                return out, True
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.held.endswith(stop[:n])), default=0)
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(self.held) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out

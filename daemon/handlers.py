@@ -1,0 +1,254 @@
+"""The request handlers, one per request type (docs/protocol.md), and the error reply each failure gets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vramchat.shared import __version__
+from vramchat.daemon import model_files
+from vramchat.daemon.events import EventBus
+from vramchat.daemon.generation import GenerationQueue, Job
+from vramchat.daemon.model_lifecycle import ModelLifecycle
+from vramchat.daemon.monitor import Monitor
+from vramchat.daemon.store import NotFound, Store, StoreError
+from vramchat.daemon.transport import Replier
+from vramchat.shared import protocol
+from vramchat.shared.config import Config
+from vramchat.shared.protocol import SAMPLING_FIELDS, ProtocolError, Request, field_of
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request, bytes], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """What `hello` and `status` say about the daemon itself."""
+
+    runtime_dir: Path
+    data_dir: Path
+    telemetry_interval_s: float
+    started_at: float
+
+
+class Handlers:
+    """Each handler checks its request's fields and calls the part of the daemon that does the work."""
+
+    def __init__(self, *, info: DaemonInfo, config: Config, store: Store, bus: EventBus, model: ModelLifecycle,
+                 generation: GenerationQueue, monitor: Monitor,
+                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
+        self.info, self.config, self.store, self.bus = info, config, store, bus
+        self.model, self.generation, self.monitor, self.spawn = model, generation, monitor, spawn
+        self.handlers: dict[str, Handler] = {
+            "hello": self.on_hello,
+            "snapshot": self.on_snapshot,
+            "status": self.on_status,
+            "models": self.on_models,
+            "load": self.on_load,
+            "chat": self.on_chat,
+            "regenerate": self.on_regenerate,
+            "cancel": self.on_cancel,
+            "conversation.create": self.on_conversation_create,
+            "conversation.list": self.on_conversation_list,
+            "conversation.get": self.on_conversation_get,
+            "conversation.update": self.on_conversation_update,
+            "conversation.delete": self.on_conversation_delete,
+        }
+        assert set(self.handlers) == set(protocol.REQUEST_TYPES), "protocol.REQUEST_TYPES and the handlers disagree"
+
+    async def dispatch(self, request: Request, client: bytes, reply: Replier) -> None:
+        handler = self.handlers.get(request.type)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            reply.error(request.id, ProtocolError("unknown_type", f"unknown request type {request.type!r}; known: {known}"))
+        elif request.type == "load":  # minutes long: must not hold up other clients
+            self.spawn(self._answer(handler, request, client, reply))
+        else:
+            await self._answer(handler, request, client, reply)
+
+    async def _answer(self, handler: Handler, request: Request, client: bytes, reply: Replier) -> None:
+        """Exactly one reply: the handler's body, or an error a person can act on."""
+        try:
+            body = await handler(request, client)
+        except ProtocolError as error:
+            reply.error(request.id, error)
+        except NotFound as exc:
+            reply.error(request.id, ProtocolError("not_found", str(exc.args[0])))
+        except StoreError as exc:
+            reply.error(request.id, ProtocolError("storage", str(exc)))
+        except Exception:
+            log.exception("handler for %r failed", request.type)
+            reply.error(request.id, ProtocolError("internal", f"the daemon failed on {request.type!r}; see its log"))
+        else:
+            reply.ok(request.id, body)
+
+    # --- session -----------------------------------------------------------------------------
+
+    async def on_hello(self, request: Request, _client: bytes) -> dict[str, Any]:
+        client_version = field_of(request.body, "protocol", int)
+        if client_version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(
+                "protocol_mismatch",
+                f"this daemon speaks protocol {protocol.PROTOCOL_VERSION}, the client {client_version}; "
+                "install the same vramchat version on both sides",
+            )
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "version": __version__,
+            "epoch": self.bus.epoch,
+            "pid": os.getpid(),
+            "max_request_bytes": protocol.MAX_REQUEST_BYTES,
+            "telemetry_interval_s": self.info.telemetry_interval_s,
+        }
+
+    async def on_snapshot(self, _request: Request, _client: bytes) -> dict[str, Any]:
+        flight = self.generation.in_flight
+        in_flight = flight and {"request": flight.job.request_id, "conversation": flight.job.conversation_id,
+                                "message": flight.message_id, "text": flight.text}
+        history = self.monitor.sampler.history()  # once: the sampler thread may add one meanwhile
+        return {
+            "epoch": self.bus.epoch,
+            "seq": self.bus.seq,
+            "model": self.model.state.to_wire(),
+            "conversations": self.store.list_conversations(),
+            "in_flight": in_flight,
+            "queue": self.generation.state(),
+            "clients": self.bus.subscribers,
+            "telemetry": {"latest": history[-1] if history else None, "history": history},
+            "alarms": list(self.monitor.alarms.active.values()),
+        }
+
+    async def on_status(self, _request: Request, _client: bytes) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "epoch": self.bus.epoch,
+                "uptime_s": time.time() - self.info.started_at,
+                "clients": self.bus.subscribers,
+                "runtime_dir": str(self.info.runtime_dir),
+                "data_dir": str(self.info.data_dir),
+            },
+            "model": self.model.state.to_wire(),
+            "queue": self.generation.state(),
+            "telemetry": self.monitor.sampler.latest(),
+            "alarms": list(self.monitor.alarms.active.values()),
+        }
+
+    # --- models ------------------------------------------------------------------------------
+
+    async def on_models(self, _request: Request, _client: bytes) -> dict[str, Any]:
+        found = model_files.discover(self.config.model_dirs)
+        loaded = self.model.state.path if self.model.state.state == "ready" else None
+        for model in found:
+            model["loaded"] = model["path"] == loaded
+        return {"models": found, "model_dirs": [str(d) for d in self.config.model_dirs]}
+
+    async def on_load(self, request: Request, _client: bytes) -> dict[str, Any]:
+        return await self.model.load(request.body)
+
+    # --- generation --------------------------------------------------------------------------
+
+    async def on_chat(self, request: Request, client: bytes) -> dict[str, Any]:
+        body = request.body
+        content = field_of(body, "content", str)
+        if not content.strip():
+            raise ProtocolError("invalid_value", "the message is empty")
+        sampling = checked_sampling(field_of(body, "sampling", dict, {}))
+        self.generation.check_room(client)
+        if conversation_ref := field_of(body, "conversation", str, None):
+            conversation = self.store.get_conversation(self.store.resolve_conversation(conversation_ref))
+        else:
+            conversation = self.store.create_conversation(title=title_from(content))
+            self.bus.publish("conversation", {"action": "created", "conversation": conversation})
+        user_message = self.store.add_message(conversation["id"], "user", content)
+        self.bus.publish("msg", user_message)
+        return self._enqueue(Job(request.id, conversation["id"], client, sampling), user_message)
+
+    async def on_regenerate(self, request: Request, client: bytes) -> dict[str, Any]:
+        """Drop the last reply of a conversation and queue a new one for the same question."""
+        conversation_id = self.store.resolve_conversation(field_of(request.body, "conversation", str))
+        if self.generation.has_work_for(conversation_id):
+            raise ProtocolError("busy", "this conversation already has a reply queued or generating")
+        self.generation.check_room(client)
+        messages = self.store.messages(conversation_id)
+        if not any(m["role"] == "user" for m in messages):
+            raise ProtocolError("invalid_value", "there is no message to answer again in this conversation")
+        if messages[-1]["role"] == "assistant":
+            self.store.delete_message(messages[-1]["id"])
+            self.bus.publish("msg", {**messages[-1], "status": "deleted"})
+        sampling = checked_sampling(field_of(request.body, "sampling", dict, {}))
+        return self._enqueue(Job(request.id, conversation_id, client, sampling), None)
+
+    def _enqueue(self, job: Job, user_message: dict[str, Any] | None) -> dict[str, Any]:
+        position = self.generation.enqueue(job)
+        return {"request": job.request_id, "conversation": job.conversation_id, "user_message": user_message,
+                "position": position}
+
+    async def on_cancel(self, request: Request, _client: bytes) -> dict[str, Any]:
+        return {"cancelled": self.generation.cancel(field_of(request.body, "request", str))}
+
+    # --- conversations -----------------------------------------------------------------------
+
+    async def on_conversation_create(self, request: Request, _client: bytes) -> dict[str, Any]:
+        conversation = self.store.create_conversation(
+            title=field_of(request.body, "title", str, "New conversation"),
+            system_prompt=field_of(request.body, "system_prompt", str, ""),
+            settings=checked_sampling(field_of(request.body, "settings", dict, {})),
+        )
+        self.bus.publish("conversation", {"action": "created", "conversation": conversation})
+        return {"conversation": conversation}
+
+    async def on_conversation_list(self, _request: Request, _client: bytes) -> dict[str, Any]:
+        return {"conversations": self.store.list_conversations()}
+
+    async def on_conversation_get(self, request: Request, _client: bytes) -> dict[str, Any]:
+        conversation_id = self.store.resolve_conversation(field_of(request.body, "id", str))
+        return {"conversation": self.store.get_conversation(conversation_id), "messages": self.store.messages(conversation_id)}
+
+    async def on_conversation_update(self, request: Request, _client: bytes) -> dict[str, Any]:
+        body = request.body
+        conversation_id = self.store.resolve_conversation(field_of(body, "id", str))
+        settings = field_of(body, "settings", dict, None)
+        conversation = self.store.update_conversation(
+            conversation_id,
+            title=field_of(body, "title", str, None),
+            system_prompt=field_of(body, "system_prompt", str, None),
+            settings=checked_sampling(settings) if settings is not None else None,
+        )
+        self.bus.publish("conversation", {"action": "updated", "conversation": conversation})
+        return {"conversation": conversation}
+
+    async def on_conversation_delete(self, request: Request, _client: bytes) -> dict[str, Any]:
+        conversation_id = self.store.resolve_conversation(field_of(request.body, "id", str))
+        if self.generation.has_work_for(conversation_id):
+            raise ProtocolError("busy", "this conversation has a reply queued or generating; cancel it first")
+        self.store.delete_conversation(conversation_id)
+        self.bus.publish("conversation", {"action": "deleted", "conversation": {"id": conversation_id}})
+        return {"deleted": conversation_id}
+
+
+def checked_sampling(raw: dict[str, Any]) -> dict[str, Any]:
+    """Keep the known sampling fields, with their types and ranges checked."""
+    sampling = {}
+    for name, kind in SAMPLING_FIELDS.items():
+        if name in raw and raw[name] is not None:
+            sampling[name] = field_of(raw, name, (int, float) if kind is float else int)
+    if "max_tokens" in sampling and sampling["max_tokens"] < 1:
+        raise ProtocolError("invalid_value", "max_tokens must be at least 1")
+    if "temperature" in sampling and not 0 <= sampling["temperature"] <= 5:
+        raise ProtocolError("invalid_value", "temperature must be between 0 and 5")
+    return sampling
+
+
+def title_from(content: str) -> str:
+    """A conversation's title from its first message: the first line, at most 60 characters."""
+    first_line = content.strip().splitlines()[0]
+    return first_line[:60] + ("…" if len(first_line) > 60 else "")

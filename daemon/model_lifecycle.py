@@ -1,0 +1,243 @@
+"""The loaded model: load parameters, the plan, replacing the engine, watching it, and its state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import zmq.asyncio
+
+from vramchat.daemon import model_files
+from vramchat.daemon.events import EventBus
+from vramchat.daemon.notify import Notifier
+from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
+from vramchat.daemon.telemetry import TelemetrySampler
+from vramchat.shared.config import Config
+from vramchat.shared.gguf import GGUFError, inspect_cached
+from vramchat.shared.llama_log import parse_load_log
+from vramchat.shared.planner import Machine, PlanError, PlanSettings, plan_load
+from vramchat.shared.protocol import ProtocolError, field_of
+from vramchat.shared.units import parse_size
+
+log = logging.getLogger(__name__)
+
+# After this many engine crashes within CRASH_WINDOW_S, stop reloading by itself.
+MAX_AUTO_RELOADS = 3
+CRASH_WINDOW_S = 300.0
+
+ModelStateName = Literal["idle", "loading", "ready", "error", "crashed"]
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What the `model` event and the snapshot say about the model (docs/protocol.md, `model`)."""
+
+    state: ModelStateName = "idle"
+    name: str | None = None
+    path: str | None = None
+    n_gpu_layers: int | None = None
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    progress: float | None = None
+    error: str | None = None
+    engine_pid: int | None = None
+    load_seconds: float | None = None
+    chat_template: str | None = None
+    reloading: bool = False  # after a crash: whether the daemon reloads by itself
+    plan: dict[str, Any] | None = None  # the planner's LoadPlan.to_dict()
+    split: dict[str, Any] | None = None  # what llama.cpp allocated (shared.llama_log.LoadSplit)
+    state_cache_bytes: int | None = None
+
+    @property
+    def available(self) -> bool:
+        """A request queued now will be answered: a model is loaded, loading, or coming back."""
+        return self.state in ("loading", "ready") or (self.state == "crashed" and self.reloading)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`."""
+        name = self.name or "no model"
+        if self.state == "ready":
+            return f"serving {name} ({self.n_gpu_layers} GPU layers, n_ctx {self.n_ctx})"
+        if self.state in ("error", "crashed"):
+            return f"{self.state}: {self.error}"
+        return f"{self.state} {name}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadParams:
+    """A checked load request, with n_gpu_layers resolved by the plan."""
+
+    model_path: str
+    n_gpu_layers: int
+    n_ctx: int
+    n_threads: int
+    state_cache_bytes: int
+    plan: dict[str, Any]
+
+    def for_engine(self) -> dict[str, Any]:
+        """The engine's `load` message (daemon/engine.py)."""
+        return {"model_path": self.model_path, "n_gpu_layers": self.n_gpu_layers, "n_ctx": self.n_ctx,
+                "n_threads": self.n_threads, "state_cache_bytes": self.state_cache_bytes}
+
+
+class ModelLifecycle:
+    """Owns the engine process and the model state; a model switch is an engine replacement.
+
+    `engine_lock` is held by whoever drives the engine (the generation worker, a replacement), and
+    `ready` is set while a loaded engine can take a request.
+    """
+
+    def __init__(self, *, context: zmq.asyncio.Context, runtime_dir: Path, config: Config, bus: EventBus,
+                 telemetry: TelemetrySampler, notifier: Notifier,
+                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]], stopping: asyncio.Event) -> None:
+        self.context, self.runtime_dir, self.config = context, runtime_dir, config
+        self.bus, self.telemetry, self.notifier = bus, telemetry, notifier
+        self.spawn, self.stopping = spawn, stopping
+        self.state = ModelState()
+        self.engine: EngineProcess | None = None
+        self.engine_lock = asyncio.Lock()
+        self.ready = asyncio.Event()
+        # Set by the daemon to the generation queue's: stops the reply in flight before a replacement.
+        self.cancel_running: Callable[[str], None] = lambda reason: None
+        self._last_load: LoadParams | None = None
+        self._load_lock = asyncio.Lock()
+        self._crash_times: list[float] = []
+
+    def update(self, **changes: Any) -> None:
+        """Change the model state and tell every client."""
+        previous = self.state.state
+        self.state = replace(self.state, **changes)
+        self.bus.publish("model", self.state.to_wire())
+        if self.state.state != previous:
+            self.notifier.status(self.state.status_line())
+
+    def startup_model(self, named: str | None) -> str | None:
+        """The model to load at start: named on the command line, else the config's, else the demo."""
+        name = named or self.config.default_model
+        if name is None:
+            demo = next((m for m in model_files.discover(self.config.model_dirs) if m["source"] == "demo"), None)
+            name = demo["path"] if demo else None
+        if name is None:
+            log.info("no model to load at start: configure default_model, or install the demo model")
+        return name
+
+    def load_in_background(self, model: str) -> None:
+        """The start-up load: requests arriving meanwhile wait for it; a failure is logged, not raised."""
+        self.state = replace(self.state, state="loading", progress=0.0)
+
+        async def load() -> None:
+            try:
+                await self.load({"model": model}, trusted=True)
+            except ProtocolError as exc:
+                log.error("could not load the start-up model: %s", exc.message)
+                if self.state.state == "loading":
+                    self.update(state="error", error=exc.message, progress=None)
+
+        self.spawn(load())
+
+    async def load(self, body: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
+        """Validate and plan, then replace the engine with a fresh one holding the requested model.
+
+        `trusted` is for the daemon's own command line and config, which may name any path.
+        """
+        # Reading a GGUF's header takes seconds for a big vocabulary: keep it off the loop.
+        params = await asyncio.get_running_loop().run_in_executor(None, self._checked_params, body, trusted)
+        if self._load_lock.locked():
+            raise ProtocolError("busy", "another load is in progress; wait for it to finish")
+        async with self._load_lock:
+            return await self._replace_engine(params)
+
+    def _checked_params(self, body: dict[str, Any], trusted: bool) -> LoadParams:
+        """Check the request's fields, then plan: resolve "auto" and refuse a load that would swap."""
+        name = field_of(body, "model", str)
+        path = model_files.resolve(name, self.config.model_dirs, allow_any_path=trusted or self.config.allow_any_model_path)
+        n_gpu_layers = field_of(body, "n_gpu_layers", (int, str), self.config.n_gpu_layers)
+        if n_gpu_layers != "auto" and (not isinstance(n_gpu_layers, int) or n_gpu_layers < 0):
+            raise ProtocolError("invalid_value", f'n_gpu_layers must be a whole number >= 0 or "auto", not {n_gpu_layers!r}')
+        n_ctx = field_of(body, "n_ctx", int, self.config.n_ctx)
+        if not 16 <= n_ctx <= 1 << 20:
+            raise ProtocolError("invalid_value", f"n_ctx must be between 16 and 1048576 tokens, not {n_ctx}")
+        cpus = os.cpu_count() or 1
+        n_threads = field_of(body, "n_threads", int, self.config.n_threads or cpus)
+        if not 1 <= n_threads <= cpus:
+            raise ProtocolError("invalid_value", f"n_threads must be between 1 and this machine's {cpus} CPUs, not {n_threads}")
+        budget_text = field_of(body, "vram_budget", (int, str), None)
+        try:
+            budget = parse_size(budget_text) if isinstance(budget_text, str) else budget_text
+            info = inspect_cached(path)
+            host = Machine.from_sample(self.telemetry.latest() or self.telemetry.sample(engine_pid=None))
+            plan = plan_load(info, host, n_gpu_layers, PlanSettings(n_ctx=n_ctx), vram_budget=budget)
+        except GGUFError as exc:
+            raise ProtocolError("not_gguf", str(exc)) from None
+        except (PlanError, ValueError) as exc:
+            raise ProtocolError("invalid_value", str(exc)) from None
+        if plan.swap.would_swap and not field_of(body, "force", bool, False):
+            raise ProtocolError("would_swap", plan.swap.message)
+        return LoadParams(str(path), plan.n_gpu_layers, n_ctx, n_threads, self.config.state_cache_mib << 20, plan.to_dict())
+
+    async def _replace_engine(self, params: LoadParams) -> dict[str, Any]:
+        """Stop the engine (the only sure way to get its VRAM back) and start one with `params`."""
+        self.ready.clear()
+        self.update(
+            state="loading", progress=0.0, error=None, reloading=False, path=params.model_path, plan=params.plan,
+            name=Path(params.model_path).name, n_gpu_layers=params.n_gpu_layers, n_ctx=params.n_ctx, n_threads=params.n_threads,
+        )
+        self.cancel_running("a new model was loaded")
+        async with self.engine_lock:
+            if self.engine:
+                await self.engine.stop()
+                self.engine = None
+            try:
+                engine, ready = await launch(self.context, self.runtime_dir, params.for_engine(),
+                                             lambda fraction: self.update(progress=round(fraction, 3)))
+            except LoadFailed as exc:
+                self.update(state="error", error=str(exc), progress=None)
+                raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {exc}") from None
+            self.engine = engine
+            self._last_load = params
+            self.spawn(self._watch(engine))
+            self.update(
+                state="ready", progress=1.0, engine_pid=engine.pid, n_ctx=ready["n_ctx"], load_seconds=ready["load_seconds"],
+                chat_template=ready["chat_template"], split=parse_load_log(ready["load_log"]).to_dict(),
+            )
+            self.ready.set()
+        log.info("loaded %s in %.2f s", params.model_path, ready["load_seconds"])
+        return {"model": self.state.to_wire()}
+
+    async def _watch(self, engine: EngineProcess) -> None:
+        """An engine that ends by itself has crashed: say so, and reload unless it keeps crashing."""
+        returncode = await engine.exited
+        if engine.stopping or self.stopping.is_set():
+            return
+        self.ready.clear()
+        reason = f"the engine {describe_exit(returncode)}"
+        now = time.monotonic()
+        self._crash_times = [t for t in self._crash_times if now - t < CRASH_WINDOW_S] + [now]
+        last_load = self._last_load
+        reloading = last_load is not None and len(self._crash_times) <= MAX_AUTO_RELOADS
+        self.update(state="crashed", error=reason, engine_pid=None, reloading=reloading)
+        if last_load is None or not reloading:
+            log.error("%s; %d crashes in %.0f s, not reloading by itself: run `vramchat load`",
+                      reason, len(self._crash_times), CRASH_WINDOW_S)
+            return
+        log.warning("%s; reloading %s", reason, last_load.model_path)
+        async with self._load_lock:
+            if self.engine is engine:  # nobody loaded another model meanwhile
+                self.engine = None
+                try:
+                    await self._replace_engine(last_load)
+                except ProtocolError as exc:
+                    log.error("automatic reload failed: %s", exc.message)
+
+    async def stop(self) -> None:
+        if self.engine:
+            await self.engine.stop()
