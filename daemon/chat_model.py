@@ -74,7 +74,7 @@ class ChatModel:
 
     def prompt(self, messages: list[dict[str, str]]) -> Prompt:
         """The conversation formatted and tokenized as the model was trained to read it."""
-        formatted = self.formatter(messages=messages)
+        formatted = self.formatter(messages=messages)  # type: ignore[arg-type]  # role/content dicts are what it reads
         tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
         return Prompt(tokens, stops + self._extra_stops)

@@ -258,7 +258,7 @@ class ConversationStates:
         context does now; returns the number of prompt tokens that need no evaluation."""
         current = _common_prefix(prompt, llm.input_ids[: llm.n_tokens].tolist())
         entry = self.entries.get(key) if key else None
-        if entry is None or _common_prefix(prompt, entry.tokens) <= current:
+        if key is None or entry is None or _common_prefix(prompt, entry.tokens) <= current:
             return current
         self.entries.move_to_end(key)
         ctx = llm._ctx.ctx
@@ -274,7 +274,7 @@ class ConversationStates:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

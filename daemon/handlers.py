@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramchat.shared import __version__
 from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue, Job
@@ -19,7 +18,7 @@ from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.monitor import Monitor
 from vramchat.daemon.store import NotFound, Store, StoreError
 from vramchat.daemon.transport import Replier
-from vramchat.shared import protocol
+from vramchat.shared import __version__, protocol
 from vramchat.shared.config import Config
 from vramchat.shared.protocol import SAMPLING_FIELDS, ProtocolError, Request, field_of
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 
 from vramchat.daemon.events import EventBus
@@ -30,7 +32,7 @@ class Monitor:
             engine = self.model.engine
             engine_pid = engine.pid if engine and not engine.exited.done() else None
             speed = self.generation.speed()
-            sample = await loop.run_in_executor(None, lambda: self.sampler.sample(engine_pid=engine_pid, generation=speed))
+            sample = await loop.run_in_executor(None, functools.partial(self.sampler.sample, engine_pid=engine_pid, generation=speed))
             self.bus.publish("telemetry", sample)
             split = self.model.state.split or {}
             generating = self.generation.in_flight is not None
@@ -45,7 +47,5 @@ class Monitor:
                    or self.model.state.state == "loading")
         interval = self.interval_s if watched else max(self.interval_s, self.unwatched_interval_s)
         self.bus.new_subscriber.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.bus.new_subscriber.wait(), interval)
-        except TimeoutError:
-            pass

@@ -30,7 +30,7 @@ class Notifier:
         self._failed = False
 
     @classmethod
-    def from_env(cls, environ: MutableMapping[str, str] | None = None, *, unset: bool = True) -> "Notifier":
+    def from_env(cls, environ: MutableMapping[str, str] | None = None, *, unset: bool = True) -> Notifier:
         """Read $NOTIFY_SOCKET, $WATCHDOG_USEC and $WATCHDOG_PID.
 
         With `unset` (the default, like sd_notify's unset_environment) the variables are removed

@@ -8,6 +8,7 @@ does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -30,7 +31,7 @@ class Nvml:
 
     def __init__(self, module: Any | None = None) -> None:
         """`module` replaces the pynvml module (tests pass a fake at that boundary)."""
-        self._module = module
+        self._module: Any = module  # pynvml, imported on first use
         self._lock = threading.Lock()
         self._initialized = False
         self._available = False
@@ -135,7 +136,7 @@ class Nvml:
         merged: dict[int, int | None] = {}
         listed = False
         for kind in _PROCESS_QUERIES:
-            entries = self._field(lambda: self._query_processes(kind, handle))
+            entries = self._field(functools.partial(self._query_processes, kind, handle))
             if entries is None:
                 continue
             listed = True

@@ -89,7 +89,7 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def _transaction(self) -> "_Transaction":
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Cursor:

@@ -7,8 +7,9 @@ import itertools
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -58,7 +59,7 @@ class EngineProcess:
         return self.process.pid
 
     @classmethod
-    async def spawn(cls, context: zmq.asyncio.Context, runtime_dir: Path) -> "EngineProcess":
+    async def spawn(cls, context: zmq.asyncio.Context, runtime_dir: Path) -> EngineProcess:
         socket_path = runtime_dir / f"engine-{next(_engine_numbers)}.sock"
         socket = context.socket(zmq.PAIR)
         socket.setsockopt(zmq.LINGER, 0)
@@ -99,7 +100,7 @@ class EngineProcess:
         self.send({"op": "shutdown"})
         try:
             await asyncio.wait_for(asyncio.shield(self.exited), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("engine pid %d did not exit in %.0f s; killing it", self.pid, timeout)
             self.process.kill()
             await self.exited

@@ -93,8 +93,8 @@ class Transport:
         """The sockets follow the umask, so set it to match the directory's mode while binding."""
         old_umask = os.umask(0o007 if group_access else 0o077)
         try:
-            endpoints = (f"ipc://{_checked_ipc_path(runtime_dir / name)}" for name in (protocol.CONTROL_SOCKET, protocol.EVENTS_SOCKET))
-            self.listeners.append(self._listener("ipc", *endpoints))
+            control, events = (f"ipc://{_checked_ipc_path(runtime_dir / name)}" for name in (protocol.CONTROL_SOCKET, protocol.EVENTS_SOCKET))
+            self.listeners.append(self._listener("ipc", control, events))
         finally:
             os.umask(old_umask)
 

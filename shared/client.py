@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -77,7 +78,7 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self.max_request_bytes = protocol.MAX_REQUEST_BYTES
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         await self.connect()
         return self
 
@@ -119,7 +120,7 @@ class Client:
         self._reader = asyncio.create_task(self._read_replies())
         try:
             self.server = await self.request("hello", {"protocol": protocol.PROTOCOL_VERSION, "client": self.name}, timeout=min(self.timeout, 5.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.close()
             hint = (
                 "is it running, and is your public key in its authorized_keys/?"
@@ -164,7 +165,7 @@ class Client:
                 reply = protocol.unpack(frame)
             except protocol.ProtocolError:
                 continue
-            future = self._pending.get(reply.get("id")) if isinstance(reply, dict) else None
+            future = self._pending.get(str(reply.get("id"))) if isinstance(reply, dict) else None
             if future is not None and not future.done():
                 future.set_result(reply)
 
@@ -186,7 +187,7 @@ class Client:
         self._first_events: list[Event] = []
         try:
             frames = await asyncio.wait_for(socket.recv_multipart(), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DaemonNotRunning(f"no events from vramchatd at {self._endpoints()[1]}") from None
         if event := protocol.decode_event(frames):
             self._first_events.append(event)

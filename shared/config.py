@@ -50,7 +50,7 @@ class Config:
     source: Path | None = None
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any], source: Path | None = None) -> "Config":
+    def from_mapping(cls, raw: dict[str, Any], source: Path | None = None) -> Config:
         config = cls(source=source)
         where = f" in {source}" if source else ""
         dirs = raw.get("model_dirs", [])

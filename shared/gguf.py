@@ -51,7 +51,7 @@ class _HeaderReader(GGUFReader):
         offs = orig_offs + 12
         item = GGUFValueType(int(item_type[0]))
         if item == GGUFValueType.STRING:
-            buffer = memoryview(self.data)
+            buffer = memoryview(self.data)  # type: ignore[arg-type]  # a numpy memmap is a buffer
             u64 = struct.Struct(">Q" if self.byte_order == "S" else "<Q")
             for _ in range(int(length[0])):
                 offs += 8 + u64.unpack_from(buffer, offs)[0]
@@ -202,18 +202,18 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     layer_bytes, layer_expert_bytes = [0] * n_layer, [0] * n_layer
     mix: dict[str, int] = defaultdict(int)
     embedding = output = other = 0
-    for tensor in tensors:
-        mix[tensor.type] += tensor.bytes
-        if tensor.layer is not None and tensor.layer < n_layer:
-            layer_bytes[tensor.layer] += tensor.bytes
-            if tensor.expert:
-                layer_expert_bytes[tensor.layer] += tensor.bytes
-        elif tensor.name.startswith("token_embd."):
-            embedding += tensor.bytes
-        elif tensor.name.startswith(("output.", "output_norm.")):
-            output += tensor.bytes
+    for info in tensors:
+        mix[info.type] += info.bytes
+        if info.layer is not None and info.layer < n_layer:
+            layer_bytes[info.layer] += info.bytes
+            if info.expert:
+                layer_expert_bytes[info.layer] += info.bytes
+        elif info.name.startswith("token_embd."):
+            embedding += info.bytes
+        elif info.name.startswith(("output.", "output_norm.")):
+            output += info.bytes
         else:
-            other += tensor.bytes
+            other += info.bytes
     file_type = _field(reader, "general.file_type")
     try:
         file_type_name = LlamaFileType(int(file_type)).name if file_type is not None else None

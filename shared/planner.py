@@ -293,7 +293,7 @@ class Machine:
         return self.gpu_name is not None or self.free_vram > 0
 
     @classmethod
-    def from_sample(cls, sample: dict[str, Any] | None) -> "Machine":
+    def from_sample(cls, sample: dict[str, Any] | None) -> Machine:
         """From a telemetry sample (daemon/telemetry.py); an empty machine before the first one."""
         if sample is None:
             return cls()
