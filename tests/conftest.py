@@ -1,28 +1,54 @@
-"""Shared fixtures: tiny GGUF models, and a real vramchatd on a private runtime dir."""
+"""Shared fixtures: a private home for every test, tiny GGUF models, and a real vramchatd on a
+private runtime dir. The helpers these use live in helpers.py."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gguf_factory import TinyModelSpec, write_tiny_llama
+from helpers import DaemonFactory, DaemonProcess, IsolatedHome, isolate_home
 
-sys.path.insert(0, str(Path(__file__).parent))
+from vramchat.shared import paths
 
-from gguf_factory import TinyModelSpec, write_tiny_llama  # noqa: E402
+USE_MY_CONFIG = "--use-my-config"
 
-from vramchat.shared import paths  # noqa: E402
-from vramchat.shared.protocol import CONTROL_SOCKET  # noqa: E402
 
-VRAMCHATD = [sys.executable, "-m", "vramchat.daemon.cli"]
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        USE_MY_CONFIG, action="store_true",
+        help="run against your own HOME, XDG directories and vramchat config instead of a private home per test "
+             "(to reproduce what only your config shows; the suite is meant to pass without it)",
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_cache_home() -> Iterator[Path]:
+    """One XDG cache for the session: the RAM bandwidth the planner measures (~0.3 s) stays warm."""
+    directory = Path(tempfile.mkdtemp(prefix="vc-cache-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                  shared_cache_home: Path) -> Iterator[IsolatedHome | None]:
+    """Every test gets its own HOME, XDG dirs and empty config, so nothing a developer keeps in
+    ~/.config/vramchat (config, [keys], curve keys), ~/.local/share/vramchat or a running daemon
+    changes an outcome. Set through the environment: the daemons and CLIs the tests start inherit it.
+
+    A short path, not tmp_path: the runtime dir holds ipc sockets (paths of ~100 bytes at most).
+    """
+    if request.config.getoption(USE_MY_CONFIG):
+        yield None
+        return
+    home = Path(tempfile.mkdtemp(prefix="vc-home-"))
+    yield isolate_home(monkeypatch, home, shared_cache_home)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -42,58 +68,8 @@ def demo_model() -> Path:
     return path
 
 
-@dataclass
-class DaemonProcess:
-    """A vramchatd child process; restartable, with its log kept for failing tests."""
-
-    runtime_dir: Path
-    data_dir: Path
-    args: list[str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self, *extra: str, wait: bool = True) -> "DaemonProcess":
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [*VRAMCHATD, "--runtime-dir", str(self.runtime_dir), "--data-dir", str(self.data_dir), *self.args, *extra],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-        )
-        if wait:
-            self.wait_for_socket()
-        return self
-
-    def wait_for_socket(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not (self.runtime_dir / CONTROL_SOCKET).exists():
-            assert self.process and self.process.poll() is None, f"vramchatd exited early:\n{self.log()}"
-            assert time.monotonic() < deadline, f"vramchatd did not bind in {timeout} s:\n{self.log()}"
-            time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
-        """The log once it holds `text`: the daemon goes on logging after its socket appears."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert time.monotonic() < deadline, f"{text!r} not logged in {timeout} s:\n{self.log()}"
-            time.sleep(0.05)
-        return self.log()
-
-
 @pytest.fixture
-def daemon_factory(models_dir: Path) -> Iterator[Callable[..., "DaemonProcess"]]:
+def daemon_factory(models_dir: Path) -> Iterator[DaemonFactory]:
     """Make daemons on short private dirs (ipc paths are limited to ~100 bytes)."""
     made: list[DaemonProcess] = []
     roots: list[Path] = []
@@ -116,12 +92,12 @@ def daemon_factory(models_dir: Path) -> Iterator[Callable[..., "DaemonProcess"]]
 
 
 @pytest.fixture
-def tiny_daemon(daemon_factory: Callable[..., DaemonProcess], models_dir: Path) -> DaemonProcess:
+def tiny_daemon(daemon_factory: DaemonFactory, models_dir: Path) -> DaemonProcess:
     """A daemon serving the tiny random-weights model (fast, meaningless tokens)."""
     return daemon_factory("--model", str(models_dir / "tiny.gguf"))
 
 
 @pytest.fixture
-def demo_daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
+def demo_daemon(daemon_factory: DaemonFactory) -> DaemonProcess:
     """A daemon serving the SmolLM2 demo model (a real quantized decode)."""
     return daemon_factory()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import zmq
+from helpers import DaemonFactory, DaemonProcess
 
 from vramchat.shared.client import Client, DaemonNotRunning
 from vramchat.shared.curve_client import client_keys
@@ -26,7 +27,7 @@ def free_port_pair() -> int:
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            port: int = s.getsockname()[1]
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 1))
@@ -74,7 +75,7 @@ def other_user() -> str:
     return OTHER_USER
 
 
-def test_another_user_cannot_reach_the_ipc_sockets(tiny_daemon: Any, other_user: str) -> None:
+def test_another_user_cannot_reach_the_ipc_sockets(tiny_daemon: DaemonProcess, other_user: str) -> None:
     # Open the directories above the runtime dir, so the 0700 runtime dir is what keeps them out.
     tiny_daemon.runtime_dir.parent.chmod(0o755)
     assert (tiny_daemon.runtime_dir.stat().st_mode & 0o777) == 0o700
@@ -85,17 +86,17 @@ def test_another_user_cannot_reach_the_ipc_sockets(tiny_daemon: Any, other_user:
     assert other_user_can_connect(tiny_daemon.runtime_dir, other_user)
 
 
-def test_the_daemon_refuses_a_runtime_dir_open_to_others(daemon_factory: Any) -> None:
+def test_the_daemon_refuses_a_runtime_dir_open_to_others(daemon_factory: DaemonFactory) -> None:
     daemon = daemon_factory("--no-load", start=False)
     daemon.runtime_dir.mkdir(parents=True)
     daemon.runtime_dir.chmod(0o755)
     daemon.start(wait=False)
-    assert daemon.process.wait(30) == 1
+    assert daemon.wait(30) == 1
     assert "0755" in daemon.log() and "chmod 700" in daemon.log()
 
 
 @pytest.fixture
-def curve_setup(daemon_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def curve_setup(daemon_factory: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Server keys made by `vramchatd keys`, and one client whose public key is authorized."""
     daemon = daemon_factory("--no-load", start=False)
     keys = subprocess.run([sys.executable, "-m", "vramchat.daemon.cli", "--data-dir", str(daemon.data_dir), "keys"],
@@ -113,13 +114,14 @@ def curve_setup(daemon_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
     return {"daemon": daemon, "port": port, "server_key": str(curve_dir / "server.key")}
 
 
-async def test_tcp_with_curve_accepts_a_listed_key_and_rejects_others(curve_setup: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_tcp_with_curve_accepts_a_listed_key_and_rejects_others(curve_setup: dict[str, Any], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     daemon, port = curve_setup["daemon"], curve_setup["port"]
     daemon.start("--tcp", f"127.0.0.1:{port}")
     server = f"tcp://127.0.0.1:{port}"
     async with Client(server=server, server_public_key=curve_setup["server_key"], timeout=5) as client:
         status = await client.request("status")
-        assert status["daemon"]["pid"] == daemon.process.pid
+        assert status["daemon"]["pid"] == daemon.pid
         await client.subscribe()  # the events socket is CURVE too
 
     monkeypatch.setenv("VRAMCHAT_CONFIG", str(tmp_path / "stranger" / "config.toml"))
@@ -127,7 +129,7 @@ async def test_tcp_with_curve_accepts_a_listed_key_and_rejects_others(curve_setu
         await Client(server=server, server_public_key=curve_setup["server_key"], timeout=2).connect()
 
     # A client that skips CURVE gets nothing at all from the CURVE port.
-    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(server)
     raw.send(b"\x80")
@@ -135,17 +137,17 @@ async def test_tcp_with_curve_accepts_a_listed_key_and_rejects_others(curve_setu
     raw.close()
 
 
-def test_tcp_without_keys_refuses_to_start(daemon_factory: Any) -> None:
+def test_tcp_without_keys_refuses_to_start(daemon_factory: DaemonFactory) -> None:
     daemon = daemon_factory("--no-load", "--tcp", f"127.0.0.1:{free_port_pair()}", start=False)
     daemon.start(wait=False)
-    assert daemon.process.wait(30) != 0
+    assert daemon.wait(30) != 0
     assert "vramchatd keys" in daemon.log()
 
 
-def test_insecure_tcp_needs_tcp_and_says_so_loudly(daemon_factory: Any) -> None:
+def test_insecure_tcp_needs_tcp_and_says_so_loudly(daemon_factory: DaemonFactory) -> None:
     lone = daemon_factory("--no-load", "--insecure-tcp", start=False)
     lone.start(wait=False)
-    assert lone.process.wait(30) == 2 and "needs --tcp" in lone.log()
+    assert lone.wait(30) == 2 and "needs --tcp" in lone.log()
     port = free_port_pair()
     plain = daemon_factory("--no-load", "--insecure-tcp", "--tcp", f"127.0.0.1:{port}")
     plain.wait_for_log("NO ENCRYPTION")

@@ -98,7 +98,7 @@ class Server:
         self.socket.linger = 0
         make_curve_server(self.socket, public, secret)
         self.socket.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.socket.last_endpoint.decode()
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.heard: list[bytes] = []
         self.task = asyncio.create_task(self.serve())
 

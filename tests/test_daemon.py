@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,58 +17,13 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from helpers import LONG, DaemonFactory, DaemonProcess, chat, collect_reply, start_long_reply, until, wait_ready
 
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.shared.protocol import CONTROL_SOCKET, Event
 
-# Greedy decoding of the tiny random model never emits end-of-generation, so replies run to
-# max_tokens: long enough to interrupt, and the same text every time.
-LONG = {"temperature": 0.0, "max_tokens": 3000}
 
-
-async def wait_ready(client: Client, timeout: float = 30.0) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        model = (await client.request("status"))["model"]
-        if model["state"] == "ready":
-            return model
-        assert model["state"] in ("loading", "crashed"), model
-        assert asyncio.get_running_loop().time() < deadline, f"model not ready in {timeout} s: {model}"
-        await asyncio.sleep(0.1)
-
-
-async def chat(client: Client, content: str, sampling: dict[str, Any], conversation: str | None = None) -> tuple[str, dict[str, Any]]:
-    request_id = uuid.uuid4().hex
-    body: dict[str, Any] = {"content": content, "sampling": sampling}
-    if conversation:
-        body["conversation"] = conversation
-    return request_id, await client.request("chat", body, request_id=request_id)
-
-
-async def start_long_reply(client: Client, first_tokens: int) -> tuple[Any, str, dict[str, Any], list[str]]:
-    """Subscribe, ask for a long reply, and return once its first tokens have arrived."""
-    await wait_ready(client)
-    await client.subscribe()
-    events = client.raw_events()
-    request_id, accepted = await chat(client, "hello", LONG)
-    tokens, _ = await collect_reply(events, request_id, until_tokens=first_tokens)
-    return events, request_id, accepted, tokens
-
-
-async def collect_reply(events: Any, request_id: str, *, until_tokens: int | None = None) -> tuple[list[str], dict[str, Any] | None]:
-    """Token texts of one request, and its final message (None if stopped at `until_tokens`)."""
-    tokens: list[str] = []
-    async for event in events:
-        if event.topic == "tok" and event.body["request"] == request_id:
-            tokens.append(event.body["text"])
-            if until_tokens is not None and len(tokens) >= until_tokens:
-                return tokens, None
-        elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] not in ("generating",):
-            return tokens, event.body
-    raise AssertionError("event stream ended")
-
-
-def run_cli(daemon: Any, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(daemon: DaemonProcess, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), *args],
         capture_output=True, text=True, input=input, timeout=timeout,
@@ -74,7 +31,7 @@ def run_cli(daemon: Any, *args: str, input: str | None = None, timeout: float = 
 
 
 @pytest.mark.demo
-def test_ask_streams_an_answer_from_the_quantized_demo_model(demo_daemon: Any) -> None:
+def test_ask_streams_an_answer_from_the_quantized_demo_model(demo_daemon: DaemonProcess) -> None:
     """Decodes SmolLM2 Q4_1: a llama.cpp build with broken quantized kernels fails here."""
     result = run_cli(demo_daemon, "ask", "What is the capital of France?")  # the defaults a new user gets
     assert result.returncode == 0, result.stderr + demo_daemon.log()
@@ -82,18 +39,16 @@ def test_ask_streams_an_answer_from_the_quantized_demo_model(demo_daemon: Any) -
 
 
 @pytest.mark.demo
-def test_ask_reads_the_prompt_from_stdin_and_prints_json(demo_daemon: Any) -> None:
+def test_ask_reads_the_prompt_from_stdin_and_prints_json(demo_daemon: DaemonProcess) -> None:
     result = run_cli(demo_daemon, "ask", "--json", "--max-tokens", "8", input="Say hello.")
     assert result.returncode == 0, result.stderr
-    import json
-
     reply = json.loads(result.stdout)
     assert reply["role"] == "assistant" and reply["status"] == "complete"
     assert reply["stats"]["generated_tokens"] >= 1 and reply["stats"]["prompt_tokens"] > 0
     assert reply["stats"]["ttft_s"] > 0
 
 
-async def test_two_clients_receive_the_same_tokens_as_stored(tiny_daemon: Any) -> None:
+async def test_two_clients_receive_the_same_tokens_as_stored(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as a, Client(tiny_daemon.runtime_dir) as b:
         await wait_ready(a)
         await a.subscribe()
@@ -104,36 +59,56 @@ async def test_two_clients_receive_the_same_tokens_as_stored(tiny_daemon: Any) -
             collect_reply(events_a, request_id), collect_reply(events_b, request_id)
         )
         assert tokens_a == tokens_b and len(tokens_a) > 10
-        assert final_a == final_b and final_a["status"] == "complete"
+        assert final_a is not None and final_a == final_b and final_a["status"] == "complete"
         stored = await a.request("conversation.get", {"id": accepted["conversation"]})
         assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
         assert stored["messages"][1]["content"] == "".join(tokens_a)
         assert final_a["stats"]["generated_tokens"] == 50
 
 
-async def test_late_joiner_snapshot_plus_events_equals_the_stored_reply(tiny_daemon: Any) -> None:
-    async with Client(tiny_daemon.runtime_dir) as first:
-        _, request_id, accepted, _ = await start_long_reply(first, 20)
+@contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """SIGSTOP `pid` meanwhile: whatever it was doing is still under way at the end."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
-        async with Client(tiny_daemon.runtime_dir) as late:
-            stream = late.stream()
-            snapshot = await anext(stream)
-            assert isinstance(snapshot, Snapshot)
-            in_flight = snapshot.body["in_flight"]
-            assert in_flight and in_flight["request"] == request_id, "joined after the reply ended"
-            text = in_flight["text"]
-            assert text, "the snapshot carries the partial reply"
-            async for event in stream:
-                assert isinstance(event, Event), "no resync expected"
-                if event.topic == "tok" and event.body["message"] == in_flight["message"]:
-                    text += event.body["text"]
-                elif event.topic == "msg" and event.body["id"] == in_flight["message"] and event.body["status"] != "generating":
-                    break
+
+async def test_late_joiner_snapshot_plus_events_equals_the_stored_reply(tiny_daemon: DaemonProcess) -> None:
+    """The Clone pattern's mid-reply path: the late client's snapshot holds the partial reply, and
+    the events after it hold the rest. The engine is paused from the reply's 20th token until the
+    late client has subscribed and taken its snapshot, so the reply cannot end before that."""
+    sampling = {"temperature": 0.0, "max_tokens": 400}
+    async with Client(tiny_daemon.runtime_dir) as first, Client(tiny_daemon.runtime_dir) as late:
+        engine_pid = (await wait_ready(first))["engine_pid"]
+        _, request_id, accepted, _ = await start_long_reply(first, 20, sampling)
+        stream = late.stream()
+        with paused(engine_pid):
+            snapshot = await anext(stream)  # the late client subscribes, then asks for the snapshot
+        assert isinstance(snapshot, Snapshot)
+        in_flight = snapshot.body["in_flight"]
+        assert in_flight is not None, "the reply ended before the late client attached: the snapshot has no in_flight"
+        assert in_flight["request"] == request_id
+        text = in_flight["text"]
+        assert text, "the snapshot carries the partial reply"
+        tokens_after = 0
+        async for event in stream:
+            assert isinstance(event, Event), "no resync expected"
+            if event.topic == "tok" and event.body["message"] == in_flight["message"]:
+                text += event.body["text"]
+                tokens_after += 1
+            elif event.topic == "msg" and event.body["id"] == in_flight["message"] and event.body["status"] != "generating":
+                break
+        assert tokens_after > 0, "the rest of the reply came as events after the snapshot"
         stored = await first.request("conversation.get", {"id": accepted["conversation"]})
-        assert stored["messages"][-1]["content"] == text
+        reply = stored["messages"][-1]
+        assert reply["content"] == text
+        assert reply["status"] == "complete" and reply["stats"]["generated_tokens"] == sampling["max_tokens"]
 
 
-async def test_cancel_stops_within_one_token_and_keeps_the_text(tiny_daemon: Any) -> None:
+async def test_cancel_stops_within_one_token_and_keeps_the_text(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         events, request_id, accepted, tokens = await start_long_reply(client, 10)
         assert (await client.request("cancel", {"request": request_id})) == {"cancelled": "running"}
@@ -149,7 +124,7 @@ async def test_cancel_stops_within_one_token_and_keeps_the_text(tiny_daemon: Any
         assert error.value.code == "not_found"
 
 
-async def test_cancel_of_a_queued_request_removes_it(tiny_daemon: Any) -> None:
+async def test_cancel_of_a_queued_request_removes_it(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         first, _ = await chat(client, "one", LONG)
@@ -159,7 +134,7 @@ async def test_cancel_of_a_queued_request_removes_it(tiny_daemon: Any) -> None:
         await client.request("cancel", {"request": first})
 
 
-async def test_engine_killed_mid_reply_marks_it_interrupted_and_reloads(tiny_daemon: Any) -> None:
+async def test_engine_killed_mid_reply_marks_it_interrupted_and_reloads(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         model = await wait_ready(client)
         events, request_id, accepted, _ = await start_long_reply(client, 10)
@@ -175,7 +150,7 @@ async def test_engine_killed_mid_reply_marks_it_interrupted_and_reloads(tiny_dae
         assert final is not None and final["status"] == "complete"
 
 
-async def test_daemon_restart_keeps_every_stored_message(tiny_daemon: Any) -> None:
+async def test_daemon_restart_keeps_every_stored_message(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         await client.subscribe()
@@ -190,7 +165,7 @@ async def test_daemon_restart_keeps_every_stored_message(tiny_daemon: Any) -> No
     assert after == before
 
 
-async def test_daemon_killed_mid_reply_keeps_messages_and_marks_the_reply(tiny_daemon: Any) -> None:
+async def test_daemon_killed_mid_reply_keeps_messages_and_marks_the_reply(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         _, _, accepted, _ = await start_long_reply(client, 10)
     tiny_daemon.stop(signal.SIGKILL)
@@ -209,7 +184,8 @@ async def raw_request(runtime_dir: Path, *frames: bytes) -> dict[str, Any]:
     socket.connect(f"ipc://{runtime_dir / CONTROL_SOCKET}")
     try:
         await socket.send_multipart(list(frames))
-        return msgpack.unpackb(await asyncio.wait_for(socket.recv(), 10), raw=False)
+        reply: dict[str, Any] = msgpack.unpackb(await asyncio.wait_for(socket.recv(), 10), raw=False)
+        return reply
     finally:
         socket.close()
 
@@ -233,15 +209,16 @@ async def raw_request(runtime_dir: Path, *frames: bytes) -> dict[str, Any]:
         ([msgpack.packb({"id": "x", "type": "chat", "body": {"content": "x" * (5 << 20)}})], "too_large"),
     ],
 )
-async def test_malformed_requests_get_errors_and_the_daemon_stays_up(tiny_daemon: Any, frames: list[bytes], code: str) -> None:
+async def test_malformed_requests_get_errors_and_the_daemon_stays_up(tiny_daemon: DaemonProcess, frames: list[bytes], code: str) -> None:
     reply = await raw_request(tiny_daemon.runtime_dir, *frames)
     assert reply["ok"] is False and reply["error"]["code"] == code, reply
     assert reply["error"]["message"]
     async with Client(tiny_daemon.runtime_dir) as client:
-        assert (await client.request("status"))["daemon"]["pid"] == tiny_daemon.process.pid
+        assert (await client.request("status"))["daemon"]["pid"] == tiny_daemon.pid
 
 
-async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(daemon_factory: Any, models_dir: Path, tmp_path: Path) -> None:
+async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(daemon_factory: DaemonFactory, models_dir: Path,
+                                                                      tmp_path: Path) -> None:
     daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--models-dir", str(tmp_path))
     text_file = tmp_path / "notes.gguf"
     text_file.write_text("not a model")
@@ -269,7 +246,7 @@ async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(daemon_fac
         assert loaded["model"]["state"] == "ready" and loaded["model"]["n_ctx"] == 256
 
 
-async def test_auto_gpu_layers_and_the_swap_guard(tiny_daemon: Any, demo_model: Path) -> None:
+async def test_auto_gpu_layers_and_the_swap_guard(tiny_daemon: DaemonProcess, demo_model: Path) -> None:
     """This machine has no GPU: auto fits 0 layers, or all of them with a budget that holds them."""
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
@@ -286,17 +263,20 @@ async def test_auto_gpu_layers_and_the_swap_guard(tiny_daemon: Any, demo_model: 
         assert (await client.request("status"))["model"]["name"] == "tiny.gguf"  # the running model stays
 
 
-async def test_a_client_that_vanishes_mid_reply_costs_nothing(tiny_daemon: Any) -> None:
+async def test_a_client_that_vanishes_mid_reply_costs_nothing(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as leaver:
         await wait_ready(leaver)
-        request_id, accepted = await chat(leaver, "hello", {"temperature": 0.0, "max_tokens": 300})
+        _, accepted = await chat(leaver, "hello", {"temperature": 0.0, "max_tokens": 300})
     async with Client(tiny_daemon.runtime_dir) as stayer:
         await stayer.subscribe()
         events = stayer.raw_events()
-        snapshot = await stayer.request("snapshot")
-        if snapshot["in_flight"]:
-            await collect_reply(events, request_id)
-        stored = await stayer.request("conversation.get", {"id": accepted["conversation"]})
+
+        async def finished() -> dict[str, Any] | None:
+            stored: dict[str, Any] = await stayer.request("conversation.get", {"id": accepted["conversation"]})
+            messages = stored["messages"]
+            return stored if len(messages) == 2 and messages[-1]["status"] != "generating" else None
+
+        stored = await until(finished, timeout=60, what="the reply of the client that left is stored")
         assert stored["messages"][-1]["status"] == "complete"
         assert stored["messages"][-1]["stats"]["generated_tokens"] == 300
         next_id, _ = await chat(stayer, "next", {"max_tokens": 3})
@@ -304,7 +284,7 @@ async def test_a_client_that_vanishes_mid_reply_costs_nothing(tiny_daemon: Any) 
         assert final is not None and final["status"] == "complete"
 
 
-async def test_prompt_longer_than_the_context_is_refused_with_its_length(tiny_daemon: Any) -> None:
+async def test_prompt_longer_than_the_context_is_refused_with_its_length(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         loaded = await client.request("load", {"model": "tiny.gguf", "n_ctx": 64}, timeout=60)
@@ -333,7 +313,7 @@ async def test_client_raises_daemon_not_running_for_a_missing_socket(tmp_path: P
         await Client(tmp_path).connect()
 
 
-def test_cli_lists_models_and_conversations(tiny_daemon: Any) -> None:
+def test_cli_lists_models_and_conversations(tiny_daemon: DaemonProcess) -> None:
     models = run_cli(tiny_daemon, "models")
     assert models.returncode == 0 and "tiny.gguf" in models.stdout and "tiny-gqa.gguf" in models.stdout
     asked = run_cli(tiny_daemon, "ask", "--max-tokens", "5", "--temperature", "0", "hi")
@@ -342,7 +322,7 @@ def test_cli_lists_models_and_conversations(tiny_daemon: Any) -> None:
     assert listed.returncode == 0 and "hi" in listed.stdout
 
 
-async def test_switching_back_to_a_conversation_reuses_its_saved_kv_state(tiny_daemon: Any) -> None:
+async def test_switching_back_to_a_conversation_reuses_its_saved_kv_state(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         await client.subscribe()

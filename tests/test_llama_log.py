@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
-import llama_cpp
 from gguf_factory import TinyModelSpec, write_tiny_llama
+from helpers import load_log
 
 from vramchat.shared.llama_log import parse_load_log
 
 MIB = 1 << 20
-
-
-def load_log(path: Path, **params: object) -> str:
-    """llama.cpp's log while `path` loads in this process."""
-    lines: list[str] = []
-    callback = llama_cpp.llama_log_callback(lambda level, text, data: lines.append(text.decode()))
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))  # `callback` stays referenced while it is set
-    model = llama_cpp.Llama(str(path), n_gpu_layers=0, verbose=False, **params)
-    del model
-    return "".join(lines)
 
 
 def test_a_real_load_log_gives_every_buffer_once(tmp_path: Path) -> None:
@@ -61,7 +50,8 @@ def test_gpu_lines_offload_count_and_sums() -> None:
 
 
 def test_older_llama_cpp_kv_self_size_is_a_fallback_only() -> None:
-    old = "llama_new_context_with_model: KV self size  =  256.00 MiB, K (f16):  128.00 MiB\nllama_new_context_with_model: n_ctx      = 2048\n"
+    old = ("llama_new_context_with_model: KV self size  =  256.00 MiB, K (f16):  128.00 MiB\n"
+           "llama_new_context_with_model: n_ctx      = 2048\n")
     report = parse_load_log(old)
     assert report.total("kv") == 256 * MIB and report.n_ctx == 2048
     both = parse_load_log("llama_kv_cache_init:      CUDA0 KV buffer size =   256.00 MiB\n" + old)

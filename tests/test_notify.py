@@ -8,16 +8,21 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 from vramchat.daemon.notify import Notifier
 
 
+def receive_datagram(datagram: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in datagram.decode().split("\n"))
+
+
 def receive(sock: socket.socket) -> dict[str, str]:
-    datagram = sock.recv(4096).decode()
-    return dict(line.split("=", 1) for line in datagram.split("\n"))
+    return receive_datagram(sock.recv(4096))
 
 
 @pytest.fixture
@@ -109,18 +114,28 @@ def test_watchdog_interval(fake_systemd: tuple[socket.socket, str], usec: str | 
 
 async def test_watchdog_loop_pings_at_half_the_timeout(fake_systemd: tuple[socket.socket, str]) -> None:
     sock, path = fake_systemd
+    sock.setblocking(False)
     notifier = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    loop = asyncio.get_running_loop()
+    pings: list[dict[str, str]] = []
+    arrived: list[float] = []
+
+    async def three_pings() -> bool:
+        pings.append(receive_datagram(await loop.sock_recv(sock, 4096)))
+        arrived.append(loop.time())
+        return len(pings) == 3
+
+    started = loop.time()
     task = asyncio.create_task(notifier.watchdog_loop())
-    await asyncio.sleep(0.25)  # pings at 0, 0.1 and 0.2 s
-    task.cancel()
-    sock.settimeout(0)
-    pings = []
-    while True:
-        try:
-            pings.append(receive(sock))
-        except BlockingIOError:
-            break
+    try:
+        await until(three_pings, timeout=5, what=lambda: f"3 pings (got {pings})", interval=0)
+    finally:
+        task.cancel()
     assert pings == [{"WATCHDOG": "1"}] * 3
+    # Pings at 0, 0.1 and 0.2 s: the first at once, then every half of WATCHDOG_USEC.
+    assert arrived[0] - started < 0.1
+    gaps = [later - earlier for earlier, later in pairwise(arrived)]
+    assert all(0.09 <= gap < 0.2 for gap in gaps), gaps
 
 
 async def test_watchdog_loop_returns_without_a_watchdog() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
-from test_llama_log import load_log
+from helpers import load_log
 
 from vramchat.shared.gguf import inspect_gguf
 from vramchat.shared.llama_log import parse_load_log

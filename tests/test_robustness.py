@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import psutil
 import zmq
 import zmq.asyncio
+from helpers import DaemonProcess, chat, collect_reply, wait_ready
 
 from vramchat.shared import protocol
 from vramchat.shared.client import Client, RequestFailed
 from vramchat.shared.protocol import CONTROL_SOCKET
-
-from test_daemon import chat, collect_reply, wait_ready
 
 WRONG_TYPES: list[Any] = [None, True, -1, 2**63, 3.5, "", "x" * 300, b"\x00\xff", [], [1, "a"], {}, {"nested": {"deep": [None]}}]
 # Fields each request reads, with the kind each must be: the fuzzer sends any other kind.
@@ -75,7 +75,7 @@ def bad_frames(rng: random.Random, count: int) -> list[list[bytes]]:
     return frames
 
 
-async def send_all(runtime_dir: Any, frames: list[list[bytes]]) -> list[dict[str, Any]]:
+async def send_all(runtime_dir: Path, frames: list[list[bytes]]) -> list[dict[str, Any]]:
     """Send each frame and wait for its reply; a fresh socket every 100 keeps under the rate limit."""
     context = zmq.asyncio.Context.instance()
     replies = []
@@ -90,9 +90,9 @@ async def send_all(runtime_dir: Any, frames: list[list[bytes]]) -> list[dict[str
     return replies
 
 
-async def test_fuzzed_frames_all_get_error_replies_and_memory_stays_flat(tiny_daemon: Any) -> None:
+async def test_fuzzed_frames_all_get_error_replies_and_memory_stays_flat(tiny_daemon: DaemonProcess) -> None:
     rng = random.Random(1234)
-    daemon = psutil.Process(tiny_daemon.process.pid)
+    daemon = psutil.Process(tiny_daemon.pid)
     await send_all(tiny_daemon.runtime_dir, bad_frames(rng, 500))  # warm up caches and allocators
     rss_before = daemon.memory_info().rss
     frames = bad_frames(rng, 3000)
@@ -114,7 +114,7 @@ async def test_fuzzed_frames_all_get_error_replies_and_memory_stays_flat(tiny_da
         assert final is not None and final["status"] == "complete"
 
 
-async def test_a_flood_from_one_client_is_rate_limited(tiny_daemon: Any) -> None:
+async def test_a_flood_from_one_client_is_rate_limited(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         results = await asyncio.gather(*(client.request("status") for _ in range(400)), return_exceptions=True)
     limited = [r for r in results if isinstance(r, Exception)]
@@ -122,7 +122,7 @@ async def test_a_flood_from_one_client_is_rate_limited(tiny_daemon: Any) -> None
     assert len(results) - len(limited) >= 200
 
 
-async def test_eight_clients_with_25_queued_requests_each_complete_in_fifo_order(tiny_daemon: Any) -> None:
+async def test_eight_clients_with_25_queued_requests_each_complete_in_fifo_order(tiny_daemon: DaemonProcess) -> None:
     clients = [Client(tiny_daemon.runtime_dir, name=f"load-{i}") for i in range(8)]
     for client in clients:
         await client.connect()
@@ -174,7 +174,7 @@ async def test_eight_clients_with_25_queued_requests_each_complete_in_fifo_order
     assert seqs == sorted(seqs)
 
 
-async def test_one_client_may_queue_32_requests(tiny_daemon: Any) -> None:
+async def test_one_client_may_queue_32_requests(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         first, _ = await chat(client, "long", {"temperature": 0.0, "max_tokens": 3000})

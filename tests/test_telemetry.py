@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import subprocess
@@ -15,13 +14,12 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
+from helpers import DaemonFactory, DaemonProcess, FakePynvml, chat, collect_reply, until, wait_ready, wait_until
 
 from vramchat.daemon.nvml import NO_GPU, Nvml
 from vramchat.daemon.telemetry import HOST_KEYS, AlarmTracker, TelemetrySampler, _gguf_resident, engine_memory
 from vramchat.shared.client import Client, Snapshot
 from vramchat.shared.llama_log import parse_load_log
-
-from test_daemon import chat, collect_reply, wait_ready
 
 
 async def next_telemetry(client: Client) -> dict[str, Any]:
@@ -31,7 +29,7 @@ async def next_telemetry(client: Client) -> dict[str, Any]:
     raise AssertionError("no telemetry")
 
 
-async def test_ram_and_swap_agree_with_psutil(tiny_daemon: Any) -> None:
+async def test_ram_and_swap_agree_with_psutil(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await client.subscribe()
         host = (await next_telemetry(client))["host"]
@@ -42,7 +40,7 @@ async def test_ram_and_swap_agree_with_psutil(tiny_daemon: Any) -> None:
     assert abs(host["swap_used"] - swap.used) <= max(0.05 * swap.total, 1 << 20)
 
 
-async def test_engine_memory_is_present_and_grows_after_loading_a_bigger_model(tiny_daemon: Any, demo_model: Path) -> None:
+async def test_engine_memory_is_present_and_grows_after_loading_a_bigger_model(tiny_daemon: DaemonProcess, demo_model: Path) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         await client.subscribe()
@@ -59,11 +57,17 @@ async def test_engine_memory_is_present_and_grows_after_loading_a_bigger_model(t
     assert big["model_file_resident"] > 80 << 20
 
 
-async def test_history_accumulates_and_reaches_a_late_joiner(daemon_factory: Any, models_dir: Path) -> None:
+async def test_history_accumulates_and_reaches_a_late_joiner(daemon_factory: DaemonFactory, models_dir: Path) -> None:
     daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--telemetry-interval", "0.05")
     async with Client(daemon.runtime_dir) as watcher:  # watched: samples come every 0.05 s
         await watcher.subscribe()
-        await asyncio.sleep(1.0)
+        seen: list[float] = []
+
+        async def enough() -> bool:
+            seen.append((await next_telemetry(watcher))["t"])
+            return len(seen) >= 8 and seen[-1] - seen[0] > 0.4
+
+        await until(enough, timeout=20, what=lambda: f"8 samples over 0.4 s reach the watcher (got {len(seen)})", interval=0)
     async with Client(daemon.runtime_dir) as late:
         snapshot = await anext(late.stream())
     assert isinstance(snapshot, Snapshot)
@@ -74,21 +78,27 @@ async def test_history_accumulates_and_reaches_a_late_joiner(daemon_factory: Any
     assert snapshot.body["telemetry"]["latest"] == history[-1]
 
 
-async def test_unwatched_sampling_slows_down_and_a_new_subscriber_gets_a_fresh_sample(daemon_factory: Any, models_dir: Path) -> None:
+async def test_unwatched_sampling_slows_down_and_a_new_subscriber_gets_a_fresh_sample(daemon_factory: DaemonFactory,
+                                                                                      models_dir: Path) -> None:
     daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--telemetry-interval", "0.05",
                             "--unwatched-telemetry-interval", "0.5")
     async with Client(daemon.runtime_dir) as client:
         await wait_ready(client)
-        await asyncio.sleep(2.0)  # nobody subscribed, nothing generating
-        history = (await client.request("snapshot"))["telemetry"]["history"]
-        unwatched = [s["t"] for s in history if s["t"] > time.time() - 1.5]
-        assert 1 <= len(unwatched) <= 5, f"{len(unwatched)} samples in 1.5 s with nobody watching"
+        unwatched_from = time.time()  # nobody subscribed, nothing generating
+
+        async def samples_since(since: float, count: int) -> list[float] | None:
+            times = [s["t"] for s in (await client.request("snapshot"))["telemetry"]["history"] if s["t"] > since]
+            return times if len(times) >= count else None
+
+        # 1.5 s of unwatched sampling, between samples (a snapshot request is no subscriber).
+        unwatched = await until(lambda: samples_since(unwatched_from, 4), timeout=20, what="4 samples with nobody watching")
+        in_window = [t for t in unwatched if t >= unwatched[-1] - 1.5]
+        assert 1 <= len(in_window) <= 5, f"{len(in_window)} samples in 1.5 s with nobody watching"
         subscribed_at = time.time()
         sample = await next_telemetry(client)  # subscribes
         assert sample["t"] >= subscribed_at - 0.01 and sample["t"] - subscribed_at < 0.4
-        await asyncio.sleep(1.0)
-        watched = [s["t"] for s in (await client.request("snapshot"))["telemetry"]["history"] if s["t"] > subscribed_at]
-        assert len(watched) >= 8, f"{len(watched)} samples in 1 s with a subscriber"
+        watched = await until(lambda: samples_since(subscribed_at, 8), timeout=20, what="8 samples with a subscriber")
+        assert watched[7] - subscribed_at <= 1.0, f"8 samples took {watched[7] - subscribed_at:.2f} s with a subscriber"
 
 
 def test_an_absurd_telemetry_interval_is_refused_with_the_range() -> None:
@@ -110,7 +120,7 @@ def _llama_log_of_load(model: Path, n_ctx: int) -> str:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True).stdout
 
 
-async def test_buffer_sizes_reported_at_load_match_the_llama_cpp_log(tiny_daemon: Any, demo_model: Path) -> None:
+async def test_buffer_sizes_reported_at_load_match_the_llama_cpp_log(tiny_daemon: DaemonProcess, demo_model: Path) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         loaded = (await client.request("load", {"model": str(demo_model), "n_ctx": 2048}, timeout=60))["model"]
@@ -163,8 +173,6 @@ def test_sampler_ram_and_swap_agree_with_psutil() -> None:
 
 
 def test_a_sample_is_plain_data_with_every_key_and_passes_generation_through() -> None:
-    from test_nvml import FakePynvml
-
     generation = {"generating": True, "tokens_per_s": 12.5}
     sampler = TelemetrySampler(nvml=Nvml(FakePynvml()))
     sample = sampler.sample(engine_pid=os.getpid(), generation=generation)
@@ -189,7 +197,8 @@ def test_swap_rates_come_from_the_change_of_the_kernel_counters(monkeypatch: pyt
     sampler = TelemetrySampler(nvml=NoGpu())
     started = time.monotonic()
     sampler.sample(engine_pid=None)
-    time.sleep(0.2)
+    first_done = time.monotonic()
+    wait_until(lambda: time.monotonic() - first_done >= 0.2, timeout=5, what="0.2 s pass")
     host = sampler.sample(engine_pid=None)["host"]
     elapsed = time.monotonic() - started
     assert (10 << 20) / elapsed <= host["swap_in_bps"] <= (10 << 20) / 0.2
@@ -280,9 +289,9 @@ def test_smaps_parsing_counts_only_gguf_mappings_deleted_or_not() -> None:
 
 def test_history_ring_drops_samples_older_than_its_window() -> None:
     sampler = TelemetrySampler(history_s=0.3, nvml=NoGpu())
-    for _ in range(3):
-        sampler.sample(engine_pid=None)
-    time.sleep(0.4)
+    old = [sampler.sample(engine_pid=None) for _ in range(3)]
+    # The sampler stamps samples with time.time(): wait until that clock puts them out of the window.
+    wait_until(lambda: time.time() - old[-1]["t"] > 0.3, timeout=5, what="the samples age out of the window")
     kept = sampler.sample(engine_pid=None)
     assert sampler.history() == [kept]
 
@@ -338,7 +347,8 @@ def test_vram_alarm_has_a_band_before_it_clears() -> None:
     assert kinds(started) == [("vram_low", True)] and "fewer GPU layers" in started[0]["message"]
     assert started[0]["severity"] == "warning"
     assert alarms.update(sample_at(1, gpu_free=margin + (100 << 20)), generating=False, cpu_side_need_bytes=None) == []
-    assert kinds(alarms.update(sample_at(2, gpu_free=margin + (300 << 20)), generating=False, cpu_side_need_bytes=None)) == [("vram_low", False)]
+    cleared = alarms.update(sample_at(2, gpu_free=margin + (300 << 20)), generating=False, cpu_side_need_bytes=None)
+    assert kinds(cleared) == [("vram_low", False)]
     assert alarms.update(sample_at(3, gpu_free=margin + (300 << 20)), generating=False, cpu_side_need_bytes=None) == []
 
 

@@ -1,0 +1,333 @@
+"""Helpers shared by the test modules: a vramchatd child process, a private home for each test,
+chatting through a Client, waiting for a condition with a deadline, llama.cpp's load log, and a
+fake pynvml. Fixtures live in conftest.py; test modules import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import pynvml
+import pytest
+
+from vramchat.shared.client import Client
+from vramchat.shared.protocol import CONTROL_SOCKET, Event
+
+T = TypeVar("T")
+
+VRAMCHATD = [sys.executable, "-m", "vramchat.daemon.cli"]
+
+# Greedy decoding of the tiny random model never emits end-of-generation, so replies run to
+# max_tokens: long enough to interrupt, and the same text every time.
+LONG = {"temperature": 0.0, "max_tokens": 3000}
+
+# --- waiting for a condition -------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str | Callable[[], str], interval: float = 0.02) -> T:
+    """Poll `condition` until it returns something truthy, and return that; fail after `timeout` s.
+
+    `what` names the condition in the failure (a callable is evaluated only then, e.g. a log).
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
+        time.sleep(interval)
+    return value
+
+
+async def until(condition: Callable[[], Awaitable[T | None]], *, timeout: float, what: str | Callable[[], str],
+                interval: float = 0.05) -> T:
+    """The asyncio `wait_until`: await `condition()` until it gives something truthy, and return that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (value := await condition()):
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
+        await asyncio.sleep(interval)
+    return value
+
+
+# --- a private home for each test --------------------------------------------------------------
+
+
+# Variables that point vramchat, or platformdirs, at a developer's own files and sockets; and
+# systemd's, which would have the tests' daemons notify the developer's service manager.
+USER_VARIABLES = ("VRAMCHAT_CONFIG", "VRAMCHAT_RUNTIME_DIR", "VRAMCHAT_DATA_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
+                  "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# The CUDA driver's JIT cache lives in ~/.nv unless this says otherwise: keep the developer's,
+# so a CUDA build without code for this GPU compiles its kernels once, not in every test's home.
+CUDA_CACHE = "CUDA_CACHE_PATH"
+
+
+@dataclass(frozen=True)
+class IsolatedHome:
+    """Where a test's code finds its config, data and sockets: never the developer's own."""
+
+    home: Path
+    config_file: Path  # empty, and named by $VRAMCHAT_CONFIG; a test may write keys into it
+    runtime_dir: Path  # what paths.runtime_dir() gives: $XDG_RUNTIME_DIR/vramchat
+    data_dir: Path  # what paths.data_dir() gives
+    cache_dir: Path  # shared by the whole session: the RAM bandwidth is measured once
+
+
+def isolate_home(monkeypatch: pytest.MonkeyPatch, home: Path, cache_home: Path) -> IsolatedHome:
+    """Point HOME, the XDG directories and VRAMCHAT_CONFIG at `home`, through the environment, so
+    that daemons, engines and CLIs started as child processes see the same private home.
+
+    The XDG cache is `cache_home`, one directory for the whole session. The llama.cpp build and
+    the demo model are found through the venv (sys.executable, importlib), not through HOME; the
+    CUDA JIT cache stays where it was.
+    """
+    monkeypatch.setenv(CUDA_CACHE, os.environ.get(CUDA_CACHE) or str(Path.home() / ".nv" / "ComputeCache"))
+    for name in USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    config_home, runtime = home / ".config", home / "run"
+    runtime.mkdir(mode=0o700, parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    config_file = config_home / "vramchat" / "config.toml"
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text("")
+    monkeypatch.setenv("VRAMCHAT_CONFIG", str(config_file))
+    return IsolatedHome(home=home, config_file=config_file, runtime_dir=runtime / "vramchat",
+                        data_dir=home / ".local" / "share" / "vramchat", cache_dir=cache_home / "vramchat")
+
+
+# --- a real vramchatd --------------------------------------------------------------------------
+
+
+@dataclass
+class DaemonProcess:
+    """A vramchatd child process; restartable, with its log kept for failing tests."""
+
+    runtime_dir: Path
+    data_dir: Path
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "vramchatd was never started"
+        return self.process.pid
+
+    def start(self, *extra: str, wait: bool = True) -> DaemonProcess:
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [*VRAMCHATD, "--runtime-dir", str(self.runtime_dir), "--data-dir", str(self.data_dir), *self.args, *extra],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            )
+        if wait:
+            self.wait_for_socket()
+        return self
+
+    def wait_for_socket(self, timeout: float = 20.0) -> None:
+        def bound() -> bool:
+            assert self.process and self.process.poll() is None, f"vramchatd exited early:\n{self.log()}"
+            return (self.runtime_dir / CONTROL_SOCKET).exists()
+
+        wait_until(bound, timeout=timeout, what=lambda: f"vramchatd did not bind:\n{self.log()}", interval=0.05)
+
+    def wait(self, timeout: float) -> int:
+        """The exit status, once the daemon has exited on its own (within `timeout` s)."""
+        assert self.process is not None, "vramchatd was never started"
+        return self.process.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it holds `text`: the daemon goes on logging after its socket appears."""
+        def logged() -> str | None:
+            log = self.log()
+            return log if text in log else None
+
+        return wait_until(logged, timeout=timeout, what=lambda: f"{text!r} not logged:\n{self.log()}", interval=0.05)
+
+
+# What the daemon_factory fixture gives: make(*vramchatd_args, start=True) -> DaemonProcess.
+DaemonFactory = Callable[..., DaemonProcess]
+
+
+# --- chatting through a Client -----------------------------------------------------------------
+
+
+async def wait_ready(client: Client, timeout: float = 30.0) -> dict[str, Any]:
+    """The status's model once it is ready; fails if it is neither loading nor ready."""
+
+    async def ready() -> dict[str, Any] | None:
+        model: dict[str, Any] = (await client.request("status"))["model"]
+        if model["state"] == "ready":
+            return model
+        assert model["state"] in ("loading", "crashed"), model
+        return None
+
+    return await until(ready, timeout=timeout, what="the model is ready", interval=0.1)
+
+
+async def chat(client: Client, content: str, sampling: dict[str, Any], conversation: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Send a chat request; its request id and the daemon's reply (conversation, position)."""
+    request_id = uuid.uuid4().hex
+    body: dict[str, Any] = {"content": content, "sampling": sampling}
+    if conversation:
+        body["conversation"] = conversation
+    return request_id, await client.request("chat", body, request_id=request_id)
+
+
+async def collect_reply(events: AsyncIterator[Event], request_id: str, *,
+                        until_tokens: int | None = None) -> tuple[list[str], dict[str, Any] | None]:
+    """Token texts of one request, and its final message (None if stopped at `until_tokens`)."""
+    tokens: list[str] = []
+    async for event in events:
+        if event.topic == "tok" and event.body["request"] == request_id:
+            tokens.append(event.body["text"])
+            if until_tokens is not None and len(tokens) >= until_tokens:
+                return tokens, None
+        elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
+            return tokens, event.body
+    raise AssertionError("event stream ended")
+
+
+async def start_long_reply(client: Client, first_tokens: int,
+                           sampling: dict[str, Any] | None = None) -> tuple[AsyncIterator[Event], str, dict[str, Any], list[str]]:
+    """Subscribe, ask for a long reply (LONG unless `sampling`), and return once its first tokens
+    have arrived: the event stream, the request id, the accepted reply, and those tokens."""
+    await wait_ready(client)
+    await client.subscribe()
+    events = client.raw_events()
+    request_id, accepted = await chat(client, "hello", sampling or LONG)
+    tokens, _ = await collect_reply(events, request_id, until_tokens=first_tokens)
+    return events, request_id, accepted, tokens
+
+
+# --- llama.cpp --------------------------------------------------------------------------------
+
+
+def load_log(path: Path, **params: Any) -> str:
+    """llama.cpp's log while `path` loads in this process."""
+    import ctypes
+
+    import llama_cpp  # here, so that importing the helpers (conftest does) does not load llama.cpp
+
+    lines: list[str] = []
+    callback = llama_cpp.llama_log_callback(lambda level, text, data: lines.append(text.decode()))
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))  # `callback` stays referenced while it is set
+    model = llama_cpp.Llama(str(path), n_gpu_layers=0, verbose=False, **params)
+    del model
+    return "".join(lines)
+
+
+# --- NVML -------------------------------------------------------------------------------------
+
+
+class FakePynvml:
+    """Two GPUs that act like pynvml: its constants and NVMLError classes are the real ones, so
+    each failure is raised exactly as the binding raises it. Fields can fail; devices can vanish."""
+
+    def __init__(self) -> None:
+        self.init_calls = 0
+        self.init_error: int | None = None
+        self.count = 2
+        self.failing: dict[str, int] = {}  # field -> NVML error code it raises
+        self.lost: dict[int, int] = {}  # index -> error code of nvmlDeviceGetHandleByIndex
+        self.compute = [SimpleNamespace(pid=100, usedGpuMemory=3 << 30), SimpleNamespace(pid=200, usedGpuMemory=1 << 30),
+                        SimpleNamespace(pid=300, usedGpuMemory=None)]  # NVML_VALUE_NOT_AVAILABLE, as pynvml gives it
+        self.graphics = [SimpleNamespace(pid=400, usedGpuMemory=256 << 20)]
+        self.missing_symbols: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(("NVML_", "NVMLError")):
+            return getattr(pynvml, name)
+        raise AttributeError(name)
+
+    def _call(self, field: str) -> None:
+        if field in self.missing_symbols:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        if field in self.failing:
+            raise pynvml.NVMLError(self.failing[field])
+
+    def nvmlInit(self) -> None:
+        self.init_calls += 1
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.count
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if index in self.lost:
+            raise pynvml.NVMLError(self.lost[index])
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        return SimpleNamespace(total=12 << 30, used=(4 + handle) << 30, free=(8 - handle) << 30)
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        self._call("name")
+        return f"NVIDIA GeForce RTX 30{handle}0"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
+        self._call("utilization")
+        return SimpleNamespace(gpu=50 + handle, memory=10)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        assert sensor == pynvml.NVML_TEMPERATURE_GPU
+        self._call("temperature")
+        return 60
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        self._call("power")
+        return 150_500
+
+    def nvmlDeviceGetMemoryBusWidth(self, handle: int) -> int:
+        self._call("bandwidth")
+        return 384
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: int, clock: int) -> int:
+        assert clock == pynvml.NVML_CLOCK_MEM
+        return 9751
+
+    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: int) -> list[Any]:
+        self._call("compute_v3")
+        self._call("processes")
+        return self.compute
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: int) -> list[Any]:
+        self._call("processes")
+        return self.compute[:1]
+
+    def nvmlDeviceGetGraphicsRunningProcesses_v3(self, handle: int) -> list[Any]:
+        self._call("processes")
+        return self.graphics
+
+    def nvmlDeviceGetGraphicsRunningProcesses_v2(self, handle: int) -> list[Any]:
+        self._call("processes")
+        return self.graphics
