@@ -22,6 +22,7 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from vramchat import daemon`
     return names
 
 
@@ -38,6 +39,11 @@ def test_package_imports_stay_in_their_lane(package: str) -> None:
     assert violations == []
 
 
-def test_only_the_engine_imports_llama_cpp() -> None:
-    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "daemon").rglob("*.py") if "llama_cpp" in {n.split(".")[0] for n in imported_modules(p)})
-    assert users == ["daemon/engine.py"]
+def test_only_the_engine_process_imports_llama_cpp() -> None:
+    """llama_cpp is loaded by the engine's child process alone (`python -m vramchat.daemon.engine`),
+    so that a native crash never takes the daemon down: its modules are imported by nothing else."""
+    imports = {str(p.relative_to(ROOT)): imported_modules(p) for p in (ROOT / "daemon").rglob("*.py")}
+    users = sorted(path for path, names in imports.items() if "llama_cpp" in {n.split(".")[0] for n in names})
+    assert users == ["daemon/chat_model.py", "daemon/engine.py"]
+    engine_modules = {"vramchat.daemon.engine", "vramchat.daemon.chat_model"}
+    assert sorted(path for path, names in imports.items() if names & engine_modules) == ["daemon/engine.py"]

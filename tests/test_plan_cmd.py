@@ -37,13 +37,14 @@ def test_a_file_that_is_not_a_model_gets_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not a readable GGUF" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_without_a_gpu_it_says_so_and_plans_for_the_cpu(models_dir: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_without_a_gpu_it_says_so_and_plans_for_the_cpu(models_dir: Path, monkeypatch, capsys) -> None:
     import argparse
 
-    from vramchat.tui import plan_cmd
+    from vramchat.shared import speed
+    from vramchat.tui.commands import plan as plan_cmd
 
     monkeypatch.setattr(plan_cmd, "this_machine_vram", lambda: (0, None))
-    monkeypatch.setattr(plan_cmd, "ram_bandwidth", lambda: 20e9)
+    monkeypatch.setattr(speed, "ram_bandwidth", lambda: 20e9)
     parser = argparse.ArgumentParser()
     plan_cmd.register(parser.add_subparsers())
     args = parser.parse_args(["plan", str(models_dir / "tiny.gguf"), "--ram", "8GiB"])

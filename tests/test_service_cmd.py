@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vramchat.tui import service_cmd
+from vramchat.tui.commands import service as service_cmd
 
 VRAMCHATD = Path(sys.executable).with_name("vramchatd")
 
@@ -40,7 +40,9 @@ def fake_systemctl(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     log = home / "systemctl.log"
     script = bin_dir / "systemctl"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n[ -z "$FAIL_SYSTEMCTL" ] || {{ echo "Failed to connect to bus" >&2; exit 1; }}\n')
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n[ -z "$FAIL_SYSTEMCTL" ] || {{ echo "Failed to connect to bus" >&2; exit 1; }}\n'
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setattr(service_cmd, "systemd_running", lambda: True)
@@ -61,7 +63,9 @@ def test_dry_run_renders_the_user_unit_and_changes_nothing(home: Path, capsys: p
     assert list(home.iterdir()) == []
 
 
-def test_install_writes_the_unit_into_home(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_install_writes_the_unit_into_home(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(service_cmd, "systemd_running", lambda: False)
     assert service("install") == 0
     unit_path = home / ".config" / "systemd" / "user" / "vramchatd.service"
@@ -84,7 +88,9 @@ def test_install_reloads_and_enables(fake_systemctl: Path, capsys: pytest.Captur
     assert "enabled and started" in capsys.readouterr().out
 
 
-def test_a_failing_systemctl_is_explained(fake_systemctl: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_failing_systemctl_is_explained(
+    fake_systemctl: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("FAIL_SYSTEMCTL", "1")
     assert service("install") == 1
     err = capsys.readouterr().err
@@ -92,7 +98,9 @@ def test_a_failing_systemctl_is_explained(fake_systemctl: Path, monkeypatch: pyt
     assert fake_systemctl.read_text().splitlines() == ["--user daemon-reload"]
 
 
-def test_lingering_users_get_no_linger_hint(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lingering_users_get_no_linger_hint(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (home / "linger").mkdir()
     (home / "linger" / pwd.getpwuid(os.getuid()).pw_name).touch()
     monkeypatch.setattr(service_cmd, "systemd_running", lambda: False)
@@ -115,7 +123,9 @@ def test_system_dry_run(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert "usermod -aG vramchat" in out
 
 
-def test_system_install_without_the_account_explains_useradd(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_system_install_without_the_account_explains_useradd(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def no_account(name: str) -> None:
         raise KeyError(name)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vramchat.tui import service_cmd
+from vramchat.tui.commands import service as service_cmd
 
 
 def parse_unit(text: str) -> dict[str, list[str]]:
@@ -56,7 +56,9 @@ def rendered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple
 def systemd_analyze() -> str:
     binary = shutil.which("systemd-analyze")
     if binary is None:
-        pytest.fail("systemd-analyze is missing: install systemd (Debian/Ubuntu: apt-get install systemd) to check the unit files")
+        pytest.fail(
+            "systemd-analyze is missing: install systemd (Debian/Ubuntu: apt-get install systemd) to check the unit files"
+        )
     return binary
 
 

@@ -11,15 +11,35 @@ SAMPLE: dict[str, Any] = {
     "gpu_status": "no NVIDIA GPU",
     "gpu_detail": "the NVIDIA driver is not loaded",
     "gpus": [],
-    "host": {"ram_total": 24 << 30, "ram_available": 20 << 30, "ram_used": 3 << 30, "page_cache": 1 << 30,
-             "swap_total": 8 << 30, "swap_used": 2 << 30, "swap_in_bps": 40 << 20, "swap_out_bps": None},
+    "host": {
+        "ram_total": 24 << 30,
+        "ram_available": 20 << 30,
+        "ram_used": 3 << 30,
+        "page_cache": 1 << 30,
+        "swap_total": 8 << 30,
+        "swap_used": 2 << 30,
+        "swap_in_bps": 40 << 20,
+        "swap_out_bps": None,
+    },
     "engine": {"pid": 7, "rss": 300 << 20, "model_file_resident": 92 << 20, "anon_resident": 150 << 20, "major_faults_ps": 0},
     "generation": {"generating": True, "tokens_per_s": 42.5},
 }
 
-GPU = {"index": 0, "name": "NVIDIA GeForce RTX 3060", "memory_total": 12 << 30, "memory_used": 11 << 30,
-       "memory_free": 1 << 30, "utilization": 97, "temperature": None, "power_w": 170.25, "memory_bandwidth": 360_000_000_000,
-       "engine_memory": 10 << 30, "other_memory": 512 << 20, "processes": [], "error": None}
+GPU = {
+    "index": 0,
+    "name": "NVIDIA GeForce RTX 3060",
+    "memory_total": 12 << 30,
+    "memory_used": 11 << 30,
+    "memory_free": 1 << 30,
+    "utilization": 97,
+    "temperature": None,
+    "power_w": 170.25,
+    "memory_bandwidth": 360_000_000_000,
+    "engine_memory": 10 << 30,
+    "other_memory": 512 << 20,
+    "processes": [],
+    "error": None,
+}
 
 
 def test_status_without_a_gpu_says_so_and_why() -> None:
@@ -46,8 +66,16 @@ def test_status_shows_a_gpu_with_unavailable_fields_and_a_lost_one() -> None:
 
 
 def test_status_with_the_model_shows_its_split_and_with_no_sample_says_so() -> None:
-    model = {"name": "qwen.gguf", "state": "ready", "n_gpu_layers": 20,
-             "split": {"offloaded_layers": 20, "total_layers": 33, "buffers": [{"kind": "model", "device": "CUDA0", "bytes": 7 << 30}]}}
+    model = {
+        "name": "qwen.gguf",
+        "state": "ready",
+        "n_gpu_layers": 20,
+        "split": {
+            "offloaded_layers": 20,
+            "total_layers": 33,
+            "buffers": [{"kind": "model", "device": "CUDA0", "bytes": 7 << 30}],
+        },
+    }
     text = format_status(SAMPLE, model=model)
     assert text.splitlines()[0] == "model qwen.gguf (ready), split: 20/33 layers on GPU; model 7.00 GiB on CUDA0"
     assert format_status(None) == "memory: no sample yet"
@@ -55,17 +83,26 @@ def test_status_with_the_model_shows_its_split_and_with_no_sample_says_so() -> N
 
 
 def test_top_fits_the_width_and_draws_each_history() -> None:
-    history = [{**SAMPLE, "t": 100.0 + i, "gpus": [{**GPU, "memory_used": (i * (12 << 30)) // 299}],
-                "host": {**SAMPLE["host"], "ram_used": (i % 25) << 30},
-                "generation": {"tokens_per_s": float(i)}} for i in range(300)]
+    history = [
+        {
+            **SAMPLE,
+            "t": 100.0 + i,
+            "gpus": [{**GPU, "memory_used": (i * (12 << 30)) // 299}],
+            "host": {**SAMPLE["host"], "ram_used": (i % 25) << 30},
+            "generation": {"tokens_per_s": float(i)},
+        }
+        for i in range(300)
+    ]
     screen = format_top(history[-1], history, {"name": "m.gguf", "state": "ready"}, width=60)
     lines = screen.splitlines()
     assert lines[0].startswith("model m.gguf (ready)")
     assert all(len(line) <= 60 for line in lines)
     assert "history, last 5.0 min" in screen
-    rows = {label: next(line for line in lines if line.startswith(label)) for label in
-            ("RAM used", "swap used", "swap in", "GPU0 VRAM", "tok/s")}
-    vram = rows["GPU0 VRAM"][12:12 + 35]  # the sparkline's columns, oldest first
+    rows = {
+        label: next(line for line in lines if line.startswith(label))
+        for label in ("RAM used", "swap used", "swap in", "GPU0 VRAM", "tok/s")
+    }
+    vram = rows["GPU0 VRAM"][12 : 12 + 35]  # the sparkline's columns, oldest first
     assert vram[0] == "▁" and vram[-1] == "█" and list(vram) == sorted(vram)
     assert rows["GPU0 VRAM"].endswith("12.00 GiB") and rows["tok/s"].endswith("299.0 tok/s")
     assert rows["swap in"].endswith("40.0 MiB/s")

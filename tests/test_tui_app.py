@@ -1,21 +1,32 @@
-"""The Textual app driven by Pilot against a real daemon serving the tiny model."""
+"""The Textual app driven by Pilot, against a real daemon serving the tiny model or a stand-in client."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import pytest
 from textual.app import App, ComposeResult
-from textual.widgets import DataTable, Label, ListView
+from textual.widgets import DataTable, Input, Label, ListView, Markdown, Sparkline, TextArea
+from textual.widgets.markdown import MarkdownBlock
+from tui_stub import StubClient
 
 from vramchat.shared.client import Client, RequestFailed
 from vramchat.tui.app import VramchatApp
+from vramchat.tui.chat import ChatView
 from vramchat.tui.dashboard import DashboardScreen, gauge
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
-from vramchat.tui.models import LayerStepper, LoadDialog, ModelsScreen
+from vramchat.tui.models_screen import LayerStepper, LoadDialog, ModelsScreen
+from vramchat.tui.state import ChatState
 from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput, layer_split
+
+
+def attach(daemon: Any) -> VramchatApp:
+    """The app, following the test daemon."""
+    return VramchatApp(Client(daemon.runtime_dir, name="vramchat tui"))
 
 
 async def until(pilot: Any, condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -34,14 +45,14 @@ def text_of(widget: Any) -> str:
 
 
 async def ready(pilot: Any, app: VramchatApp) -> None:
-    await until(pilot, lambda: app.connected and app.model.get("state") == "ready")
+    await until(pilot, lambda: app.connected and app.state.model.get("state") == "ready")
 
 
 async def on_conversation(pilot: Any, app: VramchatApp, conversation: str) -> None:
     """Wait for the daemon, then show `conversation`."""
     await ready(pilot, app)
-    app.current = conversation
-    await app.show_conversation()
+    app.state.current = conversation
+    await app.chat.show_conversation()
 
 
 async def type_and_send(pilot: Any, app: VramchatApp, text: str) -> None:
@@ -67,23 +78,23 @@ async def long_conversation(runtime_dir: Path) -> str:
 
 
 async def test_send_a_message_and_see_the_streamed_reply(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         await type_and_send(pilot, app, "hello")
         await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
         assert app.query_one(PromptInput).text == ""
         async with Client(tiny_daemon.runtime_dir) as client:
-            stored = await client.request("conversation.get", {"id": app.current})
+            stored = await client.request("conversation.get", {"id": app.state.current})
         shown = replies(app)[-1]
         assert shown["content"] == stored["messages"][-1]["content"] and shown["content"]
         assert app.query(ChatMessage).last().body.source.strip() == shown["content"].strip()  # streamed, then completed
         assert "tokens" in text_of(app.query(ChatMessage).last().meta) and "tok/s" in text_of(app.query(ChatMessage).last().meta)
-        assert [c["id"] for c in app.conversations] == [app.current]
+        assert [c["id"] for c in app.state.conversations] == [app.state.current]
 
 
 async def test_ctrl_j_adds_a_newline_instead_of_sending(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         await type_and_send(pilot, app, "")
@@ -93,19 +104,21 @@ async def test_ctrl_j_adds_a_newline_instead_of_sending(tiny_daemon: Any) -> Non
 
 async def test_cancel_with_escape(tiny_daemon: Any) -> None:
     conversation = await long_conversation(tiny_daemon.runtime_dir)
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await on_conversation(pilot, app, conversation)
         submit_while_streaming(app, "go on for a long time")
         # Streamed: text is in the log while the reply is still generating.
-        await until(pilot, lambda: any(r["status"] == "generating" for r in replies(app)) and app.query(ChatMessage).last().shown != "")
+        await until(
+            pilot, lambda: any(r["status"] == "generating" for r in replies(app)) and app.query(ChatMessage).last().shown != ""
+        )
         await pilot.press("escape")
         await until(pilot, lambda: any(r["status"] == "cancelled" for r in replies(app)))
         assert "cancelled" in text_of(app.query(ChatMessage).last().meta)
 
 
 async def test_queue_position_while_another_clients_reply_generates(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot, Client(tiny_daemon.runtime_dir) as other:
         await ready(pilot, app)
         await app.action_new_conversation()
@@ -118,7 +131,8 @@ async def test_queue_position_while_another_clients_reply_generates(tiny_daemon:
         queue = app.query_one("#queue", Label)
         await until(pilot, lambda: text_of(queue) == "another client's reply is generating" and queue.display)
         submit_while_streaming(app, "me too")
-        await until(pilot, lambda: re.match(r"queued: [1-4] request\(s\) ahead of yours, another client's", text_of(queue)) is not None)
+        queued = r"queued: [1-4] request\(s\) ahead of yours, another client's"
+        await until(pilot, lambda: re.match(queued, text_of(queue)) is not None)
         await app.run_action("cancel")  # ours, queued; not the other client's running one
         await until(pilot, lambda: text_of(queue) == "another client's reply is generating")
         for request in reversed(others):
@@ -132,12 +146,12 @@ async def test_queue_position_while_another_clients_reply_generates(tiny_daemon:
 
 async def test_a_reply_streams_live_in_a_second_app_on_the_same_conversation(tiny_daemon: Any) -> None:
     conversation = await long_conversation(tiny_daemon.runtime_dir)
-    first, second = VramchatApp(str(tiny_daemon.runtime_dir)), VramchatApp(str(tiny_daemon.runtime_dir))
+    first, second = attach(tiny_daemon), attach(tiny_daemon)
     async with first.run_test(size=(80, 24)) as p1, second.run_test(size=(120, 40)) as p2:
-        await until(p1, lambda: first.connected and second.connected and first.model.get("state") == "ready")
+        await until(p1, lambda: first.connected and second.connected and first.state.model.get("state") == "ready")
         for app in (first, second):
-            app.current = conversation
-            await app.show_conversation()
+            app.state.current = conversation
+            await app.chat.show_conversation()
         submit_while_streaming(first, "tell the other app")
         seen: list[int] = []  # the second app's streamed length while the reply generates
 
@@ -153,9 +167,9 @@ async def test_a_reply_streams_live_in_a_second_app_on_the_same_conversation(tin
 
 
 async def test_two_apps_show_a_reply_one_requested_and_switching_conversations(tiny_daemon: Any) -> None:
-    first, second = VramchatApp(str(tiny_daemon.runtime_dir)), VramchatApp(str(tiny_daemon.runtime_dir))
+    first, second = attach(tiny_daemon), attach(tiny_daemon)
     async with first.run_test(size=(80, 24)) as p1, second.run_test(size=(120, 40)) as p2:
-        await until(p1, lambda: first.connected and second.connected and first.model.get("state") == "ready")
+        await until(p1, lambda: first.connected and second.connected and first.state.model.get("state") == "ready")
         await type_and_send(p1, first, "hello from the first app")
         await until(p1, lambda: any(r["status"] == "complete" for r in replies(first)))
         await until(p2, lambda: len(second.query("#conversations ListItem")) >= 1)
@@ -164,21 +178,23 @@ async def test_two_apps_show_a_reply_one_requested_and_switching_conversations(t
         assert isinstance(second.focused, ListView)
         second.query_one("#conversations", ListView).index = 0
         await p2.press("enter")
-        await until(p2, lambda: second.current == first.current and any(r["status"] == "complete" for r in replies(second)))
+        await until(
+            p2, lambda: second.state.current == first.state.current and any(r["status"] == "complete" for r in replies(second))
+        )
         assert replies(second)[-1]["content"] == replies(first)[-1]["content"]
         assert isinstance(second.focused, PromptInput)
         await until(p1, lambda: "2 client(s)" in first.sub_title)
 
 
 async def test_rename_settings_and_delete_a_conversation(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         await type_and_send(pilot, app, "hello")
         await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
         await pilot.press("f4")
         assert isinstance(app.screen, TextDialog)
-        app.screen.query_one("Input").value = ""
+        app.screen.query_one("Input", Input).value = ""
         await pilot.press(*"Renamed", "enter")
         await until(pilot, lambda: "Renamed" in [text_of(label) for label in app.query("#conversations Label")])
 
@@ -186,33 +202,33 @@ async def test_rename_settings_and_delete_a_conversation(tiny_daemon: Any) -> No
         assert isinstance(app.screen, SettingsDialog)
         app.screen.query_one("#s-temperature").focus()
         await pilot.press(*"0.3")
-        app.screen.query_one("#system-prompt").insert("Answer briefly.")
+        app.screen.query_one("#system-prompt", TextArea).insert("Answer briefly.")
         await pilot.press("ctrl+s")
         async with Client(tiny_daemon.runtime_dir) as client:
-            await until(pilot, lambda: app.conversations[0]["settings"].get("temperature") == 0.3)
-            stored = (await client.request("conversation.get", {"id": app.current}))["conversation"]
+            await until(pilot, lambda: app.state.conversations[0]["settings"].get("temperature") == 0.3)
+            stored = (await client.request("conversation.get", {"id": app.state.current}))["conversation"]
         assert stored["system_prompt"] == "Answer briefly." and stored["settings"] == {"temperature": 0.3}
 
         await pilot.press("f6")
         assert isinstance(app.screen, ConfirmDialog)
         await pilot.press("y")
-        await until(pilot, lambda: app.conversations == [] and app.current is None and not app.query(ChatMessage))
+        await until(pilot, lambda: app.state.conversations == [] and app.state.current is None and not app.query(ChatMessage))
 
 
 async def test_dashboard_and_memory_bar(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: len(app.history) >= 2 and app.model.get("state") == "ready")
+        await until(pilot, lambda: len(app.state.history) >= 2 and app.state.model.get("state") == "ready")
         bar = text_of(app.query_one(MemoryBar))
         assert "RAM" in bar and "tiny.gguf (ready" in bar
         await pilot.press("f2")
         assert isinstance(app.screen, DashboardScreen)
-        samples = len(app.history)
-        await until(pilot, lambda: len(app.history) > samples + 1)
+        samples = len(app.state.history)
+        await until(pilot, lambda: len(app.state.history) > samples + 1)
         assert "GPU: no NVIDIA GPU" in text_of(app.screen.query_one(".gpu-name"))
         ram_gauge = text_of(app.screen.query_one("#gauge-ram"))
         assert ram_gauge.startswith("RAM") and re.search("[▏▎▍▌▋▊▉█]", ram_gauge), ram_gauge
-        assert len(app.screen.query_one("#spark-ram").data) == len(app.history)
+        assert len(app.screen.query_one("#spark-ram", Sparkline).data or []) == len(app.state.history)
         assert "predicted" in text_of(app.screen.query_one("#split"))
         assert "tiny.gguf" in text_of(app.screen.query_one(MemoryBar))
         await pilot.press("escape")
@@ -220,7 +236,7 @@ async def test_dashboard_and_memory_bar(tiny_daemon: Any) -> None:
 
 
 async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows_progress(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         await pilot.press("f3")
@@ -228,7 +244,7 @@ async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows
         table = app.screen.query_one(DataTable)
         await until(pilot, lambda: table.row_count >= 2 and all("…" not in table.get_row_at(i) for i in range(table.row_count)))
         names = [str(table.get_row_at(i)[0]).removeprefix("● ") for i in range(table.row_count)]
-        rows = dict(zip(names, (table.get_row_at(i) for i in range(table.row_count))))
+        rows = dict(zip(names, (table.get_row_at(i) for i in range(table.row_count)), strict=True))
         assert rows["tiny-gqa.gguf"][1:2] == ["llama"] and rows["tiny-gqa.gguf"][4] == "4"
         assert rows["tiny.gguf"][0] == "● tiny.gguf"  # the loaded one
         table.move_cursor(row=names.index("tiny-gqa.gguf"))
@@ -246,15 +262,17 @@ async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows
         assert text_of(prediction).startswith("1 GPU layers: 0 of 4 layers + output")
 
         await pilot.press("enter")
-        await until(pilot, lambda: app.model.get("name") == "tiny-gqa.gguf" and app.model.get("state") == "ready", timeout=30)
+        await until(
+            pilot, lambda: app.state.model.get("name") == "tiny-gqa.gguf" and app.state.model.get("state") == "ready", timeout=30
+        )
         await until(pilot, lambda: not isinstance(app.screen, (LoadDialog, ModelsScreen)))
         assert dialog.progress_seen and dialog.progress_seen[0] == 0.0  # the bar got the daemon's progress
-        assert app.model["n_gpu_layers"] == 1
-        await until(pilot, lambda: f"tiny-gqa.gguf (ready, {layer_split(app.model)})" in text_of(app.query_one(MemoryBar)))
+        assert app.state.model["n_gpu_layers"] == 1
+        await until(pilot, lambda: f"tiny-gqa.gguf (ready, {layer_split(app.state.model)})" in text_of(app.query_one(MemoryBar)))
 
 
 async def test_gpu_layer_keys_preview_and_ask_before_reloading(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         notes: list[str] = []
@@ -266,23 +284,25 @@ async def test_gpu_layer_keys_preview_and_ask_before_reloading(tiny_daemon: Any)
         assert isinstance(dialog, LoadDialog) and "with 1 GPU layers (now 0)" in dialog.heading
         await until(pilot, lambda: text_of(dialog.query_one("#prediction")).startswith("1 GPU layers"))
         await pilot.press("escape")  # nothing reloads without a yes
-        assert not isinstance(app.screen, LoadDialog) and app.model["n_gpu_layers"] == 0
+        assert not isinstance(app.screen, LoadDialog) and app.state.model["n_gpu_layers"] == 0
         await pilot.press("f8")
         assert isinstance(app.screen, LoadDialog) and app.screen.query_one(LayerStepper).value == 1
-        loaded_at = app.model.get("engine_pid")
+        loaded_at = app.state.model.get("engine_pid")
         await pilot.press("enter")
-        await until(pilot, lambda: app.model.get("state") == "ready" and app.model.get("engine_pid") != loaded_at, timeout=30)
-        assert app.model["n_gpu_layers"] == 1
+        await until(
+            pilot, lambda: app.state.model.get("state") == "ready" and app.state.model.get("engine_pid") != loaded_at, timeout=30
+        )
+        assert app.state.model["n_gpu_layers"] == 1
 
 
 async def test_a_load_error_is_shown_in_the_dialog(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         await pilot.press("f8")
         dialog = app.screen
         assert isinstance(dialog, LoadDialog)
-        dialog.query_one("#n-ctx").value = "5"
+        dialog.query_one("#n-ctx", Input).value = "5"
         await pilot.press("enter")
         error = dialog.query_one("#load-error")
         await until(pilot, lambda: error.display and "n_ctx must be between 16" in text_of(error))
@@ -290,7 +310,7 @@ async def test_a_load_error_is_shown_in_the_dialog(tiny_daemon: Any) -> None:
 
 
 async def test_the_app_reconnects_after_a_daemon_restart_and_keeps_the_input(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: app.connected)
         app.query_one(PromptInput).insert("half-typed")
@@ -299,7 +319,7 @@ async def test_the_app_reconnects_after_a_daemon_restart_and_keeps_the_input(tin
         await pilot.press("enter")  # refused while disconnected: the text stays
         assert app.query_one(PromptInput).text == "half-typed"
         tiny_daemon.start()
-        await until(pilot, lambda: app.connected and app.model.get("state") == "ready", timeout=30)
+        await until(pilot, lambda: app.connected and app.state.model.get("state") == "ready", timeout=30)
         assert app.query_one(PromptInput).text == "half-typed" and app.sub_title.startswith("connected")
         await pilot.press("enter")
         await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
@@ -331,14 +351,15 @@ async def test_a_finished_reply_shows_the_stored_text_whether_or_not_the_stream_
 
 async def test_escape_cancels_the_reply_on_screen_even_with_another_of_mine_queued(tiny_daemon: Any) -> None:
     conversation = await long_conversation(tiny_daemon.runtime_dir)
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await on_conversation(pilot, app, conversation)
         submit_while_streaming(app, "first")
         await until(pilot, lambda: any(r["status"] == "generating" for r in replies(app)))
         submit_while_streaming(app, "second")
         queue = app.query_one("#queue", Label)
-        await until(pilot, lambda: text_of(queue) == "queued: 1 request(s) ahead of yours, including your reply that is generating")
+        mine_behind_mine = "queued: 1 request(s) ahead of yours, including your reply that is generating"
+        await until(pilot, lambda: text_of(queue) == mine_behind_mine)
         await pilot.press("escape")  # the first, generating on screen; not the second, queued
         await until(pilot, lambda: [r["status"] for r in replies(app)][:1] == ["cancelled"])
         await until(pilot, lambda: len(replies(app)) == 2)  # the queued request ran: that Esc left it alone
@@ -348,7 +369,7 @@ async def test_escape_cancels_the_reply_on_screen_even_with_another_of_mine_queu
 
 async def test_a_resync_keeps_the_place_of_a_reader_scrolled_up(tiny_daemon: Any) -> None:
     conversation = await long_conversation(tiny_daemon.runtime_dir)
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await on_conversation(pilot, app, conversation)
         await type_and_send(pilot, app, "a long one")
@@ -360,15 +381,17 @@ async def test_a_resync_keeps_the_place_of_a_reader_scrolled_up(tiny_daemon: Any
         await app.apply_snapshot(await app.client.request("snapshot"))  # what a reconnect does
         await pilot.pause()
         assert log.scroll_y == 3 and log.max_scroll_y > 10
-        await app.show_conversation()  # a switch goes to the end
+        await app.chat.show_conversation()  # a switch goes to the end
         await until(pilot, lambda: log.scroll_y == log.max_scroll_y)
 
 
-async def test_keys_from_the_config_file_rebind_and_show_in_the_palette(tiny_daemon: Any, tmp_path: Path, monkeypatch: Any) -> None:
+async def test_keys_from_the_config_file_rebind_and_show_in_the_palette(
+    tiny_daemon: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[keys]\ndashboard = "f9"\nteleport = "f10"\n')
     monkeypatch.setenv("VRAMCHAT_CONFIG", str(config))
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     notes: list[str] = []
     app.notify = lambda message, **_: notes.append(message)  # type: ignore[method-assign]
     async with app.run_test(size=(80, 24)) as pilot:
@@ -383,7 +406,7 @@ async def test_keys_from_the_config_file_rebind_and_show_in_the_palette(tiny_dae
 
 
 async def test_regenerate_replaces_the_last_reply(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         await type_and_send(pilot, app, "hello")
@@ -395,7 +418,7 @@ async def test_regenerate_replaces_the_last_reply(tiny_daemon: Any) -> None:
 
 
 async def test_an_alarm_from_the_daemon_is_a_notification_and_shows_on_the_dashboard(tiny_daemon: Any) -> None:
-    app = VramchatApp(str(tiny_daemon.runtime_dir))
+    app = attach(tiny_daemon)
     notes: list[tuple[str, str]] = []
     app.notify = lambda message, severity="information", **_: notes.append((message, severity))  # type: ignore[method-assign]
     async with app.run_test(size=(80, 24)) as pilot:
@@ -407,3 +430,139 @@ async def test_an_alarm_from_the_daemon_is_a_notification_and_shows_on_the_dashb
         await until(pilot, lambda: "ALARM the engine is swapping" in text_of(app.screen.query_one("#alarms")))
         await app.apply_event("alarm", {**alarm, "active": False})
         await until(pilot, lambda: text_of(app.screen.query_one("#alarms")) == "")
+
+
+# --- the chat pane on its own, streaming Markdown, and an idle daemon -----------------------------
+
+
+def blocks(markdown: Markdown) -> list[tuple[int, str, str]]:
+    """Every block a Markdown widget shows, nested ones too: its depth, kind and text (a code block's with its language)."""
+    found: list[tuple[int, str, str]] = []
+
+    def walk(node: Any, depth: int) -> None:
+        for child in node.children:
+            kind = type(child).__name__
+            if kind == "MarkdownFence":
+                found.append((depth, kind, f"{child.lexer}: {child.query_one('#code-content', Label).render()}"))
+            elif isinstance(child, MarkdownBlock):
+                found.append((depth, kind, str(child.render())))
+            walk(child, depth + 1)
+
+    walk(markdown, 0)
+    return found
+
+
+CONVERSATION: dict[str, Any] = {"id": "c1", "title": "Streaming", "settings": {}, "system_prompt": None}
+QUESTION: dict[str, Any] = {
+    "id": "m1",
+    "conversation_id": "c1",
+    "role": "user",
+    "status": "complete",
+    "content": "Show me.",
+    "stats": None,
+}
+FIXED_SNAPSHOT: dict[str, Any] = {
+    "epoch": "e",
+    "seq": 1,
+    "model": {"state": "ready", "name": "tiny.gguf"},
+    "clients": 1,
+    "in_flight": None,
+    "queue": {"running": None, "pending": []},
+    "conversations": [CONVERSATION],
+    "telemetry": {"history": []},
+    "alarms": [],
+}
+
+
+def shows(widget: ChatMessage, text: str) -> Callable[[], bool]:
+    return lambda: widget.shown == text
+
+
+def reply(status: str, content: str) -> dict[str, Any]:
+    stats = {"generated_tokens": 9, "tokens_per_s": 30.0, "ttft_s": 0.1} if status == "complete" else None
+    return {"id": "m2", "conversation_id": "c1", "role": "assistant", "status": status, "content": content, "stats": stats}
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # A loose numbered list whose "2" comes a frame before its ". two", then a code block left open.
+        ["Here:\n\n", "1. one\n\n", "2", ". two\n\n", "- three\n", "- four\n\n", "```python\n", "print(1)\n"],
+        # A reply that opens with a code block: its indentation must survive.
+        ["```python\n", "def f():\n", "    return 1\n"],
+        ["Here:\n\n- one\n", "- two\n\n```py", "thon\nprint(1)\n"],
+    ],
+    ids=["loose-list-then-code", "code-first", "list-then-code"],
+)
+async def test_a_streamed_reply_ends_as_a_fresh_render_of_the_stored_text(pieces: list[str]) -> None:
+    client = StubClient(FIXED_SNAPSHOT, {"c1": [QUESTION]})
+    app = VramchatApp(client)
+    async with app.run_test(size=(80, 40)) as pilot:
+        await until(pilot, lambda: app.connected and len(app.query(ChatMessage)) == 1)
+        client.publish("msg", reply("generating", ""))
+        await until(pilot, lambda: app.chat.message_widget("m2") is not None)
+        widget = app.chat.message_widget("m2")
+        assert widget is not None
+        text = ""
+        for piece in pieces:  # one frame each, so that each piece is one Markdown.append
+            text += piece
+            client.publish("tok", {"message": "m2", "conversation": "c1", "request": "r", "text": piece})
+            await until(pilot, shows(widget, text))
+        client.publish("msg", reply("complete", text))
+        await until(pilot, lambda: widget.message["status"] == "complete")
+        await until(pilot, lambda: all(w.is_finished for w in app.workers if w.group == "settle"))
+        fresh = Markdown(text)
+        await app.chat.message_log.mount(fresh)
+        await pilot.pause()
+        assert blocks(widget.body) == blocks(fresh) and blocks(fresh)
+        assert widget.body.source == text
+
+
+async def test_the_chat_pane_draws_what_the_state_says_changed_in_a_small_host_app() -> None:
+    state = ChatState()
+    fetched: list[str] = []
+
+    async def fetch(conversation: str) -> list[dict[str, Any]]:
+        fetched.append(conversation)
+        return [QUESTION, reply("generating", "")]
+
+    class Host(App[None]):
+        def compose(self) -> ComposeResult:
+            yield ChatView(state, fetch)
+
+    async with Host().run_test(size=(80, 24)) as pilot:
+        chat = pilot.app.query_one(ChatView)
+        in_flight = {"message": "m2", "conversation": "c1", "text": "Hel"}
+        await chat.redraw(state.apply_snapshot({**FIXED_SNAPSHOT, "in_flight": in_flight}))
+        assert fetched == ["c1"] and [w.shown for w in chat.query(ChatMessage)] == ["Show me.", "Hel"]
+        for text in ("lo", " there"):
+            await chat.redraw(state.apply_event("tok", {"message": "m2", "conversation": "c1", "text": text}))
+        await until(pilot, lambda: chat.query(ChatMessage).last().shown == "Hello there")
+        await chat.redraw(state.apply_event("msg", reply("complete", "Hello there.")))
+        last = chat.query(ChatMessage).last()
+        assert last.body.source == last.shown == "Hello there." and "30.0 tok/s" in text_of(last.meta)
+        queue = chat.query_one("#queue", Label)
+        await chat.redraw(state.apply_event("queue", {"running": {"request": "x", "conversation": "c2"}, "pending": []}))
+        assert queue.display and text_of(queue) == "another client's reply is generating"
+        await chat.redraw(state.apply_event("queue", {"running": None, "pending": []}))
+        assert not queue.display
+        await chat.redraw(state.apply_event("msg", {**reply("deleted", ""), "id": "m1"}))
+        assert [w.message["id"] for w in chat.query(ChatMessage)] == ["m2"]
+        await chat.redraw(state.apply_event("conversation", {"action": "deleted", "conversation": CONVERSATION}))
+        assert not chat.query(ChatMessage) and "Type a message" in text_of(chat.query_one(".hint"))
+
+
+async def test_an_idle_app_stays_connected_to_a_daemon_that_publishes_telemetry_every_5_s(
+    daemon_factory: Callable[..., Any], models_dir: Path
+) -> None:
+    daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--telemetry-interval", "5")
+    app = attach(daemon)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        assert app.client.server.get("telemetry_interval_s") == 5.0
+        states: list[bool] = []
+        deadline = asyncio.get_running_loop().time() + 12
+        while asyncio.get_running_loop().time() < deadline:
+            states.append(app.connected and app.sub_title.startswith("connected"))
+            await pilot.pause(0.25)
+        assert all(states) and len(states) > 20

@@ -1,7 +1,7 @@
 """Snapshots of the chat screen, the dashboard and the load dialog at 80x24 and 120x40.
 
-The app does not follow a daemon here: it is fed one fixed snapshot body (conversations,
-messages, telemetry history, model), so nothing time-dependent reaches the screen.
+The app follows a stand-in client instead of a daemon: it serves one fixed snapshot body
+(conversations, messages, telemetry history, model), so nothing time-dependent reaches the screen.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tui_stub import StubClient
 
-from vramchat.tui import models as models_module
+from vramchat.shared import speed
 from vramchat.tui.app import VramchatApp
 from vramchat.tui.dashboard import DashboardScreen
-from vramchat.tui.models import LoadDialog
+from vramchat.tui.models_screen import LoadDialog
+from vramchat.tui.widgets import ChatMessage, MemoryBar
 
 SIZES = [(80, 24), (120, 40)]
 GIB = 1 << 30
@@ -23,60 +25,112 @@ GIB = 1 << 30
 def sample(i: int) -> dict[str, Any]:
     """A GPU that fills up, RAM and a little swap activity; sample i of a fixed history."""
     return {
-        "t": 1_700_000_000 + i / 2, "gpu_status": "ok",
-        "gpus": [{"index": 0, "name": "NVIDIA GeForce RTX 3060", "memory_total": 12 * GIB, "memory_used": (6 + i % 5) * GIB,
-                  "memory_free": (6 - i % 5) * GIB, "utilization": 20 * (i % 5), "temperature": 61, "power_w": 120.0,
-                  "engine_memory": 5 * GIB, "other_memory": GIB}],
-        "host": {"ram_total": 32 * GIB, "ram_available": 20 * GIB, "ram_used": (10 + i % 3) * GIB, "page_cache": 4 * GIB,
-                 "swap_total": 8 * GIB, "swap_used": GIB // 4, "swap_in_bps": 0.0 if i < 19 else 4e6, "swap_out_bps": 0.0},
+        "t": 1_700_000_000 + i / 2,
+        "gpu_status": "ok",
+        "gpus": [
+            {
+                "index": 0,
+                "name": "NVIDIA GeForce RTX 3060",
+                "memory_total": 12 * GIB,
+                "memory_used": (6 + i % 5) * GIB,
+                "memory_free": (6 - i % 5) * GIB,
+                "utilization": 20 * (i % 5),
+                "temperature": 61,
+                "power_w": 120.0,
+                "engine_memory": 5 * GIB,
+                "other_memory": GIB,
+            }
+        ],
+        "host": {
+            "ram_total": 32 * GIB,
+            "ram_available": 20 * GIB,
+            "ram_used": (10 + i % 3) * GIB,
+            "page_cache": 4 * GIB,
+            "swap_total": 8 * GIB,
+            "swap_used": GIB // 4,
+            "swap_in_bps": 0.0 if i < 19 else 4e6,
+            "swap_out_bps": 0.0,
+        },
         "engine": {"pid": 4242, "rss": 9 * GIB, "model_file_resident": 7 * GIB, "anon_resident": 2 * GIB},
         "generation": {"generating": False, "tokens_per_s": None, "last": {"tokens_per_s": 11.4}},
     }
 
 
-MODEL = {
-    "state": "ready", "name": "Qwen2.5-14B-Instruct-Q4_K_M.gguf", "path": "/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf",
-    "n_gpu_layers": 24, "n_ctx": 4096, "progress": 1.0,
+MODEL: dict[str, Any] = {
+    "state": "ready",
+    "name": "Qwen2.5-14B-Instruct-Q4_K_M.gguf",
+    "path": "/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf",
+    "n_gpu_layers": 24,
+    "n_ctx": 4096,
+    "progress": 1.0,
     "plan": {"prediction": {"gpu": {"total": int(5.2 * GIB)}, "cpu": {"total": int(3.1 * GIB)}}},
-    "split": {"offloaded_layers": 24, "total_layers": 49, "gpu_bytes": int(5.0 * GIB), "cpu_bytes": int(3.3 * GIB), "buffers": []},
+    "split": {
+        "offloaded_layers": 24,
+        "total_layers": 49,
+        "gpu_bytes": int(5.0 * GIB),
+        "cpu_bytes": int(3.3 * GIB),
+        "buffers": [],
+    },
 }
 MESSAGES = [
-    {"id": "m1", "conversation_id": "c1", "position": 0, "role": "user", "content": "How do I reverse a list in Python?",
-     "status": "complete", "stats": None, "error": None},
-    {"id": "m2", "conversation_id": "c1", "position": 1, "role": "assistant", "status": "complete", "error": None,
-     "content": "Use **slicing** or `reversed()`:\n\n```python\nitems[::-1]\nlist(reversed(items))\n```\n\n- `items.reverse()` works in place.",
-     "stats": {"prompt_tokens": 31, "generated_tokens": 42, "ttft_s": 0.412, "tokens_per_s": 11.4}},
+    {
+        "id": "m1",
+        "conversation_id": "c1",
+        "position": 0,
+        "role": "user",
+        "content": "How do I reverse a list in Python?",
+        "status": "complete",
+        "stats": None,
+        "error": None,
+    },
+    {
+        "id": "m2",
+        "conversation_id": "c1",
+        "position": 1,
+        "role": "assistant",
+        "status": "complete",
+        "error": None,
+        "content": "Use **slicing** or `reversed()`:\n\n```python\nitems[::-1]\nlist(reversed(items))\n```\n\n"
+        "- `items.reverse()` works in place.",
+        "stats": {"prompt_tokens": 31, "generated_tokens": 42, "ttft_s": 0.412, "tokens_per_s": 11.4},
+    },
 ]
 SNAPSHOT = {
-    "epoch": "e", "seq": 1, "model": MODEL, "clients": 2, "in_flight": None, "queue": {"running": None, "pending": []},
-    "conversations": [{"id": "c1", "title": "Reversing lists", "settings": {}, "system_prompt": None},
-                      {"id": "c2", "title": "Rust lifetimes", "settings": {}, "system_prompt": None}],
-    "telemetry": {"latest": sample(19), "history": [sample(i) for i in range(20)]}, "alarms": [],
+    "epoch": "e",
+    "seq": 1,
+    "model": MODEL,
+    "clients": 2,
+    "in_flight": None,
+    "queue": {"running": None, "pending": []},
+    "conversations": [
+        {"id": "c1", "title": "Reversing lists", "settings": {}, "system_prompt": None},
+        {"id": "c2", "title": "Rust lifetimes", "settings": {}, "system_prompt": None},
+    ],
+    "telemetry": {"latest": sample(19), "history": [sample(i) for i in range(20)]},
+    "alarms": [],
 }
 
 
 class FixedApp(VramchatApp):
     def __init__(self) -> None:
-        super().__init__("/nonexistent", follow=False)
+        super().__init__(StubClient(SNAPSHOT, {"c1": MESSAGES, "c2": []}))
 
-    async def fetch_messages(self, conversation_id: str) -> list[dict[str, Any]]:
-        return MESSAGES if conversation_id == "c1" else []
-
-    async def feed(self) -> None:
-        self.connected = True
-        await self.apply_snapshot(SNAPSHOT)
+    async def feed(self, pilot: Any) -> None:
+        """Wait until the fixed snapshot is on screen: the memory bar is the last thing it draws."""
+        while not (self.query(ChatMessage) and MODEL["name"] in str(self.query_one(MemoryBar).render())):
+            await pilot.pause(0.02)
 
 
 @pytest.fixture(autouse=True)
 def fixed_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VRAMCHAT_CONFIG", str(tmp_path / "none.toml"))  # no [keys] from the user's config
-    monkeypatch.setattr(models_module, "ram_bandwidth", lambda: 20e9)  # measured per machine otherwise
+    monkeypatch.setattr(speed, "ram_bandwidth", lambda: 20e9)  # measured per machine otherwise
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_chat_screen(snap_compare: Any, size: tuple[int, int]) -> None:
     async def run_before(pilot: Any) -> None:
-        await pilot.app.feed()
+        await pilot.app.feed(pilot)
         await pilot.pause()
 
     assert snap_compare(FixedApp(), terminal_size=size, run_before=run_before)
@@ -85,7 +139,7 @@ def test_chat_screen(snap_compare: Any, size: tuple[int, int]) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_dashboard(snap_compare: Any, size: tuple[int, int]) -> None:
     async def run_before(pilot: Any) -> None:
-        await pilot.app.feed()
+        await pilot.app.feed(pilot)
         await pilot.app.push_screen(DashboardScreen())
         await pilot.pause()
 
@@ -95,7 +149,7 @@ def test_dashboard(snap_compare: Any, size: tuple[int, int]) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_load_dialog(snap_compare: Any, size: tuple[int, int], models_dir: Path) -> None:
     async def run_before(pilot: Any) -> None:
-        await pilot.app.feed()
+        await pilot.app.feed(pilot)
         dialog = LoadDialog({"name": "tiny-gqa.gguf", "path": str(models_dir / "tiny-gqa.gguf")}, 3, 2048)
         await pilot.app.push_screen(dialog)
         while dialog.info is None:

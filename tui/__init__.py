@@ -1,1 +1,1 @@
-"""vramchat.tui."""
+"""vramchat.tui: the Textual app (app.py) and the `vramchat` command (cli.py, commands/)."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from textual.app import ComposeResult
+from textual.binding import BindingType
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Label, Sparkline, Static
 
 from vramchat.shared.units import format_bytes
-from vramchat.tui.widgets import MemoryBar, StateChanged, layer_split, swapping
+from vramchat.tui.telemetry_view import rate, swapping
+from vramchat.tui.widgets import MemoryBar, StateChanged, layer_split, vramchat_app
 
 # How much history the sparklines show: at one sample per 0.5 s, two minutes.
 HISTORY_SAMPLES = 240
@@ -32,10 +35,6 @@ def gauge(label: str, used: float | None, total: float | None, text: str) -> str
     return f"{label:<11} {bar}{'░' * (BAR_WIDTH - len(bar))} {text}"
 
 
-def _rate(bps: float | None) -> str:
-    return "N/A" if bps is None else f"{bps / 1048576:.1f} MiB/s"
-
-
 def _gpu(index: int) -> Callable[[Sample], dict[str, Any]]:
     return lambda s: s["gpus"][index] if len(s["gpus"]) > index else {}
 
@@ -48,34 +47,66 @@ def series(history: list[Sample], gpu_count: int) -> dict[str, tuple[str, list[f
     for i in range(gpu_count):
         gpu = _gpu(i)(latest)
         rows[f"gpu{i}-mem"] = (
-            gauge(f"GPU{i} VRAM", gpu.get("memory_used"), gpu.get("memory_total"),
-                  f"{format_bytes(gpu.get('memory_used'))} / {format_bytes(gpu.get('memory_total'))}, engine "
-                  f"{format_bytes(gpu.get('engine_memory'))}"),
-            [_gpu(i)(s).get("memory_used") or 0 for s in history])
+            gauge(
+                f"GPU{i} VRAM",
+                gpu.get("memory_used"),
+                gpu.get("memory_total"),
+                f"{format_bytes(gpu.get('memory_used'))} / {format_bytes(gpu.get('memory_total'))}, engine "
+                f"{format_bytes(gpu.get('engine_memory'))}",
+            ),
+            [_gpu(i)(s).get("memory_used") or 0 for s in history],
+        )
         util = gpu.get("utilization")
         rows[f"gpu{i}-util"] = (
-            gauge(f"GPU{i} util", util, 100, "N/A" if util is None else f"{util:.0f}%"
-                  + (f", {gpu['temperature']:.0f}°C" if gpu.get("temperature") is not None else "")),
-            [_gpu(i)(s).get("utilization") or 0 for s in history])
+            gauge(
+                f"GPU{i} util",
+                util,
+                100,
+                "N/A"
+                if util is None
+                else f"{util:.0f}%" + (f", {gpu['temperature']:.0f}°C" if gpu.get("temperature") is not None else ""),
+            ),
+            [_gpu(i)(s).get("utilization") or 0 for s in history],
+        )
     rows["ram"] = (
-        gauge("RAM", host["ram_used"], host["ram_total"], f"{format_bytes(host['ram_used'])} / {format_bytes(host['ram_total'])}, "
-              f"{format_bytes(host['page_cache'])} cache"),
-        [s["host"]["ram_used"] or 0 for s in history])
+        gauge(
+            "RAM",
+            host["ram_used"],
+            host["ram_total"],
+            f"{format_bytes(host['ram_used'])} / {format_bytes(host['ram_total'])}, {format_bytes(host['page_cache'])} cache",
+        ),
+        [s["host"]["ram_used"] or 0 for s in history],
+    )
     rows["swap"] = (
-        gauge("swap", host["swap_used"], host["swap_total"], f"{format_bytes(host['swap_used'])} / {format_bytes(host['swap_total'])}"),
-        [s["host"]["swap_used"] or 0 for s in history])
+        gauge(
+            "swap",
+            host["swap_used"],
+            host["swap_total"],
+            f"{format_bytes(host['swap_used'])} / {format_bytes(host['swap_total'])}",
+        ),
+        [s["host"]["swap_used"] or 0 for s in history],
+    )
     rows["swap-io"] = (
-        f"{'swap I/O':<11} in {_rate(host['swap_in_bps'])}, out {_rate(host['swap_out_bps'])}" + ("  SWAPPING" if swapping(latest) else ""),
-        [(s["host"]["swap_in_bps"] or 0) + (s["host"]["swap_out_bps"] or 0) for s in history])
+        f"{'swap I/O':<11} in {rate(host['swap_in_bps'])}, out {rate(host['swap_out_bps'])}"
+        + ("  SWAPPING" if swapping(latest) else ""),
+        [(s["host"]["swap_in_bps"] or 0) + (s["host"]["swap_out_bps"] or 0) for s in history],
+    )
     rows["engine"] = (
-        f"{'engine':<11} " + (f"RSS {format_bytes(engine.get('rss'))}: file {format_bytes(engine.get('model_file_resident'))}, "
-                              f"anon {format_bytes(engine.get('anon_resident'))}" if engine else "not running"),
-        [(s["engine"] or {}).get("rss") or 0 for s in history])
+        f"{'engine':<11} "
+        + (
+            f"RSS {format_bytes(engine.get('rss'))}: file {format_bytes(engine.get('model_file_resident'))}, "
+            f"anon {format_bytes(engine.get('anon_resident'))}"
+            if engine
+            else "not running"
+        ),
+        [(s["engine"] or {}).get("rss") or 0 for s in history],
+    )
     generation = latest.get("generation") or {}
     now, last = generation.get("tokens_per_s"), (generation.get("last") or {}).get("tokens_per_s")
     rows["tok-s"] = (
         f"{'speed':<11} " + (f"{now:.1f} tok/s now" if now else f"last reply {last:.1f} tok/s" if last else "no reply yet"),
-        [(s.get("generation") or {}).get("tokens_per_s") or 0 for s in history])
+        [(s.get("generation") or {}).get("tokens_per_s") or 0 for s in history],
+    )
     return rows
 
 
@@ -88,7 +119,8 @@ def split_text(model: dict[str, Any], latest: Sample | None) -> str:
     lines = [f"model: {model.get('name')}, {layer_split(model)}, n_ctx {model.get('n_ctx')}"]
     lines.append(f"{'':<11} {'predicted':>12} {'allocated':>12}")
     for label, side, key in (("VRAM", "gpu", "gpu_bytes"), ("RAM", "cpu", "cpu_bytes")):
-        lines.append(f"{label:<11} {format_bytes((prediction.get(side) or {}).get('total')):>12} {format_bytes(split.get(key)):>12}")
+        predicted = format_bytes((prediction.get(side) or {}).get("total"))
+        lines.append(f"{label:<11} {predicted:>12} {format_bytes(split.get(key)):>12}")
     engine_vram = sum(g.get("engine_memory") or 0 for g in (latest or {}).get("gpus", []))
     if engine_vram:
         lines.append(f"{'NVML sees':<11} {format_bytes(engine_vram):>25} of VRAM used by the engine")
@@ -96,9 +128,9 @@ def split_text(model: dict[str, Any], latest: Sample | None) -> str:
 
 
 class DashboardScreen(Screen[None]):
-    """Reads the app's history, model and alarms; the app calls `refresh_from` on each sample."""
+    """Reads the app's history, model and alarms, and redraws on each `StateChanged`."""
 
-    BINDINGS = [("escape", "app.pop_screen", "Back to chat")]
+    BINDINGS: ClassVar[list[BindingType]] = [("escape", "app.pop_screen", "Back to chat")]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -107,7 +139,7 @@ class DashboardScreen(Screen[None]):
         with VerticalScroll(id="dashboard"):
             yield Static(id="split")
             yield Static(id="alarms")
-            history = self.app.history  # type: ignore[attr-defined]
+            history = vramchat_app(self).state.history
             if not history:
                 yield Label("waiting for the first telemetry sample")
                 return
@@ -127,17 +159,17 @@ class DashboardScreen(Screen[None]):
         self.refresh_from()
 
     def refresh_from(self) -> None:
-        app: Any = self.app
-        history = app.history[-HISTORY_SAMPLES:]
+        state = vramchat_app(self).state
+        history = state.history[-HISTORY_SAMPLES:]
         latest = history[-1] if history else None
         gpu_count = len(latest["gpus"]) if latest else 0
         if latest and len(self.query(".gauge")) != len(series(history, gpu_count)):
             self.refresh(recompose=True)  # the first sample arrived, or GPUs appeared
             return
         for bar in self.query(MemoryBar):
-            bar.show(latest, app.model)
-        self.query_one("#split", Static).update(split_text(app.model, latest))
-        alarms = "\n".join(f"ALARM {a['message']}" for a in app.alarms)
+            bar.show(latest, state.model)
+        self.query_one("#split", Static).update(split_text(state.model, latest))
+        alarms = "\n".join(f"ALARM {a['message']}" for a in state.alarms)
         self.query_one("#alarms", Static).update(alarms)
         self.query_one("#alarms", Static).display = bool(alarms)
         if latest is None:

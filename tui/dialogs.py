@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, TextArea
@@ -15,7 +15,7 @@ from vramchat.shared.protocol import SAMPLING_FIELDS
 
 
 class ConfirmDialog(ModalScreen[bool]):
-    BINDINGS = [Binding("escape", "answer(False)", "No"), Binding("y", "answer(True)", "Yes")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "answer(False)", "No"), Binding("y", "answer(True)", "Yes")]
 
     def __init__(self, question: str) -> None:
         super().__init__()
@@ -42,7 +42,7 @@ class ConfirmDialog(ModalScreen[bool]):
 class TextDialog(ModalScreen[str | None]):
     """One line of text, e.g. a conversation's title."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Cancel")]
 
     def __init__(self, prompt: str, value: str) -> None:
         super().__init__()
@@ -65,7 +65,10 @@ class SettingsDialog(ModalScreen[dict[str, Any] | None]):
     Returns the body of a `conversation.update` request, or None when cancelled.
     """
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "save", "Save", priority=True)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss(None)", "Cancel"),
+        Binding("ctrl+s", "save", "Save", priority=True),
+    ]
 
     def __init__(self, conversation: dict[str, Any]) -> None:
         super().__init__()
@@ -94,7 +97,13 @@ class SettingsDialog(ModalScreen[dict[str, Any] | None]):
             try:
                 settings[name] = kind(text)
             except ValueError:
-                self.query_one("#settings-error", Label).update(f"{name} must be {'a whole number' if kind is int else 'a number'}")
+                what = "a whole number" if kind is int else "a number"
+                self.query_one("#settings-error", Label).update(f"{name} must be {what}")
                 return
-        self.dismiss({"id": self.conversation["id"], "system_prompt": self.query_one("#system-prompt", TextArea).text,
-                      "settings": settings})
+        self.dismiss(
+            {
+                "id": self.conversation["id"],
+                "system_prompt": self.query_one("#system-prompt", TextArea).text,
+                "settings": settings,
+            }
+        )

@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 
 from vramchat.shared import paths
 
@@ -50,10 +50,9 @@ ACTIONS: tuple[Action, ...] = (
 )
 
 
-def bindings() -> list[Binding]:
+def bindings() -> list[BindingType]:
     """Priority bindings: the prompt's TextArea has the focus and binds many Ctrl keys itself."""
-    return [Binding(a.key, a.action, a.label or a.description, show=a.show, priority=a.id != "cancel", id=a.id)
-            for a in ACTIONS]
+    return [Binding(a.key, a.action, a.label or a.description, show=a.show, priority=a.id != "cancel", id=a.id) for a in ACTIONS]
 
 
 def load_keymap(config: Path | None = None) -> tuple[dict[str, str], list[str]]:
@@ -66,14 +65,14 @@ def load_keymap(config: Path | None = None) -> tuple[dict[str, str], list[str]]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         return {}, [f"key bindings not read from {path}: {exc}"]
     if not isinstance(raw, dict):
-        return {}, [f"[keys] in {path} must be a table of action = \"key\""]
+        return {}, [f'[keys] in {path} must be a table of action = "key"']
     known = {a.id for a in ACTIONS}
     keymap, problems = {}, []
     for action, key in raw.items():
         if action not in known:
             problems.append(f"[keys] {action}: no such action; known: {', '.join(sorted(known))}")
         elif not isinstance(key, str) or not key.strip():
-            problems.append(f"[keys] {action}: the key must be a string such as \"f2\" or \"ctrl+x\"")
+            problems.append(f'[keys] {action}: the key must be a string such as "f2" or "ctrl+x"')
         else:
             keymap[action] = key.strip()
     return keymap, problems

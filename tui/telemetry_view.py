@@ -8,7 +8,7 @@ from typing import Any
 from vramchat.shared.units import format_bytes
 
 SPARK = "▁▂▃▄▅▆▇█"
-# Swap-in above this is shown as SWAPPING (the daemon's alarm uses the same default line).
+# Swap-in above this is shown as SWAPPING, here and in the TUI (the daemon's alarm uses the same default line).
 SWAPPING_BPS = 1 << 20
 
 
@@ -18,8 +18,9 @@ def sparkline(values: Sequence[float | None], width: int, high: float | None = N
     columns = _columns(values, width)
     known = [v for v in columns if v is not None]
     top = high if high else max(known, default=0) or 1.0
-    return "".join(" " if v is None else SPARK[max(0, min(len(SPARK) - 1, round(v / top * (len(SPARK) - 1))))]
-                   for v in columns).rjust(width)
+    return "".join(
+        " " if v is None else SPARK[max(0, min(len(SPARK) - 1, round(v / top * (len(SPARK) - 1))))] for v in columns
+    ).rjust(width)
 
 
 def _columns(values: Sequence[float | None], width: int) -> list[float | None]:
@@ -32,8 +33,13 @@ def _columns(values: Sequence[float | None], width: int) -> list[float | None]:
     return columns
 
 
-def _rate(bps: float | None) -> str:
+def rate(bps: float | None) -> str:
     return "N/A" if bps is None else f"{bps / 1048576:.1f} MiB/s"
+
+
+def swapping(sample: dict[str, Any]) -> bool:
+    """Swapping now, not just holding old pages in swap."""
+    return (sample["host"].get("swap_in_bps") or 0) > SWAPPING_BPS
 
 
 def _value(value: Any, unit: str, digits: int = 0) -> str:
@@ -74,13 +80,16 @@ def format_split(split: dict[str, Any] | None, n_gpu_layers: int | None) -> str:
     return f"split: {layers}; " + ", ".join(parts)
 
 
-def format_status(sample: dict[str, Any] | None, alarms: Sequence[dict[str, Any]] = (), *,
-                  model: dict[str, Any] | None = None) -> str:
+def format_status(
+    sample: dict[str, Any] | None, alarms: Sequence[dict[str, Any]] = (), *, model: dict[str, Any] | None = None
+) -> str:
     """The memory part of `vramchat status`; `model` (the daemon's model state) adds its split."""
     lines = []
     if model is not None:
-        lines.append(f"model {model.get('name') or 'no model'} ({model.get('state') or 'idle'}), "
-                     + format_split(model.get("split"), model.get("n_gpu_layers")))
+        lines.append(
+            f"model {model.get('name') or 'no model'} ({model.get('state') or 'idle'}), "
+            + format_split(model.get("split"), model.get("n_gpu_layers"))
+        )
     if sample is None:
         return "\n".join([*lines, "memory: no sample yet"])
     host, engine = sample["host"], sample.get("engine")
@@ -89,10 +98,9 @@ def format_status(sample: dict[str, Any] | None, alarms: Sequence[dict[str, Any]
         f"RAM   {format_bytes(host['ram_used'])} used of {format_bytes(host['ram_total'])}, "
         f"{format_bytes(host['ram_available'])} available ({format_bytes(host['page_cache'])} page cache)"
     )
-    swapping = (host["swap_in_bps"] or 0) > SWAPPING_BPS
     lines.append(
         f"swap  {format_bytes(host['swap_used'])} used of {format_bytes(host['swap_total'])}; "
-        f"in {_rate(host['swap_in_bps'])}, out {_rate(host['swap_out_bps'])}" + ("  SWAPPING" if swapping else "")
+        f"in {rate(host['swap_in_bps'])}, out {rate(host['swap_out_bps'])}" + ("  SWAPPING" if swapping(sample) else "")
     )
     if engine:
         lines.append(
@@ -117,8 +125,9 @@ def format_status(sample: dict[str, Any] | None, alarms: Sequence[dict[str, Any]
     return "\n".join(lines)
 
 
-def format_top(sample: dict[str, Any], history: list[dict[str, Any]], model: dict[str, Any] | None = None,
-               width: int = 80) -> str:
+def format_top(
+    sample: dict[str, Any], history: list[dict[str, Any]], model: dict[str, Any] | None = None, width: int = 80
+) -> str:
     """A screen for `vramchat top`: the status lines, then a sparkline per measurement over the history."""
     label_width, value_width = 11, 12
     spark_width = max(10, width - label_width - value_width - 2)
@@ -127,7 +136,7 @@ def format_top(sample: dict[str, Any], history: list[dict[str, Any]], model: dic
     series: list[tuple[str, list[float | None], float | None, str]] = [
         ("RAM used", [s["host"]["ram_used"] for s in history], host["ram_total"], format_bytes(host["ram_used"])),
         ("swap used", [s["host"]["swap_used"] for s in history], host["swap_total"], format_bytes(host["swap_used"])),
-        ("swap in", [s["host"]["swap_in_bps"] for s in history], None, _rate(host["swap_in_bps"])),
+        ("swap in", [s["host"]["swap_in_bps"] for s in history], None, rate(host["swap_in_bps"])),
     ]
     for gpu in sample["gpus"]:
         index = gpu["index"]

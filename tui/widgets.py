@@ -1,24 +1,49 @@
-"""Widgets of the chat screen: the prompt, one message, the memory bar, and their text."""
+"""Widgets of the chat screen: the prompt, one message, the chat list, the memory bar, and their text."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from textual import events
+from markdown_it import MarkdownIt
+from textual import events, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.dom import DOMNode
 from textual.message import Message
-from textual.widgets import Label, Markdown, Static, TextArea
+from textual.widgets import Label, ListItem, ListView, Markdown, Static, TextArea
+from textual.widgets.markdown import MarkdownBlock
 
 from vramchat.shared.units import format_bytes
+from vramchat.tui.telemetry_view import swapping
 
-# Swap-in above this rate means the system is swapping now, not just holding old pages in swap.
-SWAPPING_BPS = 1 << 20
+if TYPE_CHECKING:
+    from vramchat.tui.app import VramchatApp
+
+# The tokens that Textual's Markdown makes a top-level block of (MarkdownBlock.name is their type).
+BLOCK_TOKENS = frozenset(
+    {
+        "heading_open",
+        "hr",
+        "paragraph_open",
+        "blockquote_open",
+        "bullet_list_open",
+        "ordered_list_open",
+        "table_open",
+        "fence",
+        "code_block",
+    }
+)
 
 
 class StateChanged(Message):
     """The app's copy of the daemon state (model, telemetry, alarms) changed; screens redraw."""
+
+
+def vramchat_app(node: DOMNode) -> VramchatApp:
+    """The app a screen or widget of this package runs in, typed (they only run in VramchatApp)."""
+    return cast("VramchatApp", node.app)
 
 
 def _keys_of(binding: Any) -> str:
@@ -31,7 +56,7 @@ class PromptInput(TextArea, inherit_bindings=False):
     TextArea's F6 (select line) and F7 (select all) are left out: the app uses the F keys.
     """
 
-    BINDINGS = [b for b in TextArea.BINDINGS if _keys_of(b) not in ("f6", "f7")]
+    BINDINGS: ClassVar[list[BindingType]] = [b for b in TextArea.BINDINGS if _keys_of(b) not in ("f6", "f7")]
 
     class Submitted(Message):
         def __init__(self, text: str) -> None:
@@ -56,8 +81,8 @@ class ChatMessage(Vertical):
     def __init__(self, message: dict[str, Any]) -> None:
         super().__init__(classes=f"message {message['role']}")
         self.message = message
-        self.shown = message["content"] or ""  # the text in `body`; Markdown gets " " when empty, to keep its line
-        self.body = Markdown(self.shown or " ")
+        self.shown = message["content"] or ""  # the text in `body`, which is its Markdown source
+        self.body = Markdown(self.shown)
         self.meta = Label(describe_reply(message), classes="meta")
 
     def compose(self) -> ComposeResult:
@@ -72,16 +97,53 @@ class ChatMessage(Vertical):
 
     async def finish(self, message: dict[str, Any]) -> None:
         """The stored message is the truth. It usually extends what was streamed, so only the rest is
-        appended; re-parsing a whole long reply would hold the screen back by tens of milliseconds."""
+        appended; re-parsing a whole long reply would hold the screen back by tens of milliseconds.
+        `settle` then checks, off that path, that appending left no block behind."""
         self.message = message
         self.meta.update(describe_reply(message))
         content = message["content"] or ""
         if self.shown and content.startswith(self.shown):
-            if rest := content[len(self.shown):]:
+            if rest := content[len(self.shown) :]:
                 await self.append(rest)
+            self.settle()
         else:
             self.shown = content
-            await self.body.update(content or " ")
+            await self.body.update(content)
+
+    @work(exclusive=True, group="settle", exit_on_error=False)
+    async def settle(self) -> None:
+        """Draw the text afresh if appending left block state behind that a fresh render does not
+        have: "2" then ". two" after a loose list starts a second list, a paragraph before an HTML
+        line is lost. Its blocks are compared with a parse of the text, made in a thread."""
+        text = self.shown
+        fresh = await asyncio.to_thread(markdown_blocks, text)
+        if fresh != shown_blocks(self.body) and text == self.shown:
+            await self.body.update(text)
+
+
+def markdown_blocks(text: str) -> list[tuple[str, tuple[int, int]]]:
+    """The top-level blocks of a fresh render of `text`: the type of each one's first token, and its lines."""
+    return [
+        (token.type, (token.map[0], token.map[1]))
+        for token in MarkdownIt("gfm-like").parse(text)
+        if token.level == 0 and token.map is not None and token.type in BLOCK_TOKENS
+    ]
+
+
+def shown_blocks(body: Markdown) -> list[tuple[str, tuple[int, int]]]:
+    """The top-level blocks `body` shows, as `markdown_blocks` describes them."""
+    return [(block.name or "", block.source_range) for block in body.children if isinstance(block, MarkdownBlock)]
+
+
+class ConversationList(ListView):
+    """The conversations, newest first, with the one on screen highlighted."""
+
+    async def show(self, conversations: list[dict[str, Any]], current: str | None) -> None:
+        await self.clear()
+        await self.extend(ListItem(Label(c["title"][:60]), name=c["id"]) for c in conversations)
+        ids = [c["id"] for c in conversations]
+        if current in ids:
+            self.index = ids.index(current)
 
 
 def describe_reply(message: dict[str, Any]) -> str:
@@ -91,7 +153,8 @@ def describe_reply(message: dict[str, Any]) -> str:
     if message["status"] == "generating":
         return "generating… (Esc cancels)"
     stats = message.get("stats") or {}
-    parts = [] if message["status"] == "complete" else [f"{message['status']}" + (f": {message['error']}" if message.get("error") else "")]
+    error = f": {message['error']}" if message.get("error") else ""
+    parts = [] if message["status"] == "complete" else [f"{message['status']}{error}"]
     if stats.get("generated_tokens"):
         speed = f", {stats['tokens_per_s']:.1f} tok/s" if stats.get("tokens_per_s") else ""
         first = f", first token {stats['ttft_s'] * 1000:.0f} ms" if stats.get("ttft_s") else ""
@@ -100,17 +163,13 @@ def describe_reply(message: dict[str, Any]) -> str:
 
 
 def layer_split(model: dict[str, Any]) -> str:
-    """"24/31 layers on GPU" from what llama.cpp reported, else from what was asked for."""
+    """ "24/31 layers on GPU" from what llama.cpp reported, else from what was asked for."""
     split = model.get("split") or {}
     if split.get("offloaded_layers") is not None:
         return f"{split['offloaded_layers']}/{split['total_layers']} layers on GPU"
     if model.get("n_gpu_layers") is not None:
         return f"{model['n_gpu_layers']} GPU layers"
     return "no split"
-
-
-def swapping(sample: dict[str, Any]) -> bool:
-    return (sample["host"].get("swap_in_bps") or 0) > SWAPPING_BPS
 
 
 def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str:
@@ -129,8 +188,10 @@ def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str
         swap = f"[b white on red] {swap} SWAPPING [/]"
     generation = sample.get("generation") or {}
     speed = generation.get("tokens_per_s") or (generation.get("last") or {}).get("tokens_per_s")
-    return (f"{gpus or sample.get('gpu_status') or 'no NVIDIA GPU'} │ RAM {format_bytes(host['ram_used'])}/{format_bytes(host['ram_total'])}"
-            f" │ {swap} │ {model_part}" + (f" │ {speed:.1f} tok/s" if speed else ""))
+    ram = f"RAM {format_bytes(host['ram_used'])}/{format_bytes(host['ram_total'])}"
+    return f"{gpus or sample.get('gpu_status') or 'no NVIDIA GPU'} │ {ram} │ {swap} │ {model_part}" + (
+        f" │ {speed:.1f} tok/s" if speed else ""
+    )
 
 
 class MemoryBar(Static):

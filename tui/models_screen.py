@@ -7,64 +7,54 @@ A model the daemon names by a path this machine cannot read is listed without a 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Static
 
+from vramchat.shared import speed
 from vramchat.shared.client import RequestFailed
-from vramchat.shared.gguf import GGUFError, GGUFInfo
-from vramchat.shared.planner import (
-    DEFAULT_VRAM_MARGIN,
-    Machine,
-    PlanError,
-    PlanSettings,
-    Prediction,
-    estimate_tokens_per_second,
-    fit,
-    gpu_bandwidth_for,
-    inspect_cached,
-    predict,
-    ram_bandwidth,
-    swap_check,
-)
+from vramchat.shared.gguf import GGUFError, GGUFInfo, inspect_cached
+from vramchat.shared.planner import LoadPlan, Machine, PlanError, PlanSettings, plan_load
 from vramchat.shared.units import format_bytes, format_count, parse_size
-from vramchat.tui.widgets import MemoryBar, StateChanged
+from vramchat.tui.state import ChatState
+from vramchat.tui.widgets import MemoryBar, StateChanged, vramchat_app
 
 
-def machine(app: Any) -> Machine:
-    return Machine.from_sample(app.history[-1] if app.history else None)
+def machine(state: ChatState) -> Machine:
+    """This machine as the daemon's latest telemetry sample describes it."""
+    return Machine.from_sample(state.latest_sample())
 
 
-def describe_prediction(row: Prediction, budget: int, available_ram: int, gpu_name: str | None) -> str:
+def describe_prediction(plan: LoadPlan) -> str:
     """Five lines a person can act on: VRAM against the budget, RAM against what is available, speed."""
-    row.tokens_per_s = estimate_tokens_per_second(row, ram_bandwidth(), gpu_bandwidth_for(gpu_name))
+    row, budget, available_ram = plan.prediction, plan.budget, plan.machine.available_ram
     gpu, cpu = row.gpu, row.cpu
     fits = "fits" if gpu.total <= budget else f"[b red]over by {format_bytes(gpu.total - budget)}[/]"
-    swap = swap_check(row, available_ram)
-    return "\n".join([
-        f"{row.n_gpu_layers} GPU layers: {row.layers_on_gpu} of {row.n_layer} layers"
-        f"{' + output' if row.output_on_gpu else ''}, n_ctx {row.n_ctx}",
-        f"VRAM {format_bytes(gpu.total)} (weights {format_bytes(gpu.weights)}, KV {format_bytes(gpu.kv)}, "
-        f"compute {format_bytes(gpu.compute)}); budget {format_bytes(budget)}: {fits}",
-        f"RAM  {format_bytes(cpu.total)} (weights {format_bytes(cpu.weights)}, KV {format_bytes(cpu.kv)}); "
-        f"{format_bytes(available_ram)} available: " + ("[b red]would swap[/]" if swap.would_swap else "fits"),
-        f"speed at most {row.tokens_per_s:.1f} tok/s (memory bandwidth bound)",
-    ])
+    return "\n".join(
+        [
+            f"{row.n_gpu_layers} GPU layers: {row.layers_on_gpu} of {row.n_layer} layers"
+            f"{' + output' if row.output_on_gpu else ''}, n_ctx {row.n_ctx}",
+            f"VRAM {format_bytes(gpu.total)} (weights {format_bytes(gpu.weights)}, KV {format_bytes(gpu.kv)}, "
+            f"compute {format_bytes(gpu.compute)}); budget {format_bytes(budget)}: {fits}",
+            f"RAM  {format_bytes(cpu.total)} (weights {format_bytes(cpu.weights)}, KV {format_bytes(cpu.kv)}); "
+            f"{format_bytes(available_ram)} available: " + ("[b red]would swap[/]" if plan.swap.would_swap else "fits"),
+            f"speed at most {row.tokens_per_s or 0:.1f} tok/s (memory bandwidth bound)",
+        ]
+    )
 
 
 class LayerStepper(Static, can_focus=True):
     """n_gpu_layers: a number, or "auto" to fit the VRAM budget."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("left,minus", "step(-1)", "-1 layer"),
         Binding("right,plus,equals_sign", "step(1)", "+1 layer"),
         Binding("a", "auto", "auto"),
@@ -110,9 +100,11 @@ class LayerStepper(Static, can_focus=True):
 class LoadDialog(ModalScreen[dict[str, Any] | None]):
     """Choose n_gpu_layers, n_ctx and a VRAM budget, see the prediction, then load; returns the loaded model."""
 
-    BINDINGS = [Binding("escape", "close", "Close"), Binding("enter", "load", "Load")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close"), Binding("enter", "load", "Load")]
 
-    def __init__(self, model: dict[str, Any], n_gpu_layers: int | str = "auto", n_ctx: int = 4096, title: str | None = None) -> None:
+    def __init__(
+        self, model: dict[str, Any], n_gpu_layers: int | str = "auto", n_ctx: int = 4096, title: str | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.initial_layers = n_gpu_layers
@@ -151,7 +143,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         """Reading a GGUF header parses its whole vocabulary: seconds for a big model."""
         try:
             info = inspect_cached(self.model["path"])
-            ram_bandwidth()  # measured once per machine and cached
+            speed.ram_bandwidth()  # measured once per machine and cached
         except (GGUFError, OSError) as exc:
             self.app.call_from_thread(self.query_one("#model-info", Label).update, f"no plan: {exc}")
             return
@@ -161,8 +153,10 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         self.info = info
         self.query_one(LayerStepper).set_maximum(info.n_layer + 1)
         self.query_one("#model-info", Label).update(
-            f"{info.architecture}, {format_count(info.parameters)} parameters, {info.file_type or '?'}, {format_bytes(info.file_size)}, "
-            f"{info.n_layer} layers + output, trained ctx {info.n_ctx_train}")
+            f"{info.architecture}, {format_count(info.parameters)} parameters, {info.file_type or '?'}, "
+            f"{format_bytes(info.file_size)}, "
+            f"{info.n_layer} layers + output, trained ctx {info.n_ctx_train}"
+        )
         self.update_prediction()
 
     @on(LayerStepper.Changed)
@@ -172,15 +166,14 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         if self.info is None:
             stepper.refresh()
             return
-        host = machine(self.app)
         try:
-            settings = PlanSettings(n_ctx=int(self.query_one("#n-ctx", Input).value or 0), has_gpu=host.has_gpu)
+            settings = PlanSettings(n_ctx=int(self.query_one("#n-ctx", Input).value or 0))
             budget_text = self.query_one("#budget", Input).value.strip()
-            budget = parse_size(budget_text) if budget_text else max(0, host.free_vram - DEFAULT_VRAM_MARGIN)
-            fitted = fit(self.info, budget, settings)
-            stepper.fitted = fitted.n_gpu_layers
-            layers = fitted.n_gpu_layers if stepper.value == "auto" else int(stepper.value)
-            text = describe_prediction(predict(self.info, layers, settings), budget, host.available_ram, host.gpu_name)
+            budget = parse_size(budget_text) if budget_text else None
+            layers: int | Literal["auto"] = "auto" if stepper.value == "auto" else int(stepper.value)
+            plan = plan_load(self.info, machine(vramchat_app(self).state), layers, settings, vram_budget=budget)
+            stepper.fitted = plan.fitted.n_gpu_layers
+            text = describe_prediction(plan)
         except (PlanError, ValueError) as exc:
             text = f"[b red]{exc}[/]"
         stepper.refresh()
@@ -199,14 +192,17 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
     @work(exclusive=True, exit_on_error=False, group="load")
     async def load(self) -> None:
         stepper = self.query_one(LayerStepper)
-        body: dict[str, Any] = {"model": self.model["path"], "n_gpu_layers": stepper.value,
-                                "n_ctx": int(self.query_one("#n-ctx", Input).value or 0),
-                                "force": self.query_one("#force", Checkbox).value}
+        body: dict[str, Any] = {
+            "model": self.model["path"],
+            "n_gpu_layers": stepper.value,
+            "n_ctx": int(self.query_one("#n-ctx", Input).value or 0),
+            "force": self.query_one("#force", Checkbox).value,
+        }
         if budget := self.query_one("#budget", Input).value.strip():
             body["vram_budget"] = budget
         try:
-            reply = await self.app.client.request("load", body, timeout=None, request_id=uuid.uuid4().hex)  # type: ignore[attr-defined]
-        except (RequestFailed, asyncio.TimeoutError) as exc:
+            reply = await vramchat_app(self).client.request("load", body, timeout=None, request_id=uuid.uuid4().hex)
+        except (TimeoutError, RequestFailed) as exc:
             error = self.query_one("#load-error", Label)
             error.update(exc.message if isinstance(exc, RequestFailed) else "the daemon did not answer")
             error.display = True
@@ -217,7 +213,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
 
     def on_state_changed(self, _: StateChanged) -> None:
         """Loading progress comes from the daemon's `model` events."""
-        model = self.app.model  # type: ignore[attr-defined]
+        model = vramchat_app(self).state.model
         if model.get("state") == "loading" and model.get("path") == self.model["path"] and model.get("progress") is not None:
             self.progress_seen.append(model["progress"])
             self.query_one("#progress", ProgressBar).update(progress=model["progress"])
@@ -230,7 +226,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
 class ModelsScreen(Screen[None]):
     """The daemon's models with their metadata and whether each fits; Enter opens the load dialog."""
 
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back to chat")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.pop_screen", "Back to chat")]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -247,33 +243,33 @@ class ModelsScreen(Screen[None]):
 
     @work(exclusive=True, exit_on_error=False, group="models")
     async def list_models(self) -> None:
-        reply = await self.app.client.request("models")  # type: ignore[attr-defined]
+        reply = await vramchat_app(self).client.request("models")
         self.models = reply["models"]
         table = self.query_one(DataTable)
         for model in self.models:
             name = ("● " if model.get("loaded") else "") + model["name"]
             table.add_row(name, "…", format_bytes(model["size_bytes"]), "…", "…", "…", "…", key=model["path"])
         if not self.models:
-            self.query_one("#models-hint", Label).update(f"no models found in {', '.join(reply['model_dirs']) or 'any model dir'}")
+            where = ", ".join(reply["model_dirs"]) or "any model dir"
+            self.query_one("#models-hint", Label).update(f"no models found in {where}")
         self.describe_models()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="describe")
     def describe_models(self) -> None:
-        host = machine(self.app)
-        budget = max(0, host.free_vram - DEFAULT_VRAM_MARGIN)
+        host = machine(vramchat_app(self).state)
         for model in self.models:
             try:
                 info = inspect_cached(model["path"])
             except (GGUFError, OSError):
                 self.app.call_from_thread(self.set_row, model["path"], ("?", "?", "?", "?", "not readable here"))
                 continue
-            fitted = fit(info, budget, PlanSettings(n_ctx=min(4096, info.n_ctx_train or 4096), has_gpu=host.has_gpu))
-            if swap_check(fitted.prediction, host.available_ram).would_swap:
+            plan = plan_load(info, host, "auto", PlanSettings(n_ctx=min(4096, info.n_ctx_train or 4096)))
+            if plan.swap.would_swap:
                 verdict = "would swap"
-            elif fitted.fits_all:
+            elif plan.fitted.fits_all:
                 verdict = "all on GPU"
-            elif budget:
-                verdict = f"{fitted.n_gpu_layers}/{info.n_layer + 1} on GPU"
+            elif plan.budget:
+                verdict = f"{plan.n_gpu_layers}/{info.n_layer + 1} on GPU"
             else:
                 verdict = "CPU, fits RAM"
             row = (info.architecture, info.file_type or "?", str(info.n_layer), str(info.n_ctx_train), verdict)
@@ -282,7 +278,7 @@ class ModelsScreen(Screen[None]):
     def set_row(self, key: str, values: tuple[str, ...]) -> None:
         table = self.query_one(DataTable)
         arch, _size, *rest = self.columns[1:]
-        for column, value in zip((arch, *rest), values):
+        for column, value in zip((arch, *rest), values, strict=True):
             table.update_cell(key, column, value)
 
     @on(DataTable.RowSelected)

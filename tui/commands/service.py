@@ -21,7 +21,7 @@ from pathlib import Path
 from vramchat.shared import paths
 
 UNIT_NAME = "vramchatd.service"
-TEMPLATES = Path(__file__).resolve().parent.parent / "systemd"
+TEMPLATES = Path(__file__).resolve().parents[2] / "systemd"  # the source tree: tui/commands/ -> systemd/
 USER_TEMPLATE = "vramchatd.service"
 SYSTEM_TEMPLATE = "vramchatd-system.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -30,7 +30,17 @@ SYSTEM_HOME = Path("/var/lib/vramchat")
 SYSTEM_CONFIG = Path("/etc/vramchat/config.toml")
 SYSTEM_RUNTIME_DIR = Path("/run/vramchat")
 LINGER_DIR = Path("/var/lib/systemd/linger")
-USERADD = ["useradd", "--system", "--user-group", "--home-dir", str(SYSTEM_HOME), "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_ACCOUNT]
+USERADD = [
+    "useradd",
+    "--system",
+    "--user-group",
+    "--home-dir",
+    str(SYSTEM_HOME),
+    "--no-create-home",
+    "--shell",
+    "/usr/sbin/nologin",
+    SYSTEM_ACCOUNT,
+]
 SYSTEM_CONFIG_TEXT = """\
 # vramchatd (system service) settings; every key is optional. See `vramchat --help`.
 # /var/lib/vramchat/models is always scanned; add more folders the vramchat account can read:
@@ -55,7 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a systemd unit that runs this environment's vramchatd, then enable and start it.",
     )
     install.add_argument("--system", action="store_true", help="a system service for the dedicated vramchat account (needs root)")
-    install.add_argument("--create-user", action="store_true", help="with --system: create the vramchat account (useradd --system) if it is missing")
+    install.add_argument(
+        "--create-user",
+        action="store_true",
+        help="with --system: create the vramchat account (useradd --system) if it is missing",
+    )
     install.add_argument("--dry-run", action="store_true", help="print the unit and the commands, change nothing")
     install.set_defaults(handler=run)
 
@@ -79,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
 def install(*, system: bool, dry_run: bool, create_user: bool = False) -> int:
     vramchatd = Path(sys.executable).with_name("vramchatd")
     if not vramchatd.is_file():
-        raise ServiceError(f"there is no vramchatd next to {sys.executable}; install vramchat into this environment first (make install)")
+        raise ServiceError(
+            f"there is no vramchatd next to {sys.executable}; install vramchat into this environment first (make install)"
+        )
     plan = system_plan(vramchatd) if system else user_plan(vramchatd)
     if system and not dry_run and os.geteuid() != 0:
         raise ServiceError(f"a system service needs root: sudo {Path(sys.argv[0]).resolve()} service install --system")
@@ -128,7 +144,9 @@ def read_template(name: str) -> str:
     try:
         return path.read_text()
     except OSError as exc:
-        raise ServiceError(f"cannot read the unit template {path} ({exc.strerror}); install vramchat from its source tree (make install)") from None
+        raise ServiceError(
+            f"cannot read the unit template {path} ({exc.strerror}); install vramchat from its source tree (make install)"
+        ) from None
 
 
 def render_unit(template: str, values: dict[str, str]) -> str:
@@ -180,7 +198,11 @@ def start(plan: Plan) -> int:
             detail = (result.stderr or result.stdout).strip()
             print(f"vramchat service: `{' '.join(command)}` failed: {detail}", file=sys.stderr)
             if "--user" in plan.systemctl:
-                print("No user systemd instance reachable? Log in through a normal session (not `su`), or enable lingering, then retry.", file=sys.stderr)
+                print(
+                    "No user systemd instance reachable? Log in through a normal session (not `su`), "
+                    "or enable lingering, then retry.",
+                    file=sys.stderr,
+                )
             return 1
     print(f"enabled and started {UNIT_NAME}; logs: journalctl {'--user ' if '--user' in plan.systemctl else ''}-u {UNIT_NAME}")
     return 0

@@ -1,0 +1,130 @@
+"""The chat pane: the message log, the queue line and the prompt, and the painter that streams tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Label, Static
+
+from vramchat.shared.client import RequestFailed
+from vramchat.tui.state import Changes, ChatState
+from vramchat.tui.widgets import ChatMessage, PromptInput
+
+# Streamed text reaches the screen at most this often. A small model on a GPU makes hundreds of
+# tokens a second; drawing each one would put the screen further behind with every token.
+FRAME_S = 1 / 30
+
+Fetch = Callable[[str], Awaitable[list[dict[str, Any]]]]
+Painted = Callable[[dict[str, list[str]]], None]
+HINT = "Type a message below and press Enter (Ctrl+J: new line). Ctrl+P lists every command."
+
+
+class ChatView(Vertical):
+    """Draws the conversation on screen from a `ChatState`, and changes nothing in it but what is
+    left to paint. Like oterm's chat, it streams Markdown in pieces and stops following the end
+    while the user reads older messages.
+
+    `fetch` reads a conversation's stored messages from the daemon; `painted` is told each frame's
+    text once it is in the log (benchmarks/tui_lag.py times it).
+    """
+
+    def __init__(self, state: ChatState, fetch: Fetch, painted: Painted | None = None) -> None:
+        super().__init__(id="chat")
+        self.state = state
+        self.fetch = fetch
+        self.painted = painted
+        self.paint_wanted = asyncio.Event()
+        self.drawing = asyncio.Lock()  # one writer at a time in the message log
+
+    def compose(self) -> ComposeResult:
+        yield VerticalScroll(id="log")
+        yield Label("", id="queue")
+        yield PromptInput(id="prompt")
+
+    def on_mount(self) -> None:
+        self.message_log.anchor()  # follow new text until the user scrolls up
+        self.run_worker(self.paint_tokens(), group="paint", exit_on_error=False)
+
+    @property
+    def message_log(self) -> VerticalScroll:
+        return self.query_one("#log", VerticalScroll)
+
+    @property
+    def prompt(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    async def redraw(self, changes: Changes) -> None:
+        """Redraw what `changes` says changed in the conversation on screen."""
+        if changes.log:
+            await self.show_conversation(resync=changes.snapshot)
+        elif changes.message is not None:
+            await self.show_message(changes.message)
+        if changes.tokens:
+            self.paint_wanted.set()
+        if changes.queue:
+            self.show_queue()
+
+    async def show_conversation(self, resync: bool = False) -> None:
+        """Redraw the log from the store, with the text generated so far for a reply in flight.
+
+        On a resync, a user reading older messages keeps their place; otherwise the log follows the end."""
+        log = self.message_log
+        reading_at = log.scroll_y if resync and log.scroll_y < log.max_scroll_y else None
+        async with self.drawing:
+            await log.remove_children()
+            if self.state.current is None:
+                await log.mount(Static(HINT, classes="hint"))
+                return
+            try:
+                messages = await self.fetch(self.state.current)
+            except RequestFailed:
+                return
+            await log.mount_all([ChatMessage(m) for m in self.state.with_in_flight(messages)])
+            if reading_at is None:
+                log.anchor()
+            else:
+                log.release_anchor()
+                self.call_after_refresh(log.scroll_to, y=reading_at, animate=False, immediate=True)
+
+    async def show_message(self, message: dict[str, Any]) -> None:
+        """A message of the conversation on screen was created, finished or deleted."""
+        async with self.drawing:
+            widget = self.message_widget(message["id"])
+            if message["status"] == "deleted":
+                if widget is not None:
+                    await widget.remove()
+            elif widget is None:
+                await self.message_log.mount(ChatMessage(message))
+            elif message["status"] != "generating":
+                await widget.finish(message)
+
+    async def paint_tokens(self) -> None:
+        """Draw what arrived since the last frame, in one Markdown append per message, forever."""
+        while True:
+            await self.paint_wanted.wait()
+            self.paint_wanted.clear()
+            async with self.drawing:
+                pending = self.state.take_unpainted()
+                for message_id, parts in pending.items():
+                    widget = self.message_widget(message_id)
+                    if widget is not None:
+                        await widget.append("".join(parts))
+            if self.painted is not None:
+                self.painted(pending)
+            await asyncio.sleep(FRAME_S)
+
+    def message_widget(self, message_id: str) -> ChatMessage | None:
+        for widget in self.query(ChatMessage):
+            if widget.message["id"] == message_id:
+                return widget
+        return None
+
+    def show_queue(self) -> None:
+        text = self.state.queue_text()
+        label = self.query_one("#queue", Label)
+        label.update(text)
+        label.display = bool(text)

@@ -1,0 +1,1 @@
+"""The `vramchat` subcommands, one module per family; each has a `register(subparsers)`."""

@@ -1,0 +1,126 @@
+"""`vramchat plan MODEL`: where the model's bytes would live for each n_gpu_layers, without a daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Literal
+
+import psutil
+
+from vramchat.shared.gguf import GGUFError, inspect_cached
+from vramchat.shared.planner import LoadPlan, Machine, PlanError, PlanSettings, plan_load, swap_check
+from vramchat.shared.units import format_bytes, format_count, parse_size
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    plan = subparsers.add_parser("plan", help="predict VRAM and RAM for each GPU layer count, before loading")
+    plan.add_argument("model", help="path of a .gguf file")
+    plan.add_argument("--ctx", type=int, default=4096, help="context window in tokens (default 4096)")
+    which = plan.add_mutually_exclusive_group()
+    which.add_argument("--gpu-layers", type=int, help="detail this layer count instead of the fitted one")
+    which.add_argument("--vram-budget", type=parse_size, help="fit this much VRAM, e.g. 11.5GiB (default: free VRAM - 1 GiB)")
+    plan.add_argument("--cache-type", default="f16", help="KV cache type for K and V: f16, q8_0, q4_0")
+    plan.add_argument("--flash-attn", action="store_true", help="plan with flash attention (needed for a quantized V cache)")
+    plan.add_argument("--fit-ctx", action="store_true", help="also find the largest context at which every layer fits")
+    plan.add_argument("--vram", type=parse_size, help="plan for a GPU with this much free VRAM instead of this machine's")
+    plan.add_argument("--ram", type=parse_size, help="plan for this much available RAM instead of this machine's")
+    plan.add_argument("--json", action="store_true", help="the whole table as JSON, in bytes")
+    plan.set_defaults(handler=run)
+
+
+def this_machine_vram() -> tuple[int, str | None]:
+    """Free VRAM over all NVIDIA GPUs, and the first one's name; (0, None) without any."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        name = pynvml.nvmlDeviceGetName(handles[0]) if handles else None
+        free = sum(int(pynvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles)
+        return free, (name.decode() if isinstance(name, bytes) else name)
+    except Exception:
+        return 0, None
+
+
+def run(args: argparse.Namespace) -> int:
+    free_vram, gpu_name = (args.vram, None) if args.vram is not None else this_machine_vram()
+    available_ram = args.ram if args.ram is not None else psutil.virtual_memory().available
+    layers: int | Literal["auto"] = "auto" if args.gpu_layers is None else args.gpu_layers
+    settings = PlanSettings(
+        n_ctx=args.ctx, cache_type_k=args.cache_type, cache_type_v=args.cache_type, flash_attn=args.flash_attn
+    )
+    try:
+        info = inspect_cached(args.model)
+        plan = plan_load(
+            info,
+            Machine(free_vram, available_ram, gpu_name),
+            layers,
+            settings,
+            vram_budget=args.vram_budget,
+            fit_ctx=args.fit_ctx,
+        )
+        table = plan.table()
+    except (GGUFError, PlanError, OSError) as exc:
+        print(f"vramchat plan: {exc}", file=sys.stderr)
+        return 2
+
+    if args.json:
+        json.dump(
+            {
+                "model": info.to_dict(),
+                "vram_budget": plan.budget,
+                "available_ram": available_ram,
+                "fit": plan.fitted.to_dict(),
+                "table": [row.to_dict() for row in table],
+                "swap": plan.swap.to_dict(),
+            },
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return 0
+    print(describe(plan, args.vram is not None))
+    print(f"\n{'GPU layers':>10} {'VRAM':>12} {'RAM':>12} {'swap risk':>10} {'tok/s (max)':>12}")
+    for row in table:
+        risk = "SWAP" if swap_check(row, available_ram).would_swap else "-"
+        mark = "  <- fits the budget" if row.n_gpu_layers == plan.fitted.n_gpu_layers else ""
+        print(
+            f"{row.n_gpu_layers:>10} {format_bytes(row.gpu.total):>12} {format_bytes(row.cpu.total):>12} {risk:>10} "
+            f"{row.tokens_per_s or 0:>12.1f}{mark}"
+        )
+    print(terms(plan))
+    return 0
+
+
+def describe(plan: LoadPlan, vram_given: bool) -> str:
+    info, settings, host = plan.info, plan.settings, plan.machine
+    no_gpu = " (no NVIDIA GPU found, so every layer stays on the CPU; use --vram to plan for a GPU)"
+    where = " (given)" if vram_given else f" on {host.gpu_name}" if host.gpu_name else no_gpu
+    gpu = f"{format_bytes(host.free_vram)} free VRAM" + where
+    return (
+        f"{info.name or info.path}: {info.architecture}, {format_count(info.parameters)} parameters, {info.file_type}, "
+        f"{info.n_layer} layers + output, trained context {info.n_ctx_train}\n"
+        f"n_ctx {settings.n_ctx}, KV {settings.cache_type_k}/{settings.cache_type_v}, flash attention "
+        f"{'on' if settings.flash_attn else 'off'}; {gpu}, budget {format_bytes(plan.budget)}; "
+        f"{format_bytes(host.available_ram)} RAM available"
+    )
+
+
+def terms(plan: LoadPlan) -> str:
+    row = plan.prediction
+    lines = [
+        f"\n{row.n_gpu_layers} GPU layers ({row.layers_on_gpu} of {row.n_layer} repeating layers"
+        f"{' + output' if row.output_on_gpu else ''}), n_ctx {row.n_ctx}:"
+    ]
+    for label, side in (("GPU", row.gpu), ("CPU", row.cpu)):
+        lines.append(
+            f"  {label}: weights {format_bytes(side.weights)} + KV {format_bytes(side.kv)} + compute "
+            f"{format_bytes(side.compute)} + output {format_bytes(side.output)} + overhead {format_bytes(side.overhead)}"
+            f" = {format_bytes(side.total)}"
+        )
+    if plan.swap.would_swap:
+        lines.append("  " + plan.swap.message)
+    lines.append("  tok/s is an upper bound from memory bandwidth; small models are limited by compute instead.")
+    return "\n".join(lines)
