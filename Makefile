@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test bench daemon
+.PHONY: install run test lint bench daemon
 
 install:
 	@scripts/install.sh
@@ -15,7 +15,14 @@ run: install
 daemon: install
 	@scripts/ensure-daemon.sh
 
-test: install
+# ruff (lint and format) and mypy over the whole tree; `make test` fails when either does.
+lint: install
+	@echo "==> ruff check, ruff format --check, mypy"
+	@$(BIN)/ruff check --quiet .
+	@$(BIN)/ruff format --check --quiet .
+	@scripts/typecheck.sh
+
+test: lint
 	@scripts/install-test-tools.sh
 	@$(BIN)/python -m pytest -q -ra
 

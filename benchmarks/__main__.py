@@ -18,8 +18,17 @@ from typing import Any
 
 from benchmarks.common import loadavg, machine
 
-BENCHMARKS = ["streaming_overhead", "token_latency", "fanout", "ttft", "model_switch", "footprint", "resume_conversation",
-              "sampler_cpu", "tui_lag"]
+BENCHMARKS = [
+    "streaming_overhead",
+    "token_latency",
+    "fanout",
+    "ttft",
+    "model_switch",
+    "footprint",
+    "resume_conversation",
+    "sampler_cpu",
+    "tui_lag",
+]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}
 
@@ -41,15 +50,21 @@ def targets_of(result: dict[str, Any]) -> list[dict[str, Any]]:
     if "targets" in result:
         return list(result["targets"])
     if "target" in result:
-        return [{"figure": None, "target": result["target"], "met": result.get("met"),
-                 "why": result.get("why") or ("the benchmark gives no explanation" if result.get("met") is False else None)}]
+        return [
+            {
+                "figure": None,
+                "target": result["target"],
+                "met": result.get("met"),
+                "why": result.get("why") or ("the benchmark gives no explanation" if result.get("met") is False else None),
+            }
+        ]
     return []
 
 
 def section(result: dict[str, Any]) -> str:
     lines = [f"\n### {result['name']}\n"]
     if "error" in result:
-        return "\n".join(lines + [f"Failed to run: `{result['error']}`\n"])
+        return "\n".join([*lines, f"Failed to run: `{result['error']}`\n"])
     if settings := result.get("settings"):
         lines.append("Settings: " + "; ".join(f"{k} {fmt(v)}" for k, v in settings.items()) + ".\n")
     goals = {t["figure"]: t for t in targets_of(result)}
@@ -100,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     took = time.time() - started
     print(f"==> all took {took:.0f} s; load average now {loadavg()}")
     if not args.no_write:
-        head = (f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}{' (quick)' if args.quick else ''}\n\n"
-                f"Machine: {where['cpu']}, {where['cores']} cores, {where['ram_gib']} GiB RAM, Linux {where['kernel']}, "
-                f"Python {where['python']}, llama-cpp-python {where['llama_cpp_python']}, pyzmq {where['pyzmq']} "
-                f"(libzmq {where['libzmq']}). Load average at the start {where['load_average']}, at the end {loadavg()}. "
-                f"A one-byte pipe round trip to a bare echo process, the cost of waking a sleeping process here: "
-                f"{where['pipe_round_trip_ms']['back_to_back']:.2f} ms back to back, "
-                f"{where['pipe_round_trip_ms']['after_0.3_s_idle']:.2f} ms after 0.3 s idle. Took {took:.0f} s.\n")
+        head = (
+            f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}{' (quick)' if args.quick else ''}\n\n"
+            f"Machine: {where['cpu']}, {where['cores']} cores, {where['ram_gib']} GiB RAM, Linux {where['kernel']}, "
+            f"Python {where['python']}, llama-cpp-python {where['llama_cpp_python']}, pyzmq {where['pyzmq']} "
+            f"(libzmq {where['libzmq']}). Load average at the start {where['load_average']}, at the end {loadavg()}. "
+            f"A one-byte pipe round trip to a bare echo process, the cost of waking a sleeping process here: "
+            f"{where['pipe_round_trip_ms']['back_to_back']:.2f} ms back to back, "
+            f"{where['pipe_round_trip_ms']['after_0.3_s_idle']:.2f} ms after 0.3 s idle. Took {took:.0f} s.\n"
+        )
         with DOC.open("a") as doc:
             doc.write(head + "".join(section(r) for r in results))
         print(f"==> appended to {DOC}")

@@ -32,6 +32,7 @@ import zmq
 from vramchat.daemon.chat_model import ChatModel
 from vramchat.shared import protocol
 from vramchat.shared.client import Client
+from vramchat.shared.paths import demo_model_path
 
 CPUS = os.cpu_count() or 1
 # A prompt that makes the demo model write well past 200 tokens before its end-of-generation token.
@@ -65,9 +66,20 @@ def daemon(*args: str, config: str = "") -> Iterator[BenchDaemon]:
     (root / "config.toml").write_text(config)
     log = (root / "daemon.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "vramchat.daemon.cli", "--runtime-dir", str(root / "run"), "--data-dir", str(root / "data"),
-         "--config", str(root / "config.toml"), *args],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "vramchat.daemon.cli",
+            "--runtime-dir",
+            str(root / "run"),
+            "--data-dir",
+            str(root / "data"),
+            "--config",
+            str(root / "config.toml"),
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     bench = BenchDaemon(process, root, root / "run")
     try:
@@ -103,8 +115,11 @@ async def chat_and_collect(client: Client, events: Any, max_tokens: int, content
     """Send one chat and follow it to its final `msg` event, stamping every `tok` on receipt."""
     request_id = uuid.uuid4().hex
     started = time.perf_counter()
-    await client.request("chat", {"content": content, "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "seed": seed}},
-                         request_id=request_id)
+    await client.request(
+        "chat",
+        {"content": content, "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "seed": seed}},
+        request_id=request_id,
+    )
     received: list[float] = []
     latencies: list[float] = []
     texts: list[str] = []
@@ -115,9 +130,23 @@ async def chat_and_collect(client: Client, events: Any, max_tokens: int, content
                 latencies.append(time.time() - event.body["t_engine"])
             texts.append(event.body["text"])
         elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
-            return {"started": started, "received": received, "latencies": latencies, "text": "".join(texts),
-                    "message": event.body, "stats": event.body.get("stats") or {}}
+            return {
+                "started": started,
+                "received": received,
+                "latencies": latencies,
+                "text": "".join(texts),
+                "message": event.body,
+                "stats": event.body.get("stats") or {},
+            }
     raise RuntimeError("the event stream ended")
+
+
+def demo_model() -> Path:
+    """The demo model's path; `make bench` installs it first."""
+    path = demo_model_path()
+    if path is None:
+        raise SystemExit("the demo model is not installed: run `make install`")
+    return path
 
 
 # --- the engine's loop, in this process --------------------------------------------------------
@@ -145,8 +174,13 @@ class DirectModel:
             if text:
                 produced.append(time.perf_counter())
                 pieces.append(text)
-        return {"started": started, "produced": produced, "text": "".join(pieces), "generated": reply.generated,
-                "prompt_tokens": len(prompt.tokens)}
+        return {
+            "started": started,
+            "produced": produced,
+            "text": "".join(pieces),
+            "generated": reply.generated,
+            "prompt_tokens": len(prompt.tokens),
+        }
 
 
 # --- a plain ZeroMQ client (no asyncio), for timing the relay itself ---------------------------
@@ -156,7 +190,7 @@ class RawClient:
     """DEALER + SUB with blocking sockets; speaks the wire protocol by hand (docs/protocol.md)."""
 
     def __init__(self, control: str, events: str, topics: tuple[bytes, ...] = (b"",)) -> None:
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.connect(control)
@@ -197,7 +231,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
 
 
 def rate(stamps: list[float]) -> float:
@@ -236,8 +270,9 @@ def sleep_loop_cpu_percent(wakeups_per_s: float, seconds: float) -> float:
     """CPU charged to a process that only sleeps and wakes `wakeups_per_s` times a second."""
     if wakeups_per_s <= 0:
         return 0.0
-    out = subprocess.run([sys.executable, "-c", SLEEP_LOOP, str(1 / wakeups_per_s), str(seconds)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SLEEP_LOOP, str(1 / wakeups_per_s), str(seconds)], capture_output=True, text=True, check=True
+    )
     return float(out.stdout)
 
 
@@ -275,16 +310,23 @@ def pipe_round_trips_ms(idle_s: float, rounds: int = 10) -> float:
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     try:
         from importlib.metadata import version
 
         llama_version = version("llama_cpp_python")
     except Exception:
         llama_version = "unknown"
-    return {"cpu": cpu, "cores": CPUS, "ram_gib": round(psutil.virtual_memory().total / 1073741824, 1),
-            "python": platform.python_version(), "llama_cpp_python": llama_version, "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(), "kernel": platform.release(), "load_average": loadavg(),
-            "pipe_round_trip_ms": {"back_to_back": pipe_round_trips_ms(0.0), "after_0.3_s_idle": pipe_round_trips_ms(0.3)}}
+    return {
+        "cpu": cpu,
+        "cores": CPUS,
+        "ram_gib": round(psutil.virtual_memory().total / 1073741824, 1),
+        "python": platform.python_version(),
+        "llama_cpp_python": llama_version,
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "kernel": platform.release(),
+        "load_average": loadavg(),
+        "pipe_round_trip_ms": {"back_to_back": pipe_round_trips_ms(0.0), "after_0.3_s_idle": pipe_round_trips_ms(0.3)},
+    }

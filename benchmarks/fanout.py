@@ -18,9 +18,8 @@ import time
 import uuid
 from typing import Any
 
-from benchmarks.common import PROMPT, cpu_seconds, daemon, loadavg, median, rate, target, wait_ready
+from benchmarks.common import PROMPT, cpu_seconds, daemon, demo_model, loadavg, median, rate, target, wait_ready
 from vramchat.shared.client import Client
-from vramchat.shared.paths import demo_model_path
 
 COUNTS = (1, 4, 16)
 
@@ -42,14 +41,18 @@ async def one_round(runtime_dir: Any, daemon_pid: int, subscribers: int, max_tok
                 indexes.append(event.body["index"])
                 texts.append(event.body["text"])
             elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
-                return {"stamps": stamps, "complete": indexes == list(range(len(indexes))) and "".join(texts) == event.body["content"],
-                        "stats": event.body.get("stats") or {}}
+                return {
+                    "stamps": stamps,
+                    "complete": indexes == list(range(len(indexes))) and "".join(texts) == event.body["content"],
+                    "stats": event.body.get("stats") or {},
+                }
         raise RuntimeError("the event stream ended")
 
     receivers = [asyncio.create_task(receive(c)) for c in clients]
     cpu_daemon, cpu_client = cpu_seconds(daemon_pid), time.process_time()
-    await clients[0].request("chat", {"content": PROMPT, "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "seed": 1}},
-                             request_id=request_id)
+    await clients[0].request(
+        "chat", {"content": PROMPT, "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "seed": 1}}, request_id=request_id
+    )
     results = await asyncio.gather(*receivers)
     cpu_daemon, cpu_client = cpu_seconds(daemon_pid) - cpu_daemon, time.process_time() - cpu_client
     for client in clients:
@@ -68,7 +71,7 @@ async def one_round(runtime_dir: Any, daemon_pid: int, subscribers: int, max_tok
 
 def run(quick: bool = False) -> dict[str, Any]:
     rounds, max_tokens = (1, 32) if quick else (4, 200)
-    model = str(demo_model_path())
+    model = str(demo_model())
     measured: dict[int, list[dict[str, Any]]] = {n: [] for n in COUNTS}
 
     async def measure(d: Any) -> None:
@@ -83,8 +86,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         asyncio.run(measure(d))
     result: dict[str, Any] = {
         "name": "fan-out",
-        "settings": {"model": demo_model_path().name, "rounds": rounds, "max_tokens": max_tokens,
-                     "clients": "Client objects (DEALER + SUB each) in one asyncio process, over ipc"},
+        "settings": {
+            "model": demo_model().name,
+            "rounds": rounds,
+            "max_tokens": max_tokens,
+            "clients": "Client objects (DEALER + SUB each) in one asyncio process, over ipc",
+        },
     }
     for n in COUNTS:
         rows = measured[n]
@@ -100,15 +107,21 @@ def run(quick: bool = False) -> dict[str, Any]:
     result["ratio_16_vs_1"] = ratio
     result["engine_ratio_16_vs_1"] = engine_ratio
     result["load_average_after"] = loadavg()
-    why = (f"the engine itself slowed to {engine_ratio:.3f} of its 1-client rate: with 16 clients the client process spent "
-           f"{result['clients_16_client_process_cpu_ms_per_token']:.2f} ms and the daemon "
-           f"{result['clients_16_daemon_cpu_ms_per_token']:.2f} ms of CPU per token (1 client: "
-           f"{result['clients_1_client_process_cpu_ms_per_token']:.2f} and {result['clients_1_daemon_cpu_ms_per_token']:.2f} ms), "
-           "CPU taken from the engine's llama threads on a machine with no spare core")
+    why = (
+        f"the engine itself slowed to {engine_ratio:.3f} of its 1-client rate: with 16 clients the client process spent "
+        f"{result['clients_16_client_process_cpu_ms_per_token']:.2f} ms and the daemon "
+        f"{result['clients_16_daemon_cpu_ms_per_token']:.2f} ms of CPU per token (1 client: "
+        f"{result['clients_1_client_process_cpu_ms_per_token']:.2f} and {result['clients_1_daemon_cpu_ms_per_token']:.2f} ms), "
+        "CPU taken from the engine's llama threads on a machine with no spare core"
+    )
     result["targets"] = [
         target("ratio_16_vs_1", ">= 0.98", ratio >= 0.98, why),
-        target("clients_16_every_client_got_every_token", "every client, every token",
-               result["clients_16_every_client_got_every_token"], "a client missed or reordered tokens"),
+        target(
+            "clients_16_every_client_got_every_token",
+            "every client, every token",
+            result["clients_16_every_client_got_every_token"],
+            "a client missed or reordered tokens",
+        ),
     ]
     return result
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import daemon, loadavg, sleep_loop_cpu_percent, wait_ready, wakeups
+from benchmarks.common import daemon, demo_model, loadavg, sleep_loop_cpu_percent, wait_ready, wakeups
 from vramchat.daemon.server import DaemonSettings
 from vramchat.shared.client import Client
-from vramchat.shared.paths import demo_model_path
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -53,15 +52,28 @@ def run(quick: bool = False) -> dict[str, Any]:
             counter.cancel()
         memory = process.memory_full_info()
         engine = psutil.Process(engine_pid).memory_info()
-        return {"alone": alone, "alone_wakeups": alone_wakeups, "attached": attached, "attached_wakeups": attached_wakeups,
-                "events": received, "rss": memory.rss, "uss": memory.uss, "threads": process.num_threads(), "engine_rss": engine.rss}
+        return {
+            "alone": alone,
+            "alone_wakeups": alone_wakeups,
+            "attached": attached,
+            "attached_wakeups": attached_wakeups,
+            "events": received,
+            "rss": memory.rss,
+            "uss": memory.uss,
+            "threads": process.num_threads(),
+            "engine_rss": engine.rss,
+        }
 
-    with daemon("--model", str(demo_model_path())) as d:
+    with daemon("--model", str(demo_model())) as d:
         m = asyncio.run(measure(d))
     return {
         "name": "daemon footprint",
-        "settings": {"model": demo_model_path().name, "idle_seconds": idle_s, "telemetry_interval_s": DaemonSettings.telemetry_interval_s,
-                     "unwatched_telemetry_interval_s": DaemonSettings.unwatched_telemetry_interval_s},
+        "settings": {
+            "model": demo_model().name,
+            "idle_seconds": idle_s,
+            "telemetry_interval_s": DaemonSettings.telemetry_interval_s,
+            "unwatched_telemetry_interval_s": DaemonSettings.unwatched_telemetry_interval_s,
+        },
         "idle_cpu_percent_of_one_core_no_client": m["alone"],
         "idle_wakeups_per_s_no_client": m["alone_wakeups"],
         "sleep_loop_cpu_percent_at_that_rate": sleep_loop_cpu_percent(m["alone_wakeups"], idle_s),

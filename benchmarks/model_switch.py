@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CPUS, DirectModel, chat_and_collect, daemon, loadavg, median, wait_ready
+from benchmarks.common import CPUS, DirectModel, chat_and_collect, daemon, demo_model, loadavg, median, wait_ready
 from vramchat.daemon.model_files import DEMO_DEFAULTS
 from vramchat.shared.client import Client
-from vramchat.shared.paths import demo_model_path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from gguf_factory import write_tiny_llama  # noqa: E402
+from gguf_factory import write_tiny_llama
 
 MESSAGES = [{"role": "system", "content": DEMO_DEFAULTS["system_prompt"]}, {"role": "user", "content": "Hi"}]
 
@@ -33,7 +32,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     import llama_cpp  # noqa: F401  imported once here, so the direct figure never counts it (the engine always does)
 
     rounds = 1 if quick else 5
-    demo = str(demo_model_path())
+    demo = str(demo_model())
     models_dir = Path(tempfile.mkdtemp(prefix="vcb-models-"))
     write_tiny_llama(models_dir / "tiny.gguf")
     through: list[dict[str, float]] = []
@@ -51,8 +50,14 @@ def run(quick: bool = False) -> dict[str, Any]:
                 loaded = time.perf_counter()
                 result = await chat_and_collect(client, events, 1, content="Hi")
                 first = result["received"][0]
-                through.append({"total": first - started, "load_reply": loaded - started,
-                                "llama_init": reply["model"]["load_seconds"], "first_token": first - result["started"]})
+                through.append(
+                    {
+                        "total": first - started,
+                        "load_reply": loaded - started,
+                        "llama_init": reply["model"]["load_seconds"],
+                        "first_token": first - result["started"],
+                    }
+                )
                 started = time.perf_counter()
                 model = DirectModel(demo)
                 out = model.generate(MESSAGES, 1)
@@ -69,7 +74,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     total = median([r["total"] for r in through])
     return {
         "name": "model switch",
-        "settings": {"model": demo_model_path().name, "from": "a tiny random GGUF", "rounds": rounds, "n_threads": CPUS, "n_ctx": 4096},
+        "settings": {
+            "model": demo_model().name,
+            "from": "a tiny random GGUF",
+            "rounds": rounds,
+            "n_threads": CPUS,
+            "n_ctx": 4096,
+        },
         "daemon_load_to_first_token_ms": 1000 * total,
         "direct_llama_to_first_token_ms": 1000 * median([r["total"] for r in direct]),
         "daemon_engine_llama_init_ms": 1000 * median([r["llama_init"] for r in through]),

@@ -15,9 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import daemon
+from benchmarks.common import daemon, demo_model
 from vramchat.shared.client import Client
-from vramchat.shared.paths import demo_model_path
 
 # About 1,500 tokens of history with the demo model's tokenizer.
 LONG_MESSAGE = "Here are my notes on the history of European cities. " + " ".join(
@@ -53,7 +52,7 @@ async def _measure(runtime_dir: Path, rounds: int) -> list[dict[str, Any]]:
 
 
 def _run_daemon(cache_mib: int, rounds: int) -> list[dict[str, Any]]:
-    with daemon("--model", str(demo_model_path()), config=f"state_cache_mib = {cache_mib}\n") as d:
+    with daemon("--model", str(demo_model()), config=f"state_cache_mib = {cache_mib}\n") as d:
         return asyncio.run(_measure(d.runtime_dir, rounds))
 
 
@@ -65,7 +64,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     cached_ttft = statistics.median(r["ttft_s"] for r in cached)
     return {
         "name": "resume a conversation",
-        "model": demo_model_path().name,
+        "model": demo_model().name,
         "history_tokens": cold[0]["history_tokens"],
         "cold_ttft_ms": cold_ttft * 1000,
         "cached_ttft_ms": cached_ttft * 1000,

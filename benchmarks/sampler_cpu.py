@@ -18,16 +18,15 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import daemon, sleep_loop_cpu_percent, target
+from benchmarks.common import daemon, demo_model, sleep_loop_cpu_percent, target
 from vramchat.daemon.telemetry import TelemetrySampler
-from vramchat.shared.paths import demo_model_path
 
 INTERVAL_S = 0.5
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     duration = 3.0 if quick else 10.0
-    with daemon("--model", str(demo_model_path())) as running:
+    with daemon("--model", str(demo_model())) as running:
         deadline = time.monotonic() + 60
         engines: list[psutil.Process] = []
         while not engines and time.monotonic() < deadline:
@@ -53,19 +52,25 @@ def run(quick: bool = False) -> dict[str, Any]:
     sleep_loop = sleep_loop_cpu_percent(1 / INTERVAL_S, duration)
     return {
         "name": "telemetry sampler CPU at 2 Hz",
-        "settings": {"samples": len(costs), "seconds": round(wall, 1), "engine holding": demo_model_path().name},
+        "settings": {"samples": len(costs), "seconds": round(wall, 1), "engine holding": demo_model().name},
         "cpu_ms_per_sample": 1000 * cpu / len(costs),
         "cpu_ms_median_sample": 1000 * statistics.median(costs),
         "cpu_ms_max_sample": 1000 * max(costs),  # the first: NVML's lazy init and the first smaps walk
         "percent_of_one_core": percent,
         "cpu_ms_per_sample_back_to_back": back_to_back_ms,
         "sleep_loop_percent_of_one_core_at_2_hz": sleep_loop,
-        "targets": [target("percent_of_one_core", "< 1% of one core", percent < 1.0,
-                           f"back to back a sample costs {back_to_back_ms:.2f} ms ({back_to_back_ms * 100 / 1000 / INTERVAL_S:.2f}% "
-                           f"of a core at 2 Hz), but {1000 * statistics.median(costs):.1f} ms (median) after half a second "
-                           "asleep: on this VM each /proc read and system call is slow for a while after a vCPU wakes (see the "
-                           f"pipe round trips in the machine line), and a bare loop that only sleeps and wakes at 2 Hz is charged "
-                           f"{sleep_loop:.2f}% of a core")],
+        "targets": [
+            target(
+                "percent_of_one_core",
+                "< 1% of one core",
+                percent < 1.0,
+                f"back to back a sample costs {back_to_back_ms:.2f} ms ({back_to_back_ms * 100 / 1000 / INTERVAL_S:.2f}% "
+                f"of a core at 2 Hz), but {1000 * statistics.median(costs):.1f} ms (median) after half a second "
+                "asleep: on this VM each /proc read and system call is slow for a while after a vCPU wakes (see the "
+                f"pipe round trips in the machine line), and a bare loop that only sleeps and wakes at 2 Hz is charged "
+                f"{sleep_loop:.2f}% of a core",
+            )
+        ],
     }
 
 

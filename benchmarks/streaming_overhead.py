@@ -17,17 +17,28 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import (CPUS, PROMPT, DirectModel, chat_and_collect, cpu_seconds, daemon, loadavg, median, rate,
-                               target, wait_ready)
+from benchmarks.common import (
+    CPUS,
+    PROMPT,
+    DirectModel,
+    chat_and_collect,
+    cpu_seconds,
+    daemon,
+    demo_model,
+    loadavg,
+    median,
+    rate,
+    target,
+    wait_ready,
+)
 from vramchat.daemon.model_files import DEMO_DEFAULTS
 from vramchat.shared.client import Client
-from vramchat.shared.paths import demo_model_path
 
 MESSAGES = [{"role": "system", "content": DEMO_DEFAULTS["system_prompt"]}, {"role": "user", "content": PROMPT}]
 
 
 def compare(runs: int, max_tokens: int, n_threads: int) -> dict[str, Any]:
-    model = str(demo_model_path())
+    model = str(demo_model())
     direct_model = DirectModel(model, n_threads=n_threads)
     direct: list[dict[str, Any]] = []
     through: list[dict[str, Any]] = []
@@ -47,8 +58,11 @@ def compare(runs: int, max_tokens: int, n_threads: int) -> dict[str, Any]:
                 direct.append(direct_model.generate(MESSAGES, max_tokens))
                 cpu = {"daemon": cpu_seconds(d.pid), "engine": cpu_seconds(engine_pid), "client": time.process_time()}
                 result = await chat_and_collect(client, events, max_tokens)
-                result["cpu"] = {"daemon": cpu_seconds(d.pid) - cpu["daemon"], "engine": cpu_seconds(engine_pid) - cpu["engine"],
-                                 "client": time.process_time() - cpu["client"]}
+                result["cpu"] = {
+                    "daemon": cpu_seconds(d.pid) - cpu["daemon"],
+                    "engine": cpu_seconds(engine_pid) - cpu["engine"],
+                    "client": time.process_time() - cpu["client"],
+                }
                 through.append(result)
 
     with daemon("--model", model, "--threads", str(n_threads)) as d:
@@ -59,7 +73,9 @@ def compare(runs: int, max_tokens: int, n_threads: int) -> dict[str, Any]:
     daemon_rate = median([rate(r["received"]) for r in through])
     engine_rate = median([r["stats"]["tokens_per_s"] for r in through])
     tokens = median([len(r["received"]) for r in through])
-    per_token = {k: 1000 * median([r["cpu"][k] / max(1, len(r["received"])) for r in through]) for k in ("daemon", "engine", "client")}
+    per_token = {
+        k: 1000 * median([r["cpu"][k] / max(1, len(r["received"])) for r in through]) for k in ("daemon", "engine", "client")
+    }
     return {
         "direct_tok_s": direct_rate,
         "daemon_tok_s": daemon_rate,
@@ -68,14 +84,14 @@ def compare(runs: int, max_tokens: int, n_threads: int) -> dict[str, Any]:
         "engine_vs_direct": engine_rate / direct_rate,
         "tok_events_per_run": sorted({len(r["received"]) for r in through}),
         "direct_tokens_per_run": sorted({len(r["produced"]) for r in direct}),
-        "same_tokens": all(len(t["received"]) == len(d["produced"]) for t, d in zip(through, direct)),
-        "same_text": all(t["text"] == d["text"] for t, d in zip(through, direct)),
+        "same_tokens": all(len(t["received"]) == len(d["produced"]) for t, d in zip(through, direct, strict=True)),
+        "same_text": all(t["text"] == d["text"] for t, d in zip(through, direct, strict=True)),
         "daemon_cpu_ms_per_token": per_token["daemon"],
         "engine_cpu_ms_per_token": per_token["engine"],
         "client_cpu_ms_per_token": per_token["client"],
         "ms_per_token": 1000 / daemon_rate,
         "tokens": tokens,
-        "all_ratios": [round(rate(t["received"]) / rate(d["produced"]), 3) for t, d in zip(through, direct)],
+        "all_ratios": [round(rate(t["received"]) / rate(d["produced"]), 3) for t, d in zip(through, direct, strict=True)],
     }
 
 
@@ -84,28 +100,43 @@ def run(quick: bool = False) -> dict[str, Any]:
     main = compare(runs, max_tokens, CPUS)
     result: dict[str, Any] = {
         "name": "streaming overhead",
-        "settings": {"model": demo_model_path().name, "runs": runs, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1,
-                     "n_threads": CPUS, "n_ctx": 4096, "client": "vramchat.shared.client.Client over ipc, one process"},
+        "settings": {
+            "model": demo_model().name,
+            "runs": runs,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "seed": 1,
+            "n_threads": CPUS,
+            "n_ctx": 4096,
+            "client": "vramchat.shared.client.Client over ipc, one process",
+        },
         **{k: v for k, v in main.items()},
     }
     if not quick:
         single = compare(5, max_tokens, 1)
-        result.update({f"threads1_{k}": single[k] for k in ("direct_tok_s", "daemon_tok_s", "engine_own_tok_s", "ratio", "same_tokens")})
+        result.update(
+            {f"threads1_{k}": single[k] for k in ("direct_tok_s", "daemon_tok_s", "engine_own_tok_s", "ratio", "same_tokens")}
+        )
     result["load_average_after"] = loadavg()
     ok = main["ratio"] >= 0.99
     why = (
         f"the engine itself ran at {main['engine_vs_direct']:.3f} of direct ({main['engine_own_tok_s']:.1f} against "
         f"{main['direct_tok_s']:.1f} tok/s), so the loss is in generation, not in the relay (the client received at "
-        f"{main['daemon_tok_s'] / main['engine_own_tok_s']:.3f} of the engine's rate). With {CPUS} cores and {CPUS} llama threads, "
-        f"every token also costs {main['daemon_cpu_ms_per_token']:.2f} ms of daemon CPU and {main['client_cpu_ms_per_token']:.2f} ms "
-        f"of client CPU out of a {main['ms_per_token']:.1f} ms token, and those preempt a llama thread that the others then wait for"
+        f"{main['daemon_tok_s'] / main['engine_own_tok_s']:.3f} of the engine's rate). With {CPUS} cores and {CPUS} llama "
+        f"threads, every token also costs {main['daemon_cpu_ms_per_token']:.2f} ms of daemon CPU and "
+        f"{main['client_cpu_ms_per_token']:.2f} ms of client CPU out of a {main['ms_per_token']:.1f} ms token, and those "
+        "preempt a llama thread that the others then wait for"
     )
     if "threads1_ratio" in result:
         why += f"; with 1 engine thread (a core left free) the ratio is {result['threads1_ratio']:.3f}"
     result["targets"] = [
         target("ratio", ">= 0.99", ok, why),
-        target("same_tokens", "both generate the same tokens", main["same_tokens"] and main["same_text"],
-               "the daemon and the direct loop produced different tokens or text: the comparison is not like for like"),
+        target(
+            "same_tokens",
+            "both generate the same tokens",
+            main["same_tokens"] and main["same_text"],
+            "the daemon and the direct loop produced different tokens or text: the comparison is not like for like",
+        ),
     ]
     return result
 

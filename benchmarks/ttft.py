@@ -14,12 +14,10 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import CPUS, PROMPT, DirectModel, chat_and_collect, daemon, loadavg, median, target, wait_ready
+from benchmarks.common import CPUS, PROMPT, DirectModel, chat_and_collect, daemon, demo_model, loadavg, median, target, wait_ready
 from vramchat.daemon.model_files import DEMO_DEFAULTS
 from vramchat.shared import protocol
 from vramchat.shared.client import Client
-from vramchat.shared.paths import demo_model_path
-
 
 # A user types before sending: the daemon and the engine have been idle. How much that costs
 # on this machine is measured with a request that does no work, after this long idle.
@@ -35,7 +33,7 @@ async def round_trip(client: Client) -> float:
 
 def run(quick: bool = False) -> dict[str, Any]:
     rounds = 1 if quick else 9
-    model = str(demo_model_path())
+    model = str(demo_model())
     direct_model = DirectModel(model)
     direct: list[float] = []
     through: list[float] = []
@@ -50,7 +48,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             await client.subscribe()
             events = client.raw_events()
             await chat_and_collect(client, events, 2, content="Hello")
-            direct_model.generate([{"role": "system", "content": DEMO_DEFAULTS["system_prompt"]}, {"role": "user", "content": "Hello"}], 2)
+            direct_model.generate(
+                [{"role": "system", "content": DEMO_DEFAULTS["system_prompt"]}, {"role": "user", "content": "Hello"}], 2
+            )
             for _ in range(rounds):
                 hot.append(await round_trip(client))
                 await asyncio.sleep(IDLE_S)
@@ -71,8 +71,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     outside_engine_ms = 1000 * (median(through) - median(engine_ttft))
     return {
         "name": "time to first token",
-        "settings": {"model": demo_model_path().name, "rounds": rounds, "n_threads": CPUS, "n_ctx": 4096,
-                     "prompt": "system prompt + a new ~20-token user message each round, the rest cached in both"},
+        "settings": {
+            "model": demo_model().name,
+            "rounds": rounds,
+            "n_threads": CPUS,
+            "n_ctx": 4096,
+            "prompt": "system prompt + a new ~20-token user message each round, the rest cached in both",
+        },
         "direct_ttft_ms": 1000 * median(direct),
         "daemon_ttft_ms": 1000 * median(through),
         "delta_ms": delta_ms,
@@ -83,12 +88,18 @@ def run(quick: bool = False) -> dict[str, Any]:
         "same_prompt_tokens": all(a == b for a, b in prompt_tokens),
         "prompt_tokens": prompt_tokens[0][1],
         "load_average_after": loadavg(),
-        "targets": [target("delta_ms", "<= 5 ms", abs(delta_ms) <= 5,
-                           f"the engine's own TTFT was {1000 * median(engine_ttft):.1f} ms against {1000 * median(direct):.1f} ms "
-                           f"direct; the rest ({outside_engine_ms:.1f} ms) is the request, the store, the queue and the relay. "
-                           f"Most of it is waking idle threads: a `hello` request, which does no work, takes "
-                           f"{1000 * median(cold):.1f} ms after {IDLE_S} s idle against {1000 * median(hot):.1f} ms back to back, "
-                           "because on this VM a thread that wakes an idle vCPU waits for the hypervisor to resume it")],
+        "targets": [
+            target(
+                "delta_ms",
+                "<= 5 ms",
+                abs(delta_ms) <= 5,
+                f"the engine's own TTFT was {1000 * median(engine_ttft):.1f} ms against {1000 * median(direct):.1f} ms "
+                f"direct; the rest ({outside_engine_ms:.1f} ms) is the request, the store, the queue and the relay. "
+                f"Most of it is waking idle threads: a `hello` request, which does no work, takes "
+                f"{1000 * median(cold):.1f} ms after {IDLE_S} s idle against {1000 * median(hot):.1f} ms back to back, "
+                "because on this VM a thread that wakes an idle vCPU waits for the hypervisor to resume it",
+            )
+        ],
     }
 
 

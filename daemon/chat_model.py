@@ -62,15 +62,25 @@ class ChatModel:
         self._is_end_of_generation = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
 
     @classmethod
-    def load(cls, model_path: str, *, n_gpu_layers: int, n_ctx: int, n_threads: int | None,
-             n_batch: int = 512, n_ubatch: int = 512) -> ChatModel:
+    def load(
+        cls, model_path: str, *, n_gpu_layers: int, n_ctx: int, n_threads: int | None, n_batch: int = 512, n_ubatch: int = 512
+    ) -> ChatModel:
         """Load the GGUF (mmapped). Raises what llama-cpp-python raises, mostly ValueError."""
         from llama_cpp import Llama
 
-        return cls(Llama(
-            model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-            n_batch=n_batch, n_ubatch=n_ubatch, use_mmap=True, verbose=False,
-        ))
+        return cls(
+            Llama(
+                model_path=model_path,
+                n_gpu_layers=n_gpu_layers,
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_batch=n_batch,
+                n_ubatch=n_ubatch,
+                use_mmap=True,
+                verbose=False,
+            )
+        )
 
     def prompt(self, messages: list[dict[str, str]]) -> Prompt:
         """The conversation formatted and tokenized as the model was trained to read it."""

@@ -17,30 +17,47 @@ from vramchat.shared.paths import UnsafeDirectoryError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vramchatd", description="vramchat daemon: holds the model, serves chats and memory telemetry")
+    parser = argparse.ArgumentParser(
+        prog="vramchatd", description="vramchat daemon: holds the model, serves chats and memory telemetry"
+    )
     parser.add_argument("--runtime-dir", help="socket directory (env VRAMCHAT_RUNTIME_DIR; default $XDG_RUNTIME_DIR/vramchat)")
     parser.add_argument("--data-dir", help="conversation store directory (env VRAMCHAT_DATA_DIR; default the XDG data dir)")
     parser.add_argument("--config", help="TOML config file (env VRAMCHAT_CONFIG; default the XDG config dir)")
-    parser.add_argument("--models-dir", action="append", default=[], metavar="DIR", help="scan DIR for *.gguf (repeatable; adds to model_dirs)")
+    parser.add_argument(
+        "--models-dir", action="append", default=[], metavar="DIR", help="scan DIR for *.gguf (repeatable; adds to model_dirs)"
+    )
     parser.add_argument("--model", help="model to load at start (default: default_model from the config, else the demo model)")
     parser.add_argument("--no-load", action="store_true", help="start without loading a model")
     parser.add_argument("--gpu-layers", type=int, help="n_gpu_layers for loads that do not say")
     parser.add_argument("--ctx", type=int, help="n_ctx for loads that do not say")
     parser.add_argument("--threads", type=int, help="CPU threads for loads that do not say")
     parser.add_argument(
-        "--socket-mode", choices=("private", "group"), default="private",
+        "--socket-mode",
+        choices=("private", "group"),
+        default="private",
         help="private: only this user may attach (runtime dir 0700); group: members of the "
         "directory's group may too (0750, for the system service)",
     )
-    parser.add_argument("--tcp", metavar="HOST:PORT", help="also serve TCP (control on PORT, events on PORT+1) with CURVE; config tcp_listen")
     parser.add_argument(
-        "--insecure-tcp", action="store_true",
+        "--tcp", metavar="HOST:PORT", help="also serve TCP (control on PORT, events on PORT+1) with CURVE; config tcp_listen"
+    )
+    parser.add_argument(
+        "--insecure-tcp",
+        action="store_true",
         help="serve --tcp WITHOUT encryption or authentication: anyone who reaches the port can read every chat",
     )
-    parser.add_argument("--telemetry-interval", type=float, default=DaemonSettings.telemetry_interval_s, metavar="SECONDS",
-                        help="memory sampling interval (default %(default)s)")
     parser.add_argument(
-        "--unwatched-telemetry-interval", type=float, default=DaemonSettings.unwatched_telemetry_interval_s, metavar="SECONDS",
+        "--telemetry-interval",
+        type=float,
+        default=DaemonSettings.telemetry_interval_s,
+        metavar="SECONDS",
+        help="memory sampling interval (default %(default)s)",
+    )
+    parser.add_argument(
+        "--unwatched-telemetry-interval",
+        type=float,
+        default=DaemonSettings.unwatched_telemetry_interval_s,
+        metavar="SECONDS",
         help="sampling interval while no client is attached and nothing generates or loads (default %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -65,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vramchatd: {exc}", file=sys.stderr)
         return 2
-    for flag, seconds in (("--telemetry-interval", args.telemetry_interval), ("--unwatched-telemetry-interval", args.unwatched_telemetry_interval)):
+    for flag, seconds in (
+        ("--telemetry-interval", args.telemetry_interval),
+        ("--unwatched-telemetry-interval", args.unwatched_telemetry_interval),
+    ):
         if not 0.01 <= seconds <= 86400:
             print(f"vramchatd: {flag} must be between 0.01 and 86400 seconds, not {seconds}", file=sys.stderr)
             return 2

@@ -77,7 +77,9 @@ def load_server_secret(directory: Path, endpoint: str | None = None) -> tuple[by
         )
     mode = stat.S_IMODE(secret.stat().st_mode)
     if mode & 0o077:
-        raise CurveKeyError(f"{secret} has mode {mode:04o}: other users can read the server's secret key. Fix it with `chmod 600 {secret}`")
+        raise CurveKeyError(
+            f"{secret} has mode {mode:04o}: other users can read the server's secret key. Fix it with `chmod 600 {secret}`"
+        )
     return load_keypair(secret)
 
 
@@ -130,7 +132,9 @@ def make_curve_server(socket: zmq.Socket, public: bytes, secret: bytes) -> None:
 
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `vramchatd keys` (the data dir comes from the common --data-dir)."""
-    parser.add_argument("--force", action="store_true", help="replace the server key pair (every client must then get the new server.key)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace the server key pair (every client must then get the new server.key)"
+    )
 
 
 def keys_command(args: argparse.Namespace) -> int:

@@ -63,8 +63,12 @@ class Engine:
         started = time.monotonic()
         try:
             self.model = model = ChatModel.load(
-                params["model_path"], n_gpu_layers=params["n_gpu_layers"], n_ctx=params["n_ctx"],
-                n_threads=params.get("n_threads"), n_batch=params.get("n_batch", 512), n_ubatch=params.get("n_ubatch", 512),
+                params["model_path"],
+                n_gpu_layers=params["n_gpu_layers"],
+                n_ctx=params["n_ctx"],
+                n_threads=params.get("n_threads"),
+                n_batch=params.get("n_batch", 512),
+                n_ubatch=params.get("n_ubatch", 512),
             )
         except Exception as exc:  # llama-cpp-python raises ValueError for most load failures
             self.send({"ev": "load_failed", "error": _load_error_text(exc, self.log_lines)})
@@ -131,7 +135,9 @@ class Engine:
         try:
             prompt = model.prompt(request["messages"])
         except Exception as exc:
-            self.send({"ev": "failed", "request": request_id, "code": "bad_request", "error": f"cannot format the conversation: {exc}"})
+            self.send(
+                {"ev": "failed", "request": request_id, "code": "bad_request", "error": f"cannot format the conversation: {exc}"}
+            )
             return
         if len(prompt.tokens) >= model.n_ctx:
             self.send(

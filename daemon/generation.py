@@ -31,8 +31,12 @@ class Job:
     enqueued_at: float = field(default_factory=time.time)
 
     def view(self, position: int) -> dict[str, Any]:
-        return {"request": self.request_id, "conversation": self.conversation_id, "position": position,
-                "enqueued_at": self.enqueued_at}
+        return {
+            "request": self.request_id,
+            "conversation": self.conversation_id,
+            "position": position,
+            "enqueued_at": self.enqueued_at,
+        }
 
 
 @dataclass
@@ -86,7 +90,9 @@ class GenerationQueue:
             raise ProtocolError("queue_full", f"{len(self.pending)} requests are queued, the most the daemon holds; retry later")
         mine = sum(1 for job in self.pending if job.client == client)
         if mine >= MAX_QUEUED_PER_CLIENT:
-            raise ProtocolError("queue_full", f"you have {mine} requests queued, the most one client may; wait for some to finish")
+            raise ProtocolError(
+                "queue_full", f"you have {mine} requests queued, the most one client may; wait for some to finish"
+            )
 
     def enqueue(self, job: Job) -> int:
         """Queue `job`; returns its position (1 = next)."""
@@ -127,7 +133,9 @@ class GenerationQueue:
             elapsed = time.monotonic() - flight.first_token_at
             view["tokens_per_s"] = (flight.tokens - 1) / elapsed if elapsed > 0 else None
         if self.last_stats:
-            view["last"] = {k: self.last_stats.get(k) for k in ("tokens_per_s", "prompt_tokens_per_s", "ttft_s", "generated_tokens")}
+            view["last"] = {
+                k: self.last_stats.get(k) for k in ("tokens_per_s", "prompt_tokens_per_s", "ttft_s", "generated_tokens")
+            }
         return view
 
     # --- the worker --------------------------------------------------------------------------
@@ -176,8 +184,15 @@ class GenerationQueue:
         self.in_flight = flight = InFlight(job, message["id"])
         self.bus.publish("msg", {**message, "request": job.request_id})
         self.publish()
-        engine.send({"op": "generate", "request": job.request_id, "conversation": job.conversation_id,
-                     "messages": messages, "sampling": sampling})
+        engine.send(
+            {
+                "op": "generate",
+                "request": job.request_id,
+                "conversation": job.conversation_id,
+                "messages": messages,
+                "sampling": sampling,
+            }
+        )
 
         status, error, stats = "complete", None, None
         last_flush = time.monotonic()
@@ -189,9 +204,17 @@ class GenerationQueue:
                 flight.text += event["text"]
                 flight.tokens += 1
                 flight.first_token_at = flight.first_token_at or time.monotonic()
-                self.bus.publish("tok", {"request": job.request_id, "conversation": job.conversation_id,
-                                         "message": message["id"], "index": index, "text": event["text"],
-                                         "t_engine": event.get("t")})
+                self.bus.publish(
+                    "tok",
+                    {
+                        "request": job.request_id,
+                        "conversation": job.conversation_id,
+                        "message": message["id"],
+                        "index": index,
+                        "text": event["text"],
+                        "t_engine": event.get("t"),
+                    },
+                )
                 index += 1
                 if time.monotonic() - last_flush > REPLY_FLUSH_INTERVAL_S:
                     self.store.update_message(message["id"], content=flight.text)

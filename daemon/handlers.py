@@ -40,9 +40,18 @@ class DaemonInfo:
 class Handlers:
     """Each handler checks its request's fields and calls the part of the daemon that does the work."""
 
-    def __init__(self, *, info: DaemonInfo, config: Config, store: Store, bus: EventBus, model: ModelLifecycle,
-                 generation: GenerationQueue, monitor: Monitor,
-                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
+    def __init__(
+        self,
+        *,
+        info: DaemonInfo,
+        config: Config,
+        store: Store,
+        bus: EventBus,
+        model: ModelLifecycle,
+        generation: GenerationQueue,
+        monitor: Monitor,
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+    ) -> None:
         self.info, self.config, self.store, self.bus = info, config, store, bus
         self.model, self.generation, self.monitor, self.spawn = model, generation, monitor, spawn
         self.handlers: dict[str, Handler] = {
@@ -109,8 +118,12 @@ class Handlers:
 
     async def on_snapshot(self, _request: Request, _client: bytes) -> dict[str, Any]:
         flight = self.generation.in_flight
-        in_flight = flight and {"request": flight.job.request_id, "conversation": flight.job.conversation_id,
-                                "message": flight.message_id, "text": flight.text}
+        in_flight = flight and {
+            "request": flight.job.request_id,
+            "conversation": flight.job.conversation_id,
+            "message": flight.message_id,
+            "text": flight.text,
+        }
         history = self.monitor.sampler.history()  # once: the sampler thread may add one meanwhile
         return {
             "epoch": self.bus.epoch,
@@ -188,8 +201,12 @@ class Handlers:
 
     def _enqueue(self, job: Job, user_message: dict[str, Any] | None) -> dict[str, Any]:
         position = self.generation.enqueue(job)
-        return {"request": job.request_id, "conversation": job.conversation_id, "user_message": user_message,
-                "position": position}
+        return {
+            "request": job.request_id,
+            "conversation": job.conversation_id,
+            "user_message": user_message,
+            "position": position,
+        }
 
     async def on_cancel(self, request: Request, _client: bytes) -> dict[str, Any]:
         return {"cancelled": self.generation.cancel(field_of(request.body, "request", str))}

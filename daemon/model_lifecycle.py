@@ -85,8 +85,13 @@ class LoadParams:
 
     def for_engine(self) -> dict[str, Any]:
         """The engine's `load` message (daemon/engine.py)."""
-        return {"model_path": self.model_path, "n_gpu_layers": self.n_gpu_layers, "n_ctx": self.n_ctx,
-                "n_threads": self.n_threads, "state_cache_bytes": self.state_cache_bytes}
+        return {
+            "model_path": self.model_path,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_ctx": self.n_ctx,
+            "n_threads": self.n_threads,
+            "state_cache_bytes": self.state_cache_bytes,
+        }
 
 
 class ModelLifecycle:
@@ -96,9 +101,18 @@ class ModelLifecycle:
     `ready` is set while a loaded engine can take a request.
     """
 
-    def __init__(self, *, context: zmq.asyncio.Context, runtime_dir: Path, config: Config, bus: EventBus,
-                 telemetry: TelemetrySampler, notifier: Notifier,
-                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]], stopping: asyncio.Event) -> None:
+    def __init__(
+        self,
+        *,
+        context: zmq.asyncio.Context,
+        runtime_dir: Path,
+        config: Config,
+        bus: EventBus,
+        telemetry: TelemetrySampler,
+        notifier: Notifier,
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+        stopping: asyncio.Event,
+    ) -> None:
         self.context, self.runtime_dir, self.config = context, runtime_dir, config
         self.bus, self.telemetry, self.notifier = bus, telemetry, notifier
         self.spawn, self.stopping = spawn, stopping
@@ -188,8 +202,16 @@ class ModelLifecycle:
         """Stop the engine (the only sure way to get its VRAM back) and start one with `params`."""
         self.ready.clear()
         self.update(
-            state="loading", progress=0.0, error=None, reloading=False, path=params.model_path, plan=params.plan,
-            name=Path(params.model_path).name, n_gpu_layers=params.n_gpu_layers, n_ctx=params.n_ctx, n_threads=params.n_threads,
+            state="loading",
+            progress=0.0,
+            error=None,
+            reloading=False,
+            path=params.model_path,
+            plan=params.plan,
+            name=Path(params.model_path).name,
+            n_gpu_layers=params.n_gpu_layers,
+            n_ctx=params.n_ctx,
+            n_threads=params.n_threads,
         )
         self.cancel_running("a new model was loaded")
         async with self.engine_lock:
@@ -197,8 +219,9 @@ class ModelLifecycle:
                 await self.engine.stop()
                 self.engine = None
             try:
-                engine, ready = await launch(self.context, self.runtime_dir, params.for_engine(),
-                                             lambda fraction: self.update(progress=round(fraction, 3)))
+                engine, ready = await launch(
+                    self.context, self.runtime_dir, params.for_engine(), lambda fraction: self.update(progress=round(fraction, 3))
+                )
             except LoadFailed as exc:
                 self.update(state="error", error=str(exc), progress=None)
                 raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {exc}") from None
@@ -206,8 +229,13 @@ class ModelLifecycle:
             self._last_load = params
             self.spawn(self._watch(engine))
             self.update(
-                state="ready", progress=1.0, engine_pid=engine.pid, n_ctx=ready["n_ctx"], load_seconds=ready["load_seconds"],
-                chat_template=ready["chat_template"], split=parse_load_log(ready["load_log"]).to_dict(),
+                state="ready",
+                progress=1.0,
+                engine_pid=engine.pid,
+                n_ctx=ready["n_ctx"],
+                load_seconds=ready["load_seconds"],
+                chat_template=ready["chat_template"],
+                split=parse_load_log(ready["load_log"]).to_dict(),
             )
             self.ready.set()
         log.info("loaded %s in %.2f s", params.model_path, ready["load_seconds"])
@@ -226,8 +254,12 @@ class ModelLifecycle:
         reloading = last_load is not None and len(self._crash_times) <= MAX_AUTO_RELOADS
         self.update(state="crashed", error=reason, engine_pid=None, reloading=reloading)
         if last_load is None or not reloading:
-            log.error("%s; %d crashes in %.0f s, not reloading by itself: run `vramchat load`",
-                      reason, len(self._crash_times), CRASH_WINDOW_S)
+            log.error(
+                "%s; %d crashes in %.0f s, not reloading by itself: run `vramchat load`",
+                reason,
+                len(self._crash_times),
+                CRASH_WINDOW_S,
+            )
             return
         log.warning("%s; reloading %s", reason, last_load.model_path)
         async with self._load_lock:

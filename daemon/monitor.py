@@ -19,8 +19,16 @@ class Monitor:
     """Samples at `interval_s` while anyone watches or anything runs, else at `unwatched_interval_s`:
     an idle service, which runs all day, then costs next to nothing (docs/benchmarks.md, footprint)."""
 
-    def __init__(self, sampler: TelemetrySampler, bus: EventBus, model: ModelLifecycle, generation: GenerationQueue,
-                 *, interval_s: float, unwatched_interval_s: float) -> None:
+    def __init__(
+        self,
+        sampler: TelemetrySampler,
+        bus: EventBus,
+        model: ModelLifecycle,
+        generation: GenerationQueue,
+        *,
+        interval_s: float,
+        unwatched_interval_s: float,
+    ) -> None:
         self.sampler, self.bus, self.model, self.generation = sampler, bus, model, generation
         self.interval_s, self.unwatched_interval_s = interval_s, unwatched_interval_s
         self.alarms = AlarmTracker()
@@ -32,7 +40,9 @@ class Monitor:
             engine = self.model.engine
             engine_pid = engine.pid if engine and not engine.exited.done() else None
             speed = self.generation.speed()
-            sample = await loop.run_in_executor(None, functools.partial(self.sampler.sample, engine_pid=engine_pid, generation=speed))
+            sample = await loop.run_in_executor(
+                None, functools.partial(self.sampler.sample, engine_pid=engine_pid, generation=speed)
+            )
             self.bus.publish("telemetry", sample)
             split = self.model.state.split or {}
             generating = self.generation.in_flight is not None
@@ -43,8 +53,9 @@ class Monitor:
 
     async def _until_next_sample(self) -> None:
         """The interval, or less: a new subscriber gets a fresh sample at once."""
-        watched = (self.bus.subscribers or self.generation.in_flight or self.generation.pending
-                   or self.model.state.state == "loading")
+        watched = (
+            self.bus.subscribers or self.generation.in_flight or self.generation.pending or self.model.state.state == "loading"
+        )
         interval = self.interval_s if watched else max(self.interval_s, self.unwatched_interval_s)
         self.bus.new_subscriber.clear()
         with contextlib.suppress(TimeoutError):

@@ -179,8 +179,21 @@ class Nvml:
         return isinstance(kind, type) and isinstance(exc, kind)
 
 
-GPU_KEYS = ("index", "name", "memory_total", "memory_used", "memory_free", "utilization", "temperature", "power_w",
-            "memory_bandwidth", "engine_memory", "other_memory", "processes", "error")
+GPU_KEYS = (
+    "index",
+    "name",
+    "memory_total",
+    "memory_used",
+    "memory_free",
+    "utilization",
+    "temperature",
+    "power_w",
+    "memory_bandwidth",
+    "engine_memory",
+    "other_memory",
+    "processes",
+    "error",
+)
 
 
 def _peak_bandwidth(nvml: Any, handle: Any) -> int:

@@ -64,16 +64,36 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         sampler = TelemetrySampler(interval_s=settings.telemetry_interval_s)
         self.model = ModelLifecycle(
-            context=self.context, runtime_dir=settings.runtime_dir, config=settings.config, bus=self.bus,
-            telemetry=sampler, notifier=self.notifier, spawn=self._spawn, stopping=self._stopping,
+            context=self.context,
+            runtime_dir=settings.runtime_dir,
+            config=settings.config,
+            bus=self.bus,
+            telemetry=sampler,
+            notifier=self.notifier,
+            spawn=self._spawn,
+            stopping=self._stopping,
         )
         self.generation = GenerationQueue(store, self.bus, self.model)
         self.model.cancel_running = self.generation.cancel_running
-        self.monitor = Monitor(sampler, self.bus, self.model, self.generation, interval_s=settings.telemetry_interval_s,
-                               unwatched_interval_s=settings.unwatched_telemetry_interval_s)
+        self.monitor = Monitor(
+            sampler,
+            self.bus,
+            self.model,
+            self.generation,
+            interval_s=settings.telemetry_interval_s,
+            unwatched_interval_s=settings.unwatched_telemetry_interval_s,
+        )
         info = DaemonInfo(settings.runtime_dir, settings.data_dir, settings.telemetry_interval_s, time.time())
-        self.handlers = Handlers(info=info, config=settings.config, store=store, bus=self.bus, model=self.model,
-                                 generation=self.generation, monitor=self.monitor, spawn=self._spawn)
+        self.handlers = Handlers(
+            info=info,
+            config=settings.config,
+            store=store,
+            bus=self.bus,
+            model=self.model,
+            generation=self.generation,
+            monitor=self.monitor,
+            spawn=self._spawn,
+        )
 
     async def run(self) -> int:
         runtime_dir = ensure_private_dir(self.settings.runtime_dir, self.settings.socket_dir_mode)
@@ -83,7 +103,9 @@ class Daemon:
             log.warning("marked %d reply(ies) interrupted by the previous daemon's end", interrupted)
         self.transport.bind_ipc(runtime_dir, group_access=self.settings.socket_dir_mode != 0o700)
         if self.settings.tcp_listen:
-            self.transport.bind_tcp(self.settings.tcp_listen, insecure=self.settings.insecure_tcp, data_dir=self.settings.data_dir)
+            self.transport.bind_tcp(
+                self.settings.tcp_listen, insecure=self.settings.insecure_tcp, data_dir=self.settings.data_dir
+            )
         log.info("vramchatd %s listening in %s (epoch %s)", __version__, runtime_dir, self.bus.epoch)
 
         loop = asyncio.get_running_loop()

@@ -134,9 +134,7 @@ class Store:
             (id_or_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),),
         ).fetchall()
         if len(rows) != 1:
-            raise NotFound(
-                f"no conversation {id_or_prefix!r}" if not rows else f"{id_or_prefix!r} matches several conversations"
-            )
+            raise NotFound(f"no conversation {id_or_prefix!r}" if not rows else f"{id_or_prefix!r} matches several conversations")
         return rows[0]["id"]
 
     def update_conversation(

@@ -65,7 +65,11 @@ class EngineProcess:
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(f"ipc://{socket_path}")
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vramchat.daemon.engine", "--endpoint", f"ipc://{socket_path}",
+            sys.executable,
+            "-m",
+            "vramchat.daemon.engine",
+            "--endpoint",
+            f"ipc://{socket_path}",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=sys.stderr,  # llama.cpp may print; keep the daemon's stdout clean
         )

@@ -210,8 +210,15 @@ class AlarmTracker:
         self.active: dict[str, dict[str, Any]] = {}
         self._clear_since: dict[str, float] = {}
 
-    def update(self, sample: dict[str, Any], *, generating: bool, cpu_side_need_bytes: int | None,
-               vram_margin_bytes: int = 1 << 30, swap_in_threshold_bps: int = SWAPPING_BPS) -> list[dict[str, Any]]:
+    def update(
+        self,
+        sample: dict[str, Any],
+        *,
+        generating: bool,
+        cpu_side_need_bytes: int | None,
+        vram_margin_bytes: int = 1 << 30,
+        swap_in_threshold_bps: int = SWAPPING_BPS,
+    ) -> list[dict[str, Any]]:
         checks = {
             "swapping": self._swapping(sample, generating, swap_in_threshold_bps),
             "vram_low": self._vram_low(sample, vram_margin_bytes),
@@ -241,8 +248,11 @@ class AlarmTracker:
         if generating and rate > threshold:
             started = ("critical", f"the system is swapping ({rate / 1048576:.0f} MiB/s read back from swap): {advice}")
         elif generating and faults > REFAULTING_PS:
-            started = ("critical", f"the model's pages are re-read from disk ({faults:.0f} page faults/s): RAM is "
-                                   f"too small to keep the CPU-side layers cached; {advice}")
+            started = (
+                "critical",
+                f"the model's pages are re-read from disk ({faults:.0f} page faults/s): RAM is "
+                f"too small to keep the CPU-side layers cached; {advice}",
+            )
         return started, not generating or (rate < threshold / 2 and faults < REFAULTING_PS / 2)
 
     @staticmethod
@@ -252,8 +262,11 @@ class AlarmTracker:
         started = None
         if low:
             names = ", ".join(f"GPU {g['index']} ({g['memory_free'] / 1048576:.0f} MiB free)" for g in low)
-            started = ("warning", f"VRAM is nearly full on {names}: a longer context or another program can make "
-                                  "the next allocation fail; load with fewer GPU layers to keep a margin")
+            started = (
+                "warning",
+                f"VRAM is nearly full on {names}: a longer context or another program can make "
+                "the next allocation fail; load with fewer GPU layers to keep a margin",
+            )
         return started, all(g["memory_free"] >= margin + CLEAR_BAND_BYTES for g in free)
 
     @staticmethod
@@ -268,7 +281,10 @@ class AlarmTracker:
         headroom = available - (engine.get("model_file_resident") or 0)
         started = None
         if missing > headroom:
-            started = ("critical", f"RAM available ({headroom / 1073741824:.1f} GiB) is below what the CPU-side layers "
-                                   f"still need ({missing / 1073741824:.1f} GiB): the system will swap or re-read the "
-                                   "model from disk; move layers to the GPU, lower n_ctx, or pick a smaller quantization")
+            started = (
+                "critical",
+                f"RAM available ({headroom / 1073741824:.1f} GiB) is below what the CPU-side layers "
+                f"still need ({missing / 1073741824:.1f} GiB): the system will swap or re-read the "
+                "model from disk; move layers to the GPU, lower n_ctx, or pick a smaller quantization",
+            )
         return started, headroom >= missing + CLEAR_BAND_BYTES

@@ -93,7 +93,9 @@ class Transport:
         """The sockets follow the umask, so set it to match the directory's mode while binding."""
         old_umask = os.umask(0o007 if group_access else 0o077)
         try:
-            control, events = (f"ipc://{_checked_ipc_path(runtime_dir / name)}" for name in (protocol.CONTROL_SOCKET, protocol.EVENTS_SOCKET))
+            control, events = (
+                f"ipc://{_checked_ipc_path(runtime_dir / name)}" for name in (protocol.CONTROL_SOCKET, protocol.EVENTS_SOCKET)
+            )
             self.listeners.append(self._listener("ipc", control, events))
         finally:
             os.umask(old_umask)
@@ -106,8 +108,13 @@ class Transport:
         port = int(port_text)
         endpoints = (f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}")
         if insecure:
-            log.warning("SERVING PLAIN TCP ON %s:%d-%d: NO ENCRYPTION, NO AUTHENTICATION; anyone who can "
-                        "reach the port can read every conversation and load any model", host, port, port + 1)
+            log.warning(
+                "SERVING PLAIN TCP ON %s:%d-%d: NO ENCRYPTION, NO AUTHENTICATION; anyone who can "
+                "reach the port can read every conversation and load any model",
+                host,
+                port,
+                port + 1,
+            )
             self.listeners.append(self._listener("tcp", *endpoints))
             return
         keys_dir = curve.keys_dir(data_dir)
@@ -119,8 +126,9 @@ class Transport:
         log.info("serving CURVE TCP on %s:%d-%d for the keys in %s", host, port, port + 1, curve.authorized_dir(keys_dir))
         self.listeners.append(self._listener("tcp", *endpoints, curve_keys=keys))
 
-    def _listener(self, name: str, control_endpoint: str, events_endpoint: str,
-                  curve_keys: tuple[bytes, bytes] | None = None) -> Listener:
+    def _listener(
+        self, name: str, control_endpoint: str, events_endpoint: str, curve_keys: tuple[bytes, bytes] | None = None
+    ) -> Listener:
         sockets = []
         for kind, endpoint in ((zmq.ROUTER, control_endpoint), (zmq.XPUB, events_endpoint)):
             socket = self.context.socket(kind)

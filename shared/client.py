@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import zmq
@@ -119,7 +120,9 @@ class Client:
         self.control.connect(control_endpoint)
         self._reader = asyncio.create_task(self._read_replies())
         try:
-            self.server = await self.request("hello", {"protocol": protocol.PROTOCOL_VERSION, "client": self.name}, timeout=min(self.timeout, 5.0))
+            self.server = await self.request(
+                "hello", {"protocol": protocol.PROTOCOL_VERSION, "client": self.name}, timeout=min(self.timeout, 5.0)
+            )
         except TimeoutError:
             await self.close()
             hint = (
@@ -131,7 +134,14 @@ class Client:
         self.max_request_bytes = int(self.server.get("max_request_bytes", self.max_request_bytes))
         return self.server
 
-    async def request(self, type_: str, body: dict[str, Any] | None = None, *, timeout: float | None = ..., request_id: str | None = None) -> dict[str, Any]:  # type: ignore[assignment]
+    async def request(
+        self,
+        type_: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
         """Send one request and wait for its reply body; raises RequestFailed on an error reply.
 
         `timeout=None` waits as long as it takes (a load); the default is the client's timeout.
@@ -149,7 +159,7 @@ class Client:
         self._pending[request.id] = future
         try:
             await asyncio.wait_for(self.control.send(frame), self.timeout)
-            reply = await asyncio.wait_for(future, self.timeout if timeout is ... else timeout)
+            reply = await asyncio.wait_for(future, self.timeout if isinstance(timeout, EllipsisType) else timeout)
         finally:
             self._pending.pop(request.id, None)
         if not reply.get("ok"):

@@ -188,17 +188,26 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     n_ff = _field(reader, f"{arch}.feed_forward_length")
     n_vocab = int(_field(reader, f"{arch}.vocab_size", 0)) or _string_array_length(reader, "tokenizer.ggml.tokens")
     window, swa_layers = swa_layout(
-        arch, n_layer, _field(reader, f"{arch}.attention.sliding_window"),
+        arch,
+        n_layer,
+        _field(reader, f"{arch}.attention.sliding_window"),
         _field(reader, f"{arch}.attention.sliding_window_pattern"),
     )
 
     tensors = []
     for tensor in reader.tensors:
         layer = _LAYER.match(tensor.name)
-        tensors.append(TensorInfo(
-            tensor.name, tensor.tensor_type.name, int(tensor.n_bytes), int(tensor.data_offset),
-            [int(n) for n in tensor.shape], int(layer.group(1)) if layer else None, bool(_EXPERTS.match(tensor.name)),
-        ))
+        tensors.append(
+            TensorInfo(
+                tensor.name,
+                tensor.tensor_type.name,
+                int(tensor.n_bytes),
+                int(tensor.data_offset),
+                [int(n) for n in tensor.shape],
+                int(layer.group(1)) if layer else None,
+                bool(_EXPERTS.match(tensor.name)),
+            )
+        )
     layer_bytes, layer_expert_bytes = [0] * n_layer, [0] * n_layer
     mix: dict[str, int] = defaultdict(int)
     embedding = output = other = 0

@@ -54,7 +54,8 @@ class LoadReport:
     def total(self, kind: str | None = None, *, gpu: bool | None = None, device: str | None = None) -> int:
         """Bytes over the buffers of one kind, side (gpu True/False) or device; all if none given."""
         return sum(
-            b.bytes for b in self.buffers
+            b.bytes
+            for b in self.buffers
             if (kind is None or b.kind == kind) and (gpu is None or b.on_gpu == gpu) and (device is None or b.device == device)
         )
 

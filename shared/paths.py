@@ -79,8 +79,7 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> Path:
     info = path.stat()
     if info.st_uid != os.getuid():
         raise UnsafeDirectoryError(
-            f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); "
-            "choose another directory with --runtime-dir"
+            f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); choose another directory with --runtime-dir"
         )
     actual = stat.S_IMODE(info.st_mode)
     if actual & ~mode:

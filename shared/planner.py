@@ -122,7 +122,9 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
             raise PlanError(f"a {name} KV cache needs a head size that divides by 32, and this model's is {dim}: keep f16")
     L = info.n_layer
     if not 0 <= n_gpu_layers <= L + 1:
-        raise PlanError(f"n_gpu_layers must be between 0 and {L + 1} for this model ({L} layers + the output layer), not {n_gpu_layers}")
+        raise PlanError(
+            f"n_gpu_layers must be between 0 and {L + 1} for this model ({L} layers + the output layer), not {n_gpu_layers}"
+        )
     first_gpu_layer = L + 1 - n_gpu_layers  # llama.cpp's i_gpu_start
     on_gpu = [i >= first_gpu_layer for i in range(L)]
     output_on_gpu = n_gpu_layers >= 1
@@ -191,47 +193,37 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
         cpu.compute = compute
     cpu.output = info.n_vocab * 4 * settings.n_seq  # the logits kept for sampling
 
-    gpu_read, cpu_read = _bytes_read_per_token(info, on_gpu, output_on_gpu)
+    gpu_read, cpu_read = speed.bytes_read_per_token(info, on_gpu, output_on_gpu)
     return Prediction(
-        n_gpu_layers=n_gpu_layers, n_layer=L, n_ctx=n_ctx, gpu=gpu, cpu=cpu,
-        layers_on_gpu=sum(on_gpu), output_on_gpu=output_on_gpu,
-        gpu_bytes_per_token=gpu_read, cpu_bytes_per_token=cpu_read,
+        n_gpu_layers=n_gpu_layers,
+        n_layer=L,
+        n_ctx=n_ctx,
+        gpu=gpu,
+        cpu=cpu,
+        layers_on_gpu=sum(on_gpu),
+        output_on_gpu=output_on_gpu,
+        gpu_bytes_per_token=gpu_read,
+        cpu_bytes_per_token=cpu_read,
     )
 
 
 def _repacked(tensor: TensorInfo, types: frozenset[str]) -> bool:
     """Whether ggml-cpu copies this CPU tensor into its CPU_REPACK buffer (matrix products only)."""
     return (
-        tensor.type in types and tensor.name != "token_embd.weight"  # a row lookup, not a product
-        and len(tensor.shape) >= 2 and tensor.shape[1] % 8 == 0
+        tensor.type in types
+        and tensor.name != "token_embd.weight"  # a row lookup, not a product
+        and len(tensor.shape) >= 2
+        and tensor.shape[1] % 8 == 0
     )
 
 
-def _bytes_read_per_token(info: GGUFInfo, on_gpu: list[bool], output_on_gpu: bool) -> tuple[int, int]:
-    """Weight bytes one generated token streams from VRAM and from RAM.
-
-    Every layer is read whole, except that a mixture-of-experts layer reads only n_expert_used
-    of its n_expert experts. The token embedding is one row, so it does not count; the output
-    matrix (token_embd again when the embeddings are tied) is read whole.
-    """
-    expert_share = info.n_expert_used / info.n_expert if info.n_expert else 1.0
-    gpu = cpu = 0
-    for layer in range(info.n_layer):
-        read = info.layer_bytes[layer] - info.layer_expert_bytes[layer] * (1 - expert_share)
-        if on_gpu[layer]:
-            gpu += int(read)
-        else:
-            cpu += int(read)
-    output = info.output_bytes + (info.embedding_bytes if info.tied_embeddings else 0)
-    if output_on_gpu:
-        gpu += output
-    else:
-        cpu += output
-    return gpu, cpu
-
-
-def plan_table(info: GGUFInfo, settings: PlanSettings = PlanSettings(), *, ram_bandwidth: float | None = None,
-               gpu_bandwidth: float | None = None) -> list[Prediction]:
+def plan_table(
+    info: GGUFInfo,
+    settings: PlanSettings = PlanSettings(),
+    *,
+    ram_bandwidth: float | None = None,
+    gpu_bandwidth: float | None = None,
+) -> list[Prediction]:
     table = [predict(info, g, settings) for g in range(info.n_layer + 2)]
     if ram_bandwidth:
         for row in table:
@@ -248,8 +240,7 @@ class Fit:
     fits_all: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_gpu_layers": self.n_gpu_layers, "n_ctx": self.n_ctx, "budget": self.budget,
-                "fits_all": self.fits_all, "prediction": self.prediction.to_dict()}
+        return {**asdict(self), "prediction": self.prediction.to_dict()}
 
 
 def fit(info: GGUFInfo, vram_budget: int, settings: PlanSettings = PlanSettings(), *, fit_ctx: bool = False) -> Fit:
@@ -327,7 +318,9 @@ def swap_check(prediction: Prediction, available_ram: int) -> SwapVerdict:
     if prediction.n_gpu_layers <= prediction.n_layer:
         ways.insert(0, "put more layers on the GPU (--gpu-layers, or auto)")
     return SwapVerdict(
-        True, needed, available_ram,
+        True,
+        needed,
+        available_ram,
         f"this load needs {format_bytes(needed)} of RAM on the CPU side but only "
         f"{format_bytes(available_ram)} is available ({format_bytes(short)} short): the system would swap "
         f"and every token would wait on the disk. Ways out: {'; '.join(ways)}. Use --force to load anyway.",
@@ -359,12 +352,23 @@ class LoadPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """The `plan` a `model` event carries (docs/protocol.md)."""
-        return {"n_gpu_layers": self.n_gpu_layers, "vram_budget": self.budget,
-                "prediction": self.prediction.to_dict(), "swap": self.swap.to_dict()}
+        return {
+            "n_gpu_layers": self.n_gpu_layers,
+            "vram_budget": self.budget,
+            "prediction": self.prediction.to_dict(),
+            "swap": self.swap.to_dict(),
+        }
 
 
-def plan_load(info: GGUFInfo, machine: Machine, n_gpu_layers: int | Literal["auto"], settings: PlanSettings,
-              *, vram_budget: int | None = None, fit_ctx: bool = False) -> LoadPlan:
+def plan_load(
+    info: GGUFInfo,
+    machine: Machine,
+    n_gpu_layers: int | Literal["auto"],
+    settings: PlanSettings,
+    *,
+    vram_budget: int | None = None,
+    fit_ctx: bool = False,
+) -> LoadPlan:
     """Plan a load of `info` on `machine`: resolve "auto" against the VRAM budget (by default the
     free VRAM less a margin), predict every term, estimate the speed and judge the swap risk.
 
@@ -378,17 +382,16 @@ def plan_load(info: GGUFInfo, machine: Machine, n_gpu_layers: int | Literal["aut
     fitted = fit(info, budget, settings, fit_ctx=fit_ctx)
     if fit_ctx:
         settings = replace(settings, n_ctx=fitted.n_ctx)
-    if n_gpu_layers == "auto":
-        layers = fitted.n_gpu_layers
-    elif not 0 <= n_gpu_layers <= info.n_layer + 1:
+    if n_gpu_layers != "auto" and not 0 <= n_gpu_layers <= info.n_layer + 1:
         raise PlanError(
             f"n_gpu_layers {n_gpu_layers} is outside what this model has: {info.n_layer} layers + the output layer; "
             f'choose 0..{info.n_layer + 1}, or "auto" to fit the VRAM budget'
         )
-    else:
-        layers = n_gpu_layers
+    layers = fitted.n_gpu_layers if n_gpu_layers == "auto" else n_gpu_layers
     prediction = fitted.prediction if layers == fitted.n_gpu_layers else predict(info, layers, settings)
     ram_bw = machine.ram_bandwidth or speed.ram_bandwidth()
     gpu_bw = speed.gpu_bandwidth_for(machine.gpu_name)
     prediction.tokens_per_s = speed.estimate_tokens_per_second(prediction, ram_bw, gpu_bw)
-    return LoadPlan(info, settings, machine, budget, fitted, prediction, swap_check(prediction, machine.available_ram), ram_bw, gpu_bw)
+    return LoadPlan(
+        info, settings, machine, budget, fitted, prediction, swap_check(prediction, machine.available_ram), ram_bw, gpu_bw
+    )

@@ -27,7 +27,13 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # The sampling settings a chat, a regenerate or a conversation may carry, and their kind of
 # number (a float field also takes a whole number on the wire).
 SAMPLING_FIELDS: dict[str, type] = {
-    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float, "max_tokens": int, "seed": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repeat_penalty": float,
+    "max_tokens": int,
+    "seed": int,
 }
 # ZMQ's MAXMSGSIZE on the daemon's sockets: a peer that sends more is disconnected by libzmq
 # before the bytes reach Python. It sits well above MAX_REQUEST_BYTES so that an oversized but

@@ -10,19 +10,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gguf_factory import TinyModelSpec, write_tiny_llama
-from helpers import DaemonFactory, DaemonProcess, IsolatedHome, isolate_home
 
 from vramchat.shared import paths
+
+from gguf_factory import TinyModelSpec, write_tiny_llama
+from helpers import DaemonFactory, DaemonProcess, IsolatedHome, isolate_home
 
 USE_MY_CONFIG = "--use-my-config"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        USE_MY_CONFIG, action="store_true",
+        USE_MY_CONFIG,
+        action="store_true",
         help="run against your own HOME, XDG directories and vramchat config instead of a private home per test "
-             "(to reproduce what only your config shows; the suite is meant to pass without it)",
+        "(to reproduce what only your config shows; the suite is meant to pass without it)",
     )
 
 
@@ -35,8 +37,9 @@ def shared_cache_home() -> Iterator[Path]:
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
-                  shared_cache_home: Path) -> Iterator[IsolatedHome | None]:
+def isolated_home(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, shared_cache_home: Path
+) -> Iterator[IsolatedHome | None]:
     """Every test gets its own HOME, XDG dirs and empty config, so nothing a developer keeps in
     ~/.config/vramchat (config, [keys], curve keys), ~/.local/share/vramchat or a running daemon
     changes an outcome. Set through the environment: the daemons and CLIs the tests start inherit it.
@@ -78,8 +81,10 @@ def daemon_factory(models_dir: Path) -> Iterator[DaemonFactory]:
         root = Path(tempfile.mkdtemp(prefix="vc-"))
         roots.append(root)
         daemon = DaemonProcess(
-            runtime_dir=root / "run", data_dir=root / "data",
-            args=["--models-dir", str(models_dir), *args], log_path=root / "vramchatd.log",
+            runtime_dir=root / "run",
+            data_dir=root / "data",
+            args=["--models-dir", str(models_dir), *args],
+            log_path=root / "vramchatd.log",
         )
         made.append(daemon)
         return daemon.start() if start else daemon

@@ -151,8 +151,9 @@ def write_tiny_gemma2(path: Path, n_layer: int = 4, window: int = 128, seed: int
     return write_tiny_gemma(path, "gemma2", n_layer, window, seed)
 
 
-def write_tiny_gemma(path: Path, arch: str = "gemma2", n_layer: int = 4, window: int = 128, seed: int = 0,
-                     n_vocab: int = 320) -> Path:
+def write_tiny_gemma(
+    path: Path, arch: str = "gemma2", n_layer: int = 4, window: int = 128, seed: int = 0, n_vocab: int = 320
+) -> Path:
     """A gemma2 or gemma3 GGUF with tied embeddings and sliding-window layers.
 
     llama.cpp's default pattern: gemma2 alternates windowed and global layers, gemma3 makes every

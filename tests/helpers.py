@@ -48,8 +48,9 @@ def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str |
     return value
 
 
-async def until(condition: Callable[[], Awaitable[T | None]], *, timeout: float, what: str | Callable[[], str],
-                interval: float = 0.05) -> T:
+async def until(
+    condition: Callable[[], Awaitable[T | None]], *, timeout: float, what: str | Callable[[], str], interval: float = 0.05
+) -> T:
     """The asyncio `wait_until`: await `condition()` until it gives something truthy, and return that."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -65,8 +66,19 @@ async def until(condition: Callable[[], Awaitable[T | None]], *, timeout: float,
 
 # Variables that point vramchat, or platformdirs, at a developer's own files and sockets; and
 # systemd's, which would have the tests' daemons notify the developer's service manager.
-USER_VARIABLES = ("VRAMCHAT_CONFIG", "VRAMCHAT_RUNTIME_DIR", "VRAMCHAT_DATA_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
-                  "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+USER_VARIABLES = (
+    "VRAMCHAT_CONFIG",
+    "VRAMCHAT_RUNTIME_DIR",
+    "VRAMCHAT_DATA_DIR",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_STATE_HOME",
+    "XDG_CACHE_HOME",
+    "XDG_RUNTIME_DIR",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
 # The CUDA driver's JIT cache lives in ~/.nv unless this says otherwise: keep the developer's,
 # so a CUDA build without code for this GPU compiles its kernels once, not in every test's home.
 CUDA_CACHE = "CUDA_CACHE_PATH"
@@ -106,8 +118,13 @@ def isolate_home(monkeypatch: pytest.MonkeyPatch, home: Path, cache_home: Path) 
     config_file.parent.mkdir(parents=True)
     config_file.write_text("")
     monkeypatch.setenv("VRAMCHAT_CONFIG", str(config_file))
-    return IsolatedHome(home=home, config_file=config_file, runtime_dir=runtime / "vramchat",
-                        data_dir=home / ".local" / "share" / "vramchat", cache_dir=cache_home / "vramchat")
+    return IsolatedHome(
+        home=home,
+        config_file=config_file,
+        runtime_dir=runtime / "vramchat",
+        data_dir=home / ".local" / "share" / "vramchat",
+        cache_dir=cache_home / "vramchat",
+    )
 
 
 # --- a real vramchatd --------------------------------------------------------------------------
@@ -133,7 +150,9 @@ class DaemonProcess:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [*VRAMCHATD, "--runtime-dir", str(self.runtime_dir), "--data-dir", str(self.data_dir), *self.args, *extra],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
             )
         if wait:
             self.wait_for_socket()
@@ -166,6 +185,7 @@ class DaemonProcess:
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
         """The log once it holds `text`: the daemon goes on logging after its socket appears."""
+
         def logged() -> str | None:
             log = self.log()
             return log if text in log else None
@@ -193,7 +213,9 @@ async def wait_ready(client: Client, timeout: float = 30.0) -> dict[str, Any]:
     return await until(ready, timeout=timeout, what="the model is ready", interval=0.1)
 
 
-async def chat(client: Client, content: str, sampling: dict[str, Any], conversation: str | None = None) -> tuple[str, dict[str, Any]]:
+async def chat(
+    client: Client, content: str, sampling: dict[str, Any], conversation: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """Send a chat request; its request id and the daemon's reply (conversation, position)."""
     request_id = uuid.uuid4().hex
     body: dict[str, Any] = {"content": content, "sampling": sampling}
@@ -202,8 +224,9 @@ async def chat(client: Client, content: str, sampling: dict[str, Any], conversat
     return request_id, await client.request("chat", body, request_id=request_id)
 
 
-async def collect_reply(events: AsyncIterator[Event], request_id: str, *,
-                        until_tokens: int | None = None) -> tuple[list[str], dict[str, Any] | None]:
+async def collect_reply(
+    events: AsyncIterator[Event], request_id: str, *, until_tokens: int | None = None
+) -> tuple[list[str], dict[str, Any] | None]:
     """Token texts of one request, and its final message (None if stopped at `until_tokens`)."""
     tokens: list[str] = []
     async for event in events:
@@ -216,8 +239,9 @@ async def collect_reply(events: AsyncIterator[Event], request_id: str, *,
     raise AssertionError("event stream ended")
 
 
-async def start_long_reply(client: Client, first_tokens: int,
-                           sampling: dict[str, Any] | None = None) -> tuple[AsyncIterator[Event], str, dict[str, Any], list[str]]:
+async def start_long_reply(
+    client: Client, first_tokens: int, sampling: dict[str, Any] | None = None
+) -> tuple[AsyncIterator[Event], str, dict[str, Any], list[str]]:
     """Subscribe, ask for a long reply (LONG unless `sampling`), and return once its first tokens
     have arrived: the event stream, the request id, the accepted reply, and those tokens."""
     await wait_ready(client)
@@ -258,8 +282,11 @@ class FakePynvml:
         self.count = 2
         self.failing: dict[str, int] = {}  # field -> NVML error code it raises
         self.lost: dict[int, int] = {}  # index -> error code of nvmlDeviceGetHandleByIndex
-        self.compute = [SimpleNamespace(pid=100, usedGpuMemory=3 << 30), SimpleNamespace(pid=200, usedGpuMemory=1 << 30),
-                        SimpleNamespace(pid=300, usedGpuMemory=None)]  # NVML_VALUE_NOT_AVAILABLE, as pynvml gives it
+        self.compute = [
+            SimpleNamespace(pid=100, usedGpuMemory=3 << 30),
+            SimpleNamespace(pid=200, usedGpuMemory=1 << 30),
+            SimpleNamespace(pid=300, usedGpuMemory=None),
+        ]  # NVML_VALUE_NOT_AVAILABLE, as pynvml gives it
         self.graphics = [SimpleNamespace(pid=400, usedGpuMemory=256 << 20)]
         self.missing_symbols: set[str] = set()
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 import zmq
-from helpers import DaemonFactory, DaemonProcess
 
 from vramchat.shared.client import Client, DaemonNotRunning
 from vramchat.shared.curve_client import client_keys
+
+from helpers import DaemonFactory, DaemonProcess
 
 OTHER_USER = "vramchat-test-other"
 
@@ -99,8 +100,12 @@ def test_the_daemon_refuses_a_runtime_dir_open_to_others(daemon_factory: DaemonF
 def curve_setup(daemon_factory: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Server keys made by `vramchatd keys`, and one client whose public key is authorized."""
     daemon = daemon_factory("--no-load", start=False)
-    keys = subprocess.run([sys.executable, "-m", "vramchat.daemon.cli", "--data-dir", str(daemon.data_dir), "keys"],
-                          capture_output=True, text=True, timeout=30)
+    keys = subprocess.run(
+        [sys.executable, "-m", "vramchat.daemon.cli", "--data-dir", str(daemon.data_dir), "keys"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert keys.returncode == 0, keys.stderr
     curve_dir = daemon.data_dir / "curve"
     assert (curve_dir / "server.key_secret").stat().st_mode & 0o777 == 0o600
@@ -114,8 +119,9 @@ def curve_setup(daemon_factory: DaemonFactory, tmp_path: Path, monkeypatch: pyte
     return {"daemon": daemon, "port": port, "server_key": str(curve_dir / "server.key")}
 
 
-async def test_tcp_with_curve_accepts_a_listed_key_and_rejects_others(curve_setup: dict[str, Any], tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_tcp_with_curve_accepts_a_listed_key_and_rejects_others(
+    curve_setup: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     daemon, port = curve_setup["daemon"], curve_setup["port"]
     daemon.start("--tcp", f"127.0.0.1:{port}")
     server = f"tcp://127.0.0.1:{port}"

@@ -16,8 +16,9 @@ from benchmarks.__main__ import BENCHMARKS, section  # noqa: E402
 
 
 def test_every_benchmark_completes_and_reports_numbers() -> None:
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-write"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--no-write"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     reports = [json.loads(block) for block in re.findall(r"^\{\n.*?^\}$", result.stdout, re.S | re.M)]
     assert len(reports) == len(BENCHMARKS)
@@ -31,7 +32,13 @@ def test_every_benchmark_completes_and_reports_numbers() -> None:
 
 
 def test_a_miss_is_written_with_its_target_and_reason() -> None:
-    text = section({"name": "x", "settings": {"model": "m"}, "ratio": 0.5,
-                    "targets": [{"figure": "ratio", "target": ">= 0.99", "met": False, "why": "because"}]})
+    text = section(
+        {
+            "name": "x",
+            "settings": {"model": "m"},
+            "ratio": 0.5,
+            "targets": [{"figure": "ratio", "target": ">= 0.99", "met": False, "why": "because"}],
+        }
+    )
     assert "| ratio | 0.500 | >= 0.99 | no |" in text
     assert "**Missed** ratio = 0.500 (target >= 0.99): because." in text

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import USER_VARIABLES, IsolatedHome
 
 from vramchat.shared import paths
+
+from helpers import USER_VARIABLES, IsolatedHome
 
 ROOT = Path(__file__).parent.parent
 # A chat against the tiny model from two clients: a daemon, its engine and a reply.
@@ -27,8 +28,10 @@ DAEMON_TEST = "tests/test_daemon.py::test_two_clients_receive_the_same_tokens_as
 BROKEN_CONFIGS = {
     "invalid-toml": ('model_dirs = ["~/models"\nn_ctx = \n', "cannot read config file"),
     # Valid TOML with well-formed keys, none of which suits the tests' daemons and clients.
-    "hostile": ('default_model = "/nonexistent/missing.gguf"\nn_ctx = 16\nn_threads = 999\nstate_cache_mib = 0\n'
-                '[keys]\nquit = "enter"\n', "not 999"),
+    "hostile": (
+        'default_model = "/nonexistent/missing.gguf"\nn_ctx = 16\nn_threads = 999\nstate_cache_mib = 0\n[keys]\nquit = "enter"\n',
+        "not 999",
+    ),
 }
 
 
@@ -40,7 +43,11 @@ def run_daemon_test(home: Path, basetemp: Path, *options: str) -> subprocess.Com
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run(
         [sys.executable, "-m", "pytest", DAEMON_TEST, "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}", *options],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
 
 
@@ -57,7 +64,9 @@ def test_a_broken_config_in_the_home_changes_no_test_outcome(broken: str, tmp_pa
     assert "1 passed" in isolated.stdout, isolated.stdout
 
     exposed = run_daemon_test(home, tmp_path / "exposed", "--use-my-config")
-    assert exposed.returncode == 1, f"the broken config should break the test without the per-test home:\n{exposed.stdout}{exposed.stderr}"
+    assert exposed.returncode == 1, (
+        f"the broken config should break the test without the per-test home:\n{exposed.stdout}{exposed.stderr}"
+    )
     assert "1 failed" in exposed.stdout or "1 error" in exposed.stdout, exposed.stdout
     assert evidence in exposed.stdout, exposed.stdout
 

@@ -132,6 +132,7 @@ def connect(context: zmq.asyncio.Context, server: Server, config_dir: Path) -> z
 
 async def answered(socket: zmq.asyncio.Socket, timeout: float) -> bytes | None:
     """The reply to a ping, or None. A refused DEALER may have no pipe left, so send can block too."""
+
     async def exchange() -> bytes:
         await socket.send(b"ping")
         return await socket.recv()

@@ -17,16 +17,20 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from helpers import LONG, DaemonFactory, DaemonProcess, chat, collect_reply, start_long_reply, until, wait_ready
 
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.shared.protocol import CONTROL_SOCKET, Event
+
+from helpers import LONG, DaemonFactory, DaemonProcess, chat, collect_reply, start_long_reply, until, wait_ready
 
 
 def run_cli(daemon: DaemonProcess, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), *args],
-        capture_output=True, text=True, input=input, timeout=timeout,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
     )
 
 
@@ -209,7 +213,9 @@ async def raw_request(runtime_dir: Path, *frames: bytes) -> dict[str, Any]:
         ([msgpack.packb({"id": "x", "type": "chat", "body": {"content": "x" * (5 << 20)}})], "too_large"),
     ],
 )
-async def test_malformed_requests_get_errors_and_the_daemon_stays_up(tiny_daemon: DaemonProcess, frames: list[bytes], code: str) -> None:
+async def test_malformed_requests_get_errors_and_the_daemon_stays_up(
+    tiny_daemon: DaemonProcess, frames: list[bytes], code: str
+) -> None:
     reply = await raw_request(tiny_daemon.runtime_dir, *frames)
     assert reply["ok"] is False and reply["error"]["code"] == code, reply
     assert reply["error"]["message"]
@@ -217,8 +223,9 @@ async def test_malformed_requests_get_errors_and_the_daemon_stays_up(tiny_daemon
         assert (await client.request("status"))["daemon"]["pid"] == tiny_daemon.pid
 
 
-async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(daemon_factory: DaemonFactory, models_dir: Path,
-                                                                      tmp_path: Path) -> None:
+async def test_bad_loads_get_clear_errors_and_a_good_load_still_works(
+    daemon_factory: DaemonFactory, models_dir: Path, tmp_path: Path
+) -> None:
     daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--models-dir", str(tmp_path))
     text_file = tmp_path / "notes.gguf"
     text_file.write_text("not a model")
@@ -253,7 +260,9 @@ async def test_auto_gpu_layers_and_the_swap_guard(tiny_daemon: DaemonProcess, de
         loaded = (await client.request("load", {"model": "tiny.gguf", "n_gpu_layers": "auto"}, timeout=60))["model"]
         assert loaded["n_gpu_layers"] == 0 and loaded["plan"]["vram_budget"] == 0
         # Without a GPU, llama.cpp keeps everything on the CPU; the plan says what a GPU would hold.
-        planned = (await client.request("load", {"model": "tiny.gguf", "n_gpu_layers": "auto", "vram_budget": "2GiB"}, timeout=60))["model"]
+        planned = (
+            await client.request("load", {"model": "tiny.gguf", "n_gpu_layers": "auto", "vram_budget": "2GiB"}, timeout=60)
+        )["model"]
         assert planned["n_gpu_layers"] == 3 and planned["plan"]["prediction"]["output_on_gpu"]
         assert planned["split"]["cpu_bytes"] > 0 and planned["plan"]["prediction"]["tokens_per_s"] > 0
         with pytest.raises(RequestFailed) as error:
@@ -302,7 +311,9 @@ async def test_prompt_longer_than_the_context_is_refused_with_its_length(tiny_da
 def test_cli_without_a_daemon_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(tmp_path), "status"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "not running" in result.stderr

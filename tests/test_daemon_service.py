@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DaemonFactory, DaemonProcess, start_long_reply
 
 from vramchat.shared.client import Client
+
+from helpers import DaemonFactory, DaemonProcess, start_long_reply
 
 
 @pytest.fixture
@@ -35,8 +36,9 @@ def received(sock: socket.socket, until: str, timeout: float = 20.0) -> list[str
     raise AssertionError(f"no {until!r} in {messages}")
 
 
-def test_daemon_notifies_ready_status_watchdog_and_stopping(daemon_factory: DaemonFactory, models_dir: Path,
-                                                            notify_socket: socket.socket, tmp_path: Path) -> None:
+def test_daemon_notifies_ready_status_watchdog_and_stopping(
+    daemon_factory: DaemonFactory, models_dir: Path, notify_socket: socket.socket, tmp_path: Path
+) -> None:
     daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), start=False)
     daemon.env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
     daemon.start()

@@ -8,17 +8,22 @@ from pathlib import Path
 import msgpack
 import pytest
 from gguf import GGUFReader
-from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
 
 from vramchat.shared.gguf import GGUFError, inspect_gguf, swa_layout
+
+from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("gguf")
     return {
-        "gqa-tied-f16": write_tiny_llama(directory / "a.gguf", TinyModelSpec(n_layer=4, n_head_kv=2, tied_embeddings=True, f16=True)),
-        "moe-q8": write_tiny_llama(directory / "b.gguf", TinyModelSpec(n_layer=3, n_embd=64, n_expert=4, n_expert_used=2, quant="Q8_0")),
+        "gqa-tied-f16": write_tiny_llama(
+            directory / "a.gguf", TinyModelSpec(n_layer=4, n_head_kv=2, tied_embeddings=True, f16=True)
+        ),
+        "moe-q8": write_tiny_llama(
+            directory / "b.gguf", TinyModelSpec(n_layer=3, n_embd=64, n_expert=4, n_expert_used=2, quant="Q8_0")
+        ),
         "gemma2": write_tiny_gemma(directory / "c.gguf", "gemma2", n_layer=4, window=128),
         "gemma3": write_tiny_gemma(directory / "d.gguf", "gemma3", n_layer=7, window=256),
     }
@@ -70,8 +75,9 @@ def test_sliding_window_layers_follow_llama_cpp(files: dict[str, Path]) -> None:
         ("llama", 4, 4096, None, (None, [])),  # llama.cpp gives llama no sliding window
     ],
 )
-def test_swa_layout_rules(arch: str, n_layer: int, window: int | None, pattern: object,
-                          expected: tuple[int | None, list[int]]) -> None:
+def test_swa_layout_rules(
+    arch: str, n_layer: int, window: int | None, pattern: object, expected: tuple[int | None, list[int]]
+) -> None:
     assert swa_layout(arch, n_layer, window, pattern) == expected
 
 
@@ -106,7 +112,7 @@ def test_a_truncated_download_says_so(tmp_path: Path, files: dict[str, Path]) ->
     data = files["gemma3"].read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(GGUFError, match="truncated .* download it again"):
+    with pytest.raises(GGUFError, match=r"truncated .* download it again"):
         inspect_gguf(path)
     with pytest.raises(GGUFError, match="is not a file"):
         inspect_gguf(tmp_path / "missing.gguf")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vramchat.shared.llama_log import parse_load_log
+
 from gguf_factory import TinyModelSpec, write_tiny_llama
 from helpers import load_log
-
-from vramchat.shared.llama_log import parse_load_log
 
 MIB = 1 << 20
 
@@ -50,8 +50,10 @@ def test_gpu_lines_offload_count_and_sums() -> None:
 
 
 def test_older_llama_cpp_kv_self_size_is_a_fallback_only() -> None:
-    old = ("llama_new_context_with_model: KV self size  =  256.00 MiB, K (f16):  128.00 MiB\n"
-           "llama_new_context_with_model: n_ctx      = 2048\n")
+    old = (
+        "llama_new_context_with_model: KV self size  =  256.00 MiB, K (f16):  128.00 MiB\n"
+        "llama_new_context_with_model: n_ctx      = 2048\n"
+    )
     report = parse_load_log(old)
     assert report.total("kv") == 256 * MIB and report.n_ctx == 2048
     both = parse_load_log("llama_kv_cache_init:      CUDA0 KV buffer size =   256.00 MiB\n" + old)

@@ -12,9 +12,10 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from helpers import until
 
 from vramchat.daemon.notify import Notifier
+
+from helpers import until
 
 
 def receive_datagram(datagram: bytes) -> dict[str, str]:
@@ -102,7 +103,9 @@ def test_environment_is_removed_so_children_cannot_notify(fake_systemd: tuple[so
         (None, None, None),
     ],
 )
-def test_watchdog_interval(fake_systemd: tuple[socket.socket, str], usec: str | None, pid: str | None, expected: float | None) -> None:
+def test_watchdog_interval(
+    fake_systemd: tuple[socket.socket, str], usec: str | None, pid: str | None, expected: float | None
+) -> None:
     _, path = fake_systemd
     env = {"NOTIFY_SOCKET": path}
     if usec is not None:

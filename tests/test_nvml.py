@@ -7,9 +7,9 @@ import shutil
 import pynvml
 import pytest
 
-from helpers import FakePynvml
-
 from vramchat.daemon.nvml import NO_GPU, OK, Nvml
+
+from helpers import FakePynvml
 
 
 def test_real_pynvml_reports_what_this_machine_has_and_does_not_raise() -> None:
@@ -84,9 +84,14 @@ def test_a_device_that_disappears_reads_as_not_available_and_comes_back(code: in
     assert nvml.devices(engine_pid=None)[1]["memory_used"] == 5 << 30 and nvml.status == OK
 
 
-@pytest.mark.parametrize(("code", "status"), [(pynvml.NVML_ERROR_DRIVER_NOT_LOADED, NO_GPU),
-                                              (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, NO_GPU),
-                                              (pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, "NVML error: ")])
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (pynvml.NVML_ERROR_DRIVER_NOT_LOADED, NO_GPU),
+        (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, NO_GPU),
+        (pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, "NVML error: "),
+    ],
+)
 def test_a_failed_init_reads_as_no_gpu_or_an_nvml_error(code: int, status: str) -> None:
     fake = FakePynvml()
     fake.init_error = code

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
 
 from vramchat.shared import paths
 from vramchat.shared.gguf import GGUFInfo, inspect_gguf
@@ -28,6 +27,8 @@ from vramchat.shared.planner import (
 )
 from vramchat.shared.speed import estimate_tokens_per_second, gpu_bandwidth_for, ram_bandwidth
 
+from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
+
 NO_REPACK = PlanSettings(cpu_repack=frozenset())
 
 
@@ -36,8 +37,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GGUFInfo]:
     directory = tmp_path_factory.mktemp("planner")
     return {
         "tiny": inspect_gguf(write_tiny_llama(directory / "tiny.gguf", TinyModelSpec())),
-        "wide": inspect_gguf(write_tiny_llama(
-            directory / "wide.gguf", TinyModelSpec(n_layer=6, n_embd=128, n_head=8, n_head_kv=2, n_ff=256, n_vocab=4000))),
+        "wide": inspect_gguf(
+            write_tiny_llama(
+                directory / "wide.gguf", TinyModelSpec(n_layer=6, n_embd=128, n_head=8, n_head_kv=2, n_ff=256, n_vocab=4000)
+            )
+        ),
         "moe": inspect_gguf(write_tiny_llama(directory / "moe.gguf", TinyModelSpec(n_layer=3, n_expert=4, n_expert_used=1))),
         "q4": inspect_gguf(write_tiny_llama(directory / "q4.gguf", TinyModelSpec(n_embd=128, n_ff=256, quant="Q4_0"))),
         "gemma2": inspect_gguf(write_tiny_gemma(directory / "gemma2.gguf")),
@@ -61,7 +65,7 @@ def test_the_table_is_monotonic(models: dict[str, GGUFInfo]) -> None:
     gpu, cpu = [r.gpu.total for r in rows], [r.cpu.total for r in rows]
     assert gpu == sorted(gpu) and len(set(gpu)) == len(gpu)
     assert cpu[1:] == sorted(cpu[1:], reverse=True)  # from 1 on; at 0 the compute buffer is on the CPU
-    speeds = [r.tokens_per_s for r in rows]
+    speeds = [r.tokens_per_s or 0.0 for r in rows]
     assert speeds == sorted(speeds) and speeds[0] < speeds[-1]
     assert msgpack.unpackb(msgpack.packb([r.to_dict() for r in rows]))[3]["gpu"]["total"] == gpu[3]
 
@@ -148,7 +152,8 @@ def test_speed_reads_only_the_experts_a_token_uses(models: dict[str, GGUFInfo]) 
     assert estimate_tokens_per_second(row, 1e9, 1e12) == pytest.approx(1e9 / row.cpu_bytes_per_token)
     on_gpu = predict(info, info.n_layer + 1)
     assert on_gpu.cpu_bytes_per_token == 0 and estimate_tokens_per_second(on_gpu, 1e9, 1e12) == pytest.approx(
-        1e12 / on_gpu.gpu_bytes_per_token)
+        1e12 / on_gpu.gpu_bytes_per_token
+    )
 
 
 def test_gpu_bandwidth_table_prefers_the_longest_name() -> None:
@@ -181,7 +186,9 @@ def test_plan_load_resolves_auto_to_the_fit_within_free_vram_less_the_margin(mod
     info = models["wide"]
     settings = replace(NO_REPACK, n_ctx=2048)
     three_layers = predict(info, 3, replace(settings, has_gpu=True)).gpu.total
-    machine = Machine(free_vram=three_layers + DEFAULT_VRAM_MARGIN, available_ram=1 << 40, gpu_name="NVIDIA RTX 4090", ram_bandwidth=20e9)
+    machine = Machine(
+        free_vram=three_layers + DEFAULT_VRAM_MARGIN, available_ram=1 << 40, gpu_name="NVIDIA RTX 4090", ram_bandwidth=20e9
+    )
     plan = plan_load(info, machine, "auto", settings)
     assert plan.budget == three_layers
     assert plan.n_gpu_layers == fit(info, three_layers, replace(settings, has_gpu=True)).n_gpu_layers == 3

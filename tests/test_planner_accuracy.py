@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
-from helpers import load_log
 
 from vramchat.shared.gguf import inspect_gguf
 from vramchat.shared.llama_log import parse_load_log
 from vramchat.shared.paths import demo_model_path
 from vramchat.shared.planner import PlanSettings, predict
+
+from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
+from helpers import load_log
 
 SHAPES = {
     "tiny-f32": TinyModelSpec(),
@@ -63,8 +64,12 @@ def test_prediction_matches_what_llama_cpp_allocates(model_paths: dict[str, Path
     settings = PlanSettings(n_ctx=n_ctx, flash_attn=flash_attn, cache_type_k=cache_type, cache_type_v=cache_type)
     predicted = predict(inspect_gguf(model_paths[name]), 0, settings)
     assert report.n_ctx == predicted.n_ctx
-    for kind, value, tolerance in (("model", predicted.cpu.weights, 0.01), ("kv", predicted.cpu.kv, 0.01),
-                                   ("output", predicted.cpu.output, 0.01), ("compute", predicted.cpu.compute, 0.10)):
+    for kind, value, tolerance in (
+        ("model", predicted.cpu.weights, 0.01),
+        ("kv", predicted.cpu.kv, 0.01),
+        ("output", predicted.cpu.output, 0.01),
+        ("compute", predicted.cpu.compute, 0.10),
+    ):
         actual = report.total(kind)
         assert abs(value - actual) <= max(tolerance * actual, LOG_RESOLUTION), (kind, value, actual)
     assert predicted.gpu.total == 0 and report.total(gpu=True) == 0

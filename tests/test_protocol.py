@@ -18,8 +18,16 @@ def test_request_round_trip_ignores_unknown_fields() -> None:
 
 @pytest.mark.parametrize(
     "obj",
-    [[1], {"type": "x"}, {"id": "", "type": "x"}, {"id": "a" * 129, "type": "x"}, {"id": 3, "type": "x"},
-     {"id": "a", "type": None}, {"id": "a", "type": "x", "body": [1]}, {"id": "a", "type": "x", "v": "1"}],
+    [
+        [1],
+        {"type": "x"},
+        {"id": "", "type": "x"},
+        {"id": "a" * 129, "type": "x"},
+        {"id": 3, "type": "x"},
+        {"id": "a", "type": None},
+        {"id": "a", "type": "x", "body": [1]},
+        {"id": "a", "type": "x", "v": "1"},
+    ],
 )
 def test_invalid_envelopes_are_bad_requests(obj: object) -> None:
     with pytest.raises(ProtocolError) as error:

@@ -12,11 +12,12 @@ import msgpack
 import psutil
 import zmq
 import zmq.asyncio
-from helpers import DaemonProcess, chat, collect_reply, wait_ready
 
 from vramchat.shared import protocol
 from vramchat.shared.client import Client, RequestFailed
 from vramchat.shared.protocol import CONTROL_SOCKET
+
+from helpers import DaemonProcess, chat, collect_reply, wait_ready
 
 WRONG_TYPES: list[Any] = [None, True, -1, 2**63, 3.5, "", "x" * 300, b"\x00\xff", [], [1, "a"], {}, {"nested": {"deep": [None]}}]
 # Fields each request reads, with the kind each must be: the fuzzer sends any other kind.
@@ -34,7 +35,7 @@ READS: dict[str, dict[str, type]] = {
 def random_object(rng: random.Random, depth: int = 0) -> Any:
     choice = rng.randrange(8 if depth < 3 else 5)
     if choice == 0:
-        return rng.randint(-2**40, 2**40)
+        return rng.randint(-(2**40), 2**40)
     if choice == 1:
         return rng.random()
     if choice == 2:
@@ -71,7 +72,9 @@ def bad_frames(rng: random.Random, count: int) -> list[list[bytes]]:
         elif kind == 4:
             frames.append([rng.randbytes(8) for _ in range(rng.randrange(2, 4))])
         else:
-            frames.append([msgpack.packb({"v": rng.choice(WRONG_TYPES), "id": rng.choice(WRONG_TYPES), "type": rng.choice(types)})])
+            frames.append(
+                [msgpack.packb({"v": rng.choice(WRONG_TYPES), "id": rng.choice(WRONG_TYPES), "type": rng.choice(types)})]
+            )
     return frames
 
 

@@ -29,7 +29,9 @@ def test_conversation_lifecycle(store: Store) -> None:
     assert renamed["settings"] == {"temperature": 0.2} and renamed["message_count"] == 2
     messages = store.messages(created["id"])
     assert [(m["role"], m["content"], m["status"], m["position"]) for m in messages] == [
-        ("user", "hi", "complete", 0), ("assistant", "hello", "complete", 1)]
+        ("user", "hi", "complete", 0),
+        ("assistant", "hello", "complete", 1),
+    ]
     assert messages[1]["stats"] == {"generated_tokens": 1}
     store.delete_conversation(created["id"])
     assert store.list_conversations() == []

@@ -14,12 +14,13 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
-from helpers import DaemonFactory, DaemonProcess, FakePynvml, chat, collect_reply, until, wait_ready, wait_until
 
 from vramchat.daemon.nvml import NO_GPU, Nvml
 from vramchat.daemon.telemetry import HOST_KEYS, AlarmTracker, TelemetrySampler, _gguf_resident, engine_memory
 from vramchat.shared.client import Client, Snapshot
 from vramchat.shared.llama_log import parse_load_log
+
+from helpers import DaemonFactory, DaemonProcess, FakePynvml, chat, collect_reply, until, wait_ready, wait_until
 
 
 async def next_telemetry(client: Client) -> dict[str, Any]:
@@ -40,7 +41,9 @@ async def test_ram_and_swap_agree_with_psutil(tiny_daemon: DaemonProcess) -> Non
     assert abs(host["swap_used"] - swap.used) <= max(0.05 * swap.total, 1 << 20)
 
 
-async def test_engine_memory_is_present_and_grows_after_loading_a_bigger_model(tiny_daemon: DaemonProcess, demo_model: Path) -> None:
+async def test_engine_memory_is_present_and_grows_after_loading_a_bigger_model(
+    tiny_daemon: DaemonProcess, demo_model: Path
+) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
         await wait_ready(client)
         await client.subscribe()
@@ -78,10 +81,12 @@ async def test_history_accumulates_and_reaches_a_late_joiner(daemon_factory: Dae
     assert snapshot.body["telemetry"]["latest"] == history[-1]
 
 
-async def test_unwatched_sampling_slows_down_and_a_new_subscriber_gets_a_fresh_sample(daemon_factory: DaemonFactory,
-                                                                                      models_dir: Path) -> None:
-    daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), "--telemetry-interval", "0.05",
-                            "--unwatched-telemetry-interval", "0.5")
+async def test_unwatched_sampling_slows_down_and_a_new_subscriber_gets_a_fresh_sample(
+    daemon_factory: DaemonFactory, models_dir: Path
+) -> None:
+    daemon = daemon_factory(
+        "--model", str(models_dir / "tiny.gguf"), "--telemetry-interval", "0.05", "--unwatched-telemetry-interval", "0.5"
+    )
     async with Client(daemon.runtime_dir) as client:
         await wait_ready(client)
         unwatched_from = time.time()  # nobody subscribed, nothing generating
@@ -102,8 +107,9 @@ async def test_unwatched_sampling_slows_down_and_a_new_subscriber_gets_a_fresh_s
 
 
 def test_an_absurd_telemetry_interval_is_refused_with_the_range() -> None:
-    result = subprocess.run([sys.executable, "-m", "vramchat.daemon.cli", "--telemetry-interval", "-1"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "vramchat.daemon.cli", "--telemetry-interval", "-1"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "between 0.01 and 86400 seconds" in result.stderr
 
 
@@ -165,8 +171,11 @@ def test_sampler_ram_and_swap_agree_with_psutil() -> None:
     memory, swap = psutil.virtual_memory(), psutil.swap_memory()
     host = sample["host"]
     assert host["ram_total"] == memory.total and host["swap_total"] == swap.total
-    for ours, theirs, total in [(host["ram_available"], memory.available, memory.total), (host["ram_used"], memory.used, memory.total),
-                                (host["swap_used"], swap.used, swap.total)]:
+    for ours, theirs, total in [
+        (host["ram_available"], memory.available, memory.total),
+        (host["ram_used"], memory.used, memory.total),
+        (host["swap_used"], swap.used, swap.total),
+    ]:
         assert abs(ours - theirs) <= 0.05 * max(total, 1), (ours, theirs)
     assert 0 < host["page_cache"] < memory.total
     assert host["swap_in_bps"] is None and host["swap_out_bps"] is None  # a rate needs two samples
@@ -179,8 +188,18 @@ def test_a_sample_is_plain_data_with_every_key_and_passes_generation_through() -
     assert msgpack.unpackb(msgpack.packb(sample)) == sample  # plain, msgpack-able data
     assert set(sample) == {"t", "gpu_status", "gpu_detail", "gpus", "host", "engine", "generation"}
     assert set(sample["host"]) == set(HOST_KEYS)
-    assert set(sample["gpus"][0]) >= {"index", "name", "memory_total", "memory_used", "memory_free", "utilization",
-                                      "temperature", "power_w", "engine_memory", "other_memory"}
+    assert set(sample["gpus"][0]) >= {
+        "index",
+        "name",
+        "memory_total",
+        "memory_used",
+        "memory_free",
+        "utilization",
+        "temperature",
+        "power_w",
+        "engine_memory",
+        "other_memory",
+    }
     assert sample["gpu_status"] == "ok" and sample["generation"] == generation
     assert set(sample["engine"]) >= {"pid", "rss", "model_file_resident", "anon_resident"}
     assert sampler.history() == [sample] and sampler.latest() is sample
@@ -205,8 +224,9 @@ def test_swap_rates_come_from_the_change_of_the_kernel_counters(monkeypatch: pyt
     assert host["swap_out_bps"] == pytest.approx(host["swap_in_bps"] / 10)
 
 
-def test_a_failing_part_reads_as_not_available_and_is_logged_once(monkeypatch: pytest.MonkeyPatch,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_part_reads_as_not_available_and_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken() -> None:
         raise OSError("no /proc/meminfo")
 
@@ -280,10 +300,12 @@ def test_an_engine_that_vanished_reads_as_none() -> None:
 
 
 def test_smaps_parsing_counts_only_gguf_mappings_deleted_or_not() -> None:
-    smaps = (b"7f00-7f10 r--p 00000000 fd:01 1 /models/a.gguf\nSize: 64 kB\nKernelPageSize: 4 kB\nRss: 40 kB\n"
-             b"7f10-7f20 r--p 00000000 fd:01 2 /models/b.gguf (deleted)\nSize: 64 kB\nRss: 8 kB\n"
-             b"7f20-7f30 r--p 00000000 fd:01 3 /models/a.gguf.sha256\nSize: 64 kB\nRss: 1000 kB\n"
-             b"7f30-7f40 r-xp 00000000 fd:01 4 /usr/lib/libc.so.6\nSize: 64 kB\nRss: 2000 kB\n")
+    smaps = (
+        b"7f00-7f10 r--p 00000000 fd:01 1 /models/a.gguf\nSize: 64 kB\nKernelPageSize: 4 kB\nRss: 40 kB\n"
+        b"7f10-7f20 r--p 00000000 fd:01 2 /models/b.gguf (deleted)\nSize: 64 kB\nRss: 8 kB\n"
+        b"7f20-7f30 r--p 00000000 fd:01 3 /models/a.gguf.sha256\nSize: 64 kB\nRss: 1000 kB\n"
+        b"7f30-7f40 r-xp 00000000 fd:01 4 /usr/lib/libc.so.6\nSize: 64 kB\nRss: 2000 kB\n"
+    )
     assert _gguf_resident(smaps) == 48 * 1024
 
 
@@ -306,11 +328,22 @@ def test_history_ring_is_bounded_when_samples_come_faster_than_the_interval() ->
 # --- alarms --------------------------------------------------------------------------------------
 
 
-def sample_at(t: float, *, swap_in: float | None = 0, gpu_free: int | None = None, available: int = 8 << 30,
-              rss: int = 0, faults: float | None = None) -> dict[str, Any]:
+def sample_at(
+    t: float,
+    *,
+    swap_in: float | None = 0,
+    gpu_free: int | None = None,
+    available: int = 8 << 30,
+    rss: int = 0,
+    faults: float | None = None,
+) -> dict[str, Any]:
     gpus = [] if gpu_free is None else [{"index": 0, "memory_free": gpu_free}]
-    return {"t": t, "gpus": gpus, "host": {"swap_in_bps": swap_in, "ram_available": available},
-            "engine": {"rss": rss, "model_file_resident": 0, "major_faults_ps": faults}}
+    return {
+        "t": t,
+        "gpus": gpus,
+        "host": {"swap_in_bps": swap_in, "ram_available": available},
+        "engine": {"rss": rss, "model_file_resident": 0, "major_faults_ps": faults},
+    }
 
 
 def kinds(changes: list[dict[str, Any]]) -> list[tuple[str, bool]]:
@@ -327,7 +360,9 @@ def test_swapping_alarm_starts_once_and_clears_only_after_staying_clear() -> Non
     assert alarms.update(sample_at(3, swap_in=0), generating=True, cpu_side_need_bytes=None) == []  # a lull in a burst
     assert alarms.update(sample_at(4, swap_in=50 << 20), generating=True, cpu_side_need_bytes=None) == []
     assert alarms.update(sample_at(5, swap_in=0), generating=True, cpu_side_need_bytes=None) == []
-    assert alarms.update(sample_at(9, swap_in=(1 << 20) * 0.75), generating=True, cpu_side_need_bytes=None) == []  # inside the band
+    assert (
+        alarms.update(sample_at(9, swap_in=(1 << 20) * 0.75), generating=True, cpu_side_need_bytes=None) == []
+    )  # inside the band
     assert alarms.update(sample_at(10, swap_in=0), generating=True, cpu_side_need_bytes=None) == []
     cleared = alarms.update(sample_at(15, swap_in=0), generating=True, cpu_side_need_bytes=None)
     assert kinds(cleared) == [("swapping", False)] and "swap" in cleared[0]["message"]
@@ -343,7 +378,9 @@ def test_model_pages_re_read_from_disk_count_as_swapping() -> None:
 def test_vram_alarm_has_a_band_before_it_clears() -> None:
     alarms = AlarmTracker(clear_after_s=0)
     margin = 1 << 30
-    started = alarms.update(sample_at(0, gpu_free=512 << 20), generating=False, cpu_side_need_bytes=None, vram_margin_bytes=margin)
+    started = alarms.update(
+        sample_at(0, gpu_free=512 << 20), generating=False, cpu_side_need_bytes=None, vram_margin_bytes=margin
+    )
     assert kinds(started) == [("vram_low", True)] and "fewer GPU layers" in started[0]["message"]
     assert started[0]["severity"] == "warning"
     assert alarms.update(sample_at(1, gpu_free=margin + (100 << 20)), generating=False, cpu_side_need_bytes=None) == []
