@@ -28,6 +28,7 @@ BENCHMARKS = [
     "resume_conversation",
     "sampler_cpu",
     "tui_lag",
+    "http_api",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}

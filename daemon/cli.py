@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tcp", metavar="HOST:PORT", help="also serve TCP (control on PORT, events on PORT+1) with CURVE; config tcp_listen"
     )
     parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the OpenAI-compatible API here, e.g. 127.0.0.1:8080 (config http_listen); key: `vramchat api-key`",
+    )
+    parser.add_argument(
         "--insecure-tcp",
         action="store_true",
         help="serve --tcp WITHOUT encryption or authentication: anyone who reaches the port can read every chat",
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         load_on_start=not args.no_load,
         socket_dir_mode=0o750 if args.socket_mode == "group" else 0o700,
         tcp_listen=args.tcp or config.tcp_listen,
+        http_listen=args.http or config.http_listen,
         insecure_tcp=args.insecure_tcp,
         telemetry_interval_s=args.telemetry_interval,
         unwatched_telemetry_interval_s=args.unwatched_telemetry_interval,

@@ -6,8 +6,8 @@ kills only the engine, never the daemon. And loading another model, or the same 
 
 It talks to the daemon over a private ZeroMQ PAIR socket, one msgpack map per frame:
 
-daemon -> engine: {"op": "load", ...Llama params}, {"op": "generate", "request", "messages",
-                  "sampling"}, {"op": "cancel", "request"}, {"op": "shutdown"}
+daemon -> engine: {"op": "load", ...Llama params}, {"op": "generate", "request", "conversation",
+                  "messages", "sampling", "stop"}, {"op": "cancel", "request"}, {"op": "shutdown"}
 engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev": "ready", ...}, {"ev": "load_failed",
                   "error"}, {"ev": "tok", "request", "text"}, {"ev": "done", "request",
                   "finish_reason", "stats"}, {"ev": "failed", "request", "code", "error"}
@@ -134,6 +134,7 @@ class Engine:
         assert model is not None, "generate before a successful load"
         try:
             prompt = model.prompt(request["messages"])
+            prompt.stops.extend(request.get("stop") or [])  # the request's own, as OpenAI's `stop`
         except Exception as exc:
             self.send(
                 {"ev": "failed", "request": request_id, "code": "bad_request", "error": f"cannot format the conversation: {exc}"}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from vramchat.daemon.events import EventBus
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.store import NotFound, Store
 from vramchat.daemon.supervisor import EngineProcess, describe_exit
-from vramchat.shared.protocol import ProtocolError
+from vramchat.shared.protocol import SAMPLING_FIELDS, ProtocolError, field_of
 
 # Flush a growing reply to SQLite at most this often; the final text is always written at once.
 REPLY_FLUSH_INTERVAL_S = 0.5
@@ -22,21 +25,69 @@ MAX_QUEUED_PER_CLIENT = 32
 MAX_QUEUED_TOTAL = 256
 
 
-@dataclass
+@dataclass(frozen=True)
+class JobResult:
+    """How a reply ended, for whoever waits on its job (the HTTP API)."""
+
+    status: str  # complete, cancelled, error or interrupted, as the stored message says
+    text: str = ""
+    finish_reason: str | None = None  # stop, length or cancelled (the engine's)
+    stats: dict[str, Any] | None = None
+    error: str | None = None
+    code: str | None = None  # an error code (shared/protocol.py), when the engine gave one
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "complete"
+
+
+@dataclass(eq=False)
 class Job:
+    """One reply to generate. A job with a conversation reads its prompt from the store and stores
+    the reply; one without (an HTTP request) brings its messages and is not stored."""
+
     request_id: str
-    conversation_id: str
-    client: bytes
+    conversation_id: str | None
+    client: bytes  # for the per-client limit
     sampling: dict[str, Any]
+    label: str | None = None  # who asked, when it is not a vramchat client: "http 127.0.0.1:53122"
+    messages: list[dict[str, str]] | None = None
+    stop: list[str] = field(default_factory=list)  # extra stop strings
     enqueued_at: float = field(default_factory=time.time)
+    _pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue, repr=False)
+    _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _result: JobResult | None = field(default=None, repr=False)
 
     def view(self, position: int) -> dict[str, Any]:
         return {
             "request": self.request_id,
             "conversation": self.conversation_id,
+            "label": self.label,
             "position": position,
             "enqueued_at": self.enqueued_at,
         }
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def emit(self, text: str) -> None:
+        self._pieces.put_nowait(text)
+
+    def finish(self, result: JobResult) -> None:
+        self._result = result
+        self._pieces.put_nowait(None)
+        self._ended.set()
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The reply's text as it is generated, until it ends."""
+        while (text := await self._pieces.get()) is not None:
+            yield text
+
+    async def result(self) -> JobResult:
+        await self._ended.wait()
+        assert self._result is not None
+        return self._result
 
 
 @dataclass
@@ -44,7 +95,7 @@ class InFlight:
     """The reply being generated, as far as it has come."""
 
     job: Job
-    message_id: str
+    message_id: str | None  # None: not stored
     text: str = ""
     tokens: int = 0
     first_token_at: float | None = None
@@ -74,6 +125,12 @@ class GenerationQueue:
 
     def publish(self) -> None:
         self.bus.publish("queue", self.state())
+
+    def add_user_message(self, conversation_id: str, content: str) -> dict[str, Any]:
+        """Store a question before it is queued: a daemon killed meanwhile loses nothing."""
+        message = self.store.add_message(conversation_id, "user", content)
+        self.bus.publish("msg", message)
+        return message
 
     def has_work_for(self, conversation_id: str) -> bool:
         """Whether a reply for this conversation is queued or generating."""
@@ -105,14 +162,15 @@ class GenerationQueue:
         self.publish()
         return len(self.pending) + (1 if self.in_flight else 0)
 
-    def cancel(self, request_id: str) -> str:
+    def cancel(self, request_id: str, reason: str = "cancelled by a client") -> str:
         """Cancel a queued or running request; returns which it was."""
         if self.in_flight and self.in_flight.job.request_id == request_id:
-            self.cancel_running("cancelled by a client")
+            self.cancel_running(reason)
             return "running"
         for job in self.pending:
             if job.request_id == request_id:
                 self.pending.remove(job)
+                job.finish(JobResult("cancelled", error=reason))
                 self.publish()
                 return "queued"
         raise ProtocolError("not_found", f"request {request_id!r} is neither queued nor running (it may have finished)")
@@ -157,18 +215,30 @@ class GenerationQueue:
                 await self._run(self.pending.popleft(), engine)
 
     def _fail(self, job: Job, error: str) -> None:
-        message = self.store.add_message(job.conversation_id, "assistant", "", status="error")
-        self.store.update_message(message["id"], error=error)
-        self.bus.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
+        if job.conversation_id is not None:
+            message = self.store.add_message(job.conversation_id, "assistant", "", status="error")
+            self.store.update_message(message["id"], error=error)
+            self.bus.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
+        job.finish(JobResult("error", error=error, code="no_model"))
         self.publish()
 
     def _prompt(self, job: Job) -> tuple[list[dict[str, str]], dict[str, Any]] | None:
-        """The messages to send and the sampling to use; None when the conversation is gone."""
+        """The messages to send and the sampling to use; None when the conversation is gone.
+
+        The model's defaults (the demo model's system prompt and sampling) come first, then the
+        conversation's settings, then the request's own."""
+        defaults = model_files.defaults_for(Path(self.model.state.path or ""))
+        if job.conversation_id is None:
+            messages = job.messages or []
+            system = defaults.get("system_prompt") if messages and messages[0]["role"] != "system" else None
+            return ([{"role": "system", "content": system}] if system else []) + messages, {
+                **defaults.get("sampling", {}),
+                **job.sampling,
+            }
         try:
             conversation = self.store.get_conversation(job.conversation_id)
         except NotFound:
             return None
-        defaults = model_files.defaults_for(Path(self.model.state.path or ""))
         system_prompt = conversation["system_prompt"] or defaults.get("system_prompt")
         prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
         prompt += [{"role": m["role"], "content": m["content"]} for m in self.store.messages(job.conversation_id) if m["content"]]
@@ -177,24 +247,30 @@ class GenerationQueue:
     async def _run(self, job: Job, engine: EngineProcess) -> None:
         prompt = self._prompt(job)
         if prompt is None:
+            job.finish(JobResult("error", error="the conversation was deleted before its turn came", code="not_found"))
             self.publish()
             return
         messages, sampling = prompt
-        message = self.store.add_message(job.conversation_id, "assistant", "", status="generating", model=self.model.state.name)
-        self.in_flight = flight = InFlight(job, message["id"])
-        self.bus.publish("msg", {**message, "request": job.request_id})
+        message = None
+        if job.conversation_id is not None:
+            message = self.store.add_message(
+                job.conversation_id, "assistant", "", status="generating", model=self.model.state.name
+            )
+            self.bus.publish("msg", {**message, "request": job.request_id})
+        self.in_flight = flight = InFlight(job, message["id"] if message else None)
         self.publish()
         engine.send(
             {
                 "op": "generate",
                 "request": job.request_id,
-                "conversation": job.conversation_id,
+                "conversation": job.conversation_id or state_key(messages),
                 "messages": messages,
                 "sampling": sampling,
+                "stop": job.stop,
             }
         )
 
-        status, error, stats = "complete", None, None
+        status, error, stats, code, finish_reason = "complete", None, None, None, None
         last_flush = time.monotonic()
         index = 0
         while True:
@@ -204,6 +280,9 @@ class GenerationQueue:
                 flight.text += event["text"]
                 flight.tokens += 1
                 flight.first_token_at = flight.first_token_at or time.monotonic()
+                job.emit(event["text"])
+                if message is None:
+                    continue
                 self.bus.publish(
                     "tok",
                     {
@@ -220,19 +299,43 @@ class GenerationQueue:
                     self.store.update_message(message["id"], content=flight.text)
                     last_flush = time.monotonic()
             elif kind == "done" and event["request"] == job.request_id:
-                stats = self.last_stats = {**event["stats"], "finish_reason": event["finish_reason"]}
+                finish_reason = event["finish_reason"]
+                stats = self.last_stats = {**event["stats"], "finish_reason": finish_reason}
                 if stats["state_cache_bytes"] != self.model.state.state_cache_bytes:
                     self.model.update(state_cache_bytes=stats["state_cache_bytes"])
                 if event["finish_reason"] == "cancelled":
                     status, error = "cancelled", flight.cancel_reason
                 break
             elif kind == "failed" and event["request"] == job.request_id:
-                status, error = "error", event["error"]
+                status, error, code = "error", event["error"], event.get("code")
                 break
             elif kind == "exited":
                 status, error = "interrupted", f"the engine {describe_exit(event['returncode'])} during this reply"
                 break
         self.in_flight = None
-        self.store.update_message(message["id"], content=flight.text, status=status, stats=stats, error=error)
-        self.bus.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
+        if message is not None:
+            self.store.update_message(message["id"], content=flight.text, status=status, stats=stats, error=error)
+            self.bus.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
+        job.finish(JobResult(status, flight.text, finish_reason, stats, error, code))
         self.publish()
+
+
+def state_key(messages: list[dict[str, str]]) -> str:
+    """The engine's KV state cache key for a reply that is not stored: its messages up to the first
+    user message, so a chat client that resends a growing history finds its state again."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    opening = json.dumps(messages[: first_user + 1], sort_keys=True).encode()
+    return "unstored-" + hashlib.sha256(opening).hexdigest()[:16]
+
+
+def checked_sampling(raw: dict[str, Any]) -> dict[str, Any]:
+    """Keep the known sampling fields, with their types and ranges checked."""
+    sampling = {}
+    for name, kind in SAMPLING_FIELDS.items():
+        if name in raw and raw[name] is not None:
+            sampling[name] = field_of(raw, name, (int, float) if kind is float else int)
+    if "max_tokens" in sampling and sampling["max_tokens"] < 1:
+        raise ProtocolError("invalid_value", "max_tokens must be at least 1")
+    if "temperature" in sampling and not 0 <= sampling["temperature"] <= 5:
+        raise ProtocolError("invalid_value", "temperature must be between 0 and 5")
+    return sampling

@@ -13,14 +13,14 @@ from typing import Any
 
 from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
-from vramchat.daemon.generation import GenerationQueue, Job
+from vramchat.daemon.generation import GenerationQueue, Job, checked_sampling
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.monitor import Monitor
 from vramchat.daemon.store import NotFound, Store, StoreError
 from vramchat.daemon.transport import Replier
 from vramchat.shared import __version__, protocol
 from vramchat.shared.config import Config
-from vramchat.shared.protocol import SAMPLING_FIELDS, ProtocolError, Request, field_of
+from vramchat.shared.protocol import ProtocolError, Request, field_of
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,14 @@ class Handlers:
 
     async def on_snapshot(self, _request: Request, _client: bytes) -> dict[str, Any]:
         flight = self.generation.in_flight
-        in_flight = flight and {
-            "request": flight.job.request_id,
-            "conversation": flight.job.conversation_id,
-            "message": flight.message_id,
-            "text": flight.text,
-        }
+        in_flight = None
+        if flight is not None and flight.message_id is not None:  # an unstored HTTP reply stays private
+            in_flight = {
+                "request": flight.job.request_id,
+                "conversation": flight.job.conversation_id,
+                "message": flight.message_id,
+                "text": flight.text,
+            }
         history = self.monitor.sampler.history()  # once: the sampler thread may add one meanwhile
         return {
             "epoch": self.bus.epoch,
@@ -180,8 +182,7 @@ class Handlers:
         else:
             conversation = self.store.create_conversation(title=title_from(content))
             self.bus.publish("conversation", {"action": "created", "conversation": conversation})
-        user_message = self.store.add_message(conversation["id"], "user", content)
-        self.bus.publish("msg", user_message)
+        user_message = self.generation.add_user_message(conversation["id"], content)
         return self._enqueue(Job(request.id, conversation["id"], client, sampling), user_message)
 
     async def on_regenerate(self, request: Request, client: bytes) -> dict[str, Any]:
@@ -249,19 +250,6 @@ class Handlers:
         self.store.delete_conversation(conversation_id)
         self.bus.publish("conversation", {"action": "deleted", "conversation": {"id": conversation_id}})
         return {"deleted": conversation_id}
-
-
-def checked_sampling(raw: dict[str, Any]) -> dict[str, Any]:
-    """Keep the known sampling fields, with their types and ranges checked."""
-    sampling = {}
-    for name, kind in SAMPLING_FIELDS.items():
-        if name in raw and raw[name] is not None:
-            sampling[name] = field_of(raw, name, (int, float) if kind is float else int)
-    if "max_tokens" in sampling and sampling["max_tokens"] < 1:
-        raise ProtocolError("invalid_value", "max_tokens must be at least 1")
-    if "temperature" in sampling and not 0 <= sampling["temperature"] <= 5:
-        raise ProtocolError("invalid_value", "temperature must be between 0 and 5")
-    return sampling
 
 
 def title_from(content: str) -> str:

@@ -21,13 +21,14 @@ import zmq.asyncio
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue
 from vramchat.daemon.handlers import DaemonInfo, Handlers
+from vramchat.daemon.http_api import HttpApi, parse_address
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.monitor import Monitor
 from vramchat.daemon.notify import Notifier
 from vramchat.daemon.store import Store
 from vramchat.daemon.telemetry import TelemetrySampler
 from vramchat.daemon.transport import Transport, take_instance_lock
-from vramchat.shared import __version__
+from vramchat.shared import __version__, api_key
 from vramchat.shared.config import Config
 from vramchat.shared.paths import ensure_private_dir
 
@@ -45,6 +46,8 @@ class DaemonSettings:
     # "HOST:PORT": control on PORT, events on PORT+1. CURVE unless insecure_tcp.
     tcp_listen: str | None = None
     insecure_tcp: bool = False
+    # "HOST:PORT" of the OpenAI-compatible HTTP API (daemon/http_api.py); off when None.
+    http_listen: str | None = None
     telemetry_interval_s: float = 0.5
     # With no subscriber and no reply or load under way, samples only feed alarms, the status
     # line and the history a client gets when it attaches: an idle service, which runs all day,
@@ -84,6 +87,7 @@ class Daemon:
             unwatched_interval_s=settings.unwatched_telemetry_interval_s,
         )
         info = DaemonInfo(settings.runtime_dir, settings.data_dir, settings.telemetry_interval_s, time.time())
+        self.http: HttpApi | None = None
         self.handlers = Handlers(
             info=info,
             config=settings.config,
@@ -106,6 +110,8 @@ class Daemon:
             self.transport.bind_tcp(
                 self.settings.tcp_listen, insecure=self.settings.insecure_tcp, data_dir=self.settings.data_dir
             )
+        if self.settings.http_listen:
+            await self._start_http(self.settings.http_listen)
         log.info("vramchatd %s listening in %s (epoch %s)", __version__, runtime_dir, self.bus.epoch)
 
         loop = asyncio.get_running_loop()
@@ -127,6 +133,28 @@ class Daemon:
         await self._shutdown()
         return 0
 
+    async def _start_http(self, address: str) -> None:
+        config = self.settings.config
+        host, port = parse_address(address, allow_remote=config.http_allow_remote)
+        try:
+            key = api_key.read_or_create(self.settings.data_dir)
+        except api_key.ApiKeyError as exc:
+            raise SystemExit(str(exc)) from None
+        self.http = HttpApi(
+            host=host,
+            port=port,
+            key=key,
+            config=config,
+            store=self.store,
+            model=self.model,
+            generation=self.generation,
+            rate_limiter=self.transport.rate_limiter,
+        )
+        try:
+            await self.http.start()
+        except OSError as exc:
+            raise SystemExit(f"cannot serve HTTP on {address}: {exc.strerror}; is another server using the port?") from None
+
     async def _shutdown(self) -> None:
         """SIGTERM: let the running reply stop at the next token, store it, then exit."""
         log.info("stopping")
@@ -138,6 +166,8 @@ class Daemon:
             except TimeoutError:
                 log.warning("the running reply did not stop in 10 s; it will be marked interrupted")
         await self.model.stop()
+        if self.http:
+            await self.http.stop()
         for task in self._tasks:
             task.cancel()
         self.transport.close(self.settings.runtime_dir)

@@ -14,6 +14,10 @@ Example (every key is optional)::
     # client keys in <data dir>/curve/authorized_keys/ get in. See `vramchatd keys`.
     tcp_listen = "0.0.0.0:5555"
 
+    # Daemon: serve the OpenAI-compatible API (Authorization: Bearer `vramchat api-key`).
+    http_listen = "127.0.0.1:8080"
+    http_allow_remote = false  # true lets http_listen name an address other tools reach over the network
+
     # Client: attach to a daemon over TCP instead of the local sockets.
     server = "tcp://gpu-box:5555"
     server_public_key = "~/.config/vramchat/gpu-box.key"   # or the key's z85 text
@@ -45,6 +49,8 @@ class Config:
     allow_any_model_path: bool = False
     state_cache_mib: int = 512
     tcp_listen: str | None = None
+    http_listen: str | None = None
+    http_allow_remote: bool = False
     server: str | None = None
     server_public_key: str | None = None
     source: Path | None = None
@@ -71,7 +77,7 @@ class Config:
                 if not isinstance(value, int) or isinstance(value, bool) or value < least:
                     raise ConfigError(f"{name}{where} must be a whole number >= {least}")
                 setattr(config, name, value)
-        for name in ("tcp_listen", "server", "server_public_key"):
+        for name in ("tcp_listen", "http_listen", "server", "server_public_key"):
             if name in raw:
                 if not isinstance(raw[name], str):
                     raise ConfigError(f"{name}{where} must be a string")
@@ -80,10 +86,11 @@ class Config:
             raise ConfigError(f'server{where} must look like "tcp://HOST:PORT"')
         if config.server and not config.server_public_key:
             raise ConfigError(f"server{where} needs server_public_key: the daemon's server.key (see `vramchatd keys`)")
-        if "allow_any_model_path" in raw:
-            if not isinstance(raw["allow_any_model_path"], bool):
-                raise ConfigError(f"allow_any_model_path{where} must be true or false")
-            config.allow_any_model_path = raw["allow_any_model_path"]
+        for name in ("allow_any_model_path", "http_allow_remote"):
+            if name in raw:
+                if not isinstance(raw[name], bool):
+                    raise ConfigError(f"{name}{where} must be true or false")
+                setattr(config, name, raw[name])
         return config
 
 

@@ -63,6 +63,13 @@ def test_dry_run_renders_the_user_unit_and_changes_nothing(home: Path, capsys: p
     assert list(home.iterdir()) == []
 
 
+def test_http_goes_on_the_daemons_command_line(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert service("install", "--dry-run", "--http", "127.0.0.1:8080") == 0
+    data_dir = home / ".local" / "share" / "vramchat"
+    out = capsys.readouterr().out
+    assert f"ExecStart={VRAMCHATD} --runtime-dir=%t/vramchat --data-dir={data_dir} --http=127.0.0.1:8080\n" in out
+
+
 def test_install_writes_the_unit_into_home(
     home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

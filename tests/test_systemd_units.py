@@ -50,6 +50,12 @@ def rendered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple
         path.parent.mkdir()
         path.write_text(plan.unit_text)
         units[kind] = (path, plan.unit_text)
+        # As `vramchat service install --http 127.0.0.1:8080` writes it.
+        http_text = service_cmd.with_exec_args(plan.unit_text, ["--http=127.0.0.1:8080"])
+        http_path = tmp_path / f"{kind}-http" / service_cmd.UNIT_NAME
+        http_path.parent.mkdir()
+        http_path.write_text(http_text)
+        units[f"{kind}-http"] = (http_path, http_text)
     return units
 
 
@@ -62,7 +68,7 @@ def systemd_analyze() -> str:
     return binary
 
 
-@pytest.mark.parametrize("kind", ["user", "system"])
+@pytest.mark.parametrize("kind", ["user", "system", "user-http", "system-http"])
 def test_systemd_analyze_verify(kind: str, rendered: dict[str, tuple[Path, str]], tmp_path: Path) -> None:
     path, _ = rendered[kind]
     runtime = tmp_path / "xdg-runtime"  # a --user manager needs one, even offline
@@ -116,7 +122,7 @@ def test_system_unit(rendered: dict[str, tuple[Path, str]]) -> None:
     assert unit["Install.WantedBy"] == ["multi-user.target"]
 
 
-@pytest.mark.parametrize("kind", ["user", "system"])
+@pytest.mark.parametrize("kind", ["user", "system", "user-http", "system-http"])
 def test_execstart_flags_are_ones_vramchatd_accepts(kind: str, rendered: dict[str, tuple[Path, str]]) -> None:
     from vramchat.daemon.cli import build_parser
 

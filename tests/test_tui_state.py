@@ -177,6 +177,17 @@ def test_the_queue_line_and_what_escape_cancels() -> None:
     assert state.cancel_target() == "second"  # not in the queue, so to this app it may be just sent
 
 
+def test_the_queue_line_names_a_job_from_the_http_api() -> None:
+    state = ChatState()
+    state.apply_snapshot(snapshot())
+    http = {"request": "http-1", "conversation": None, "label": "http 127.0.0.1:53122"}
+    state.apply_event("queue", {"running": http, "pending": []})
+    assert state.queue_text() == "a reply for http 127.0.0.1:53122 is generating"
+    state.my_requests.append("mine")
+    state.apply_event("queue", {"running": http, "pending": [{"request": "mine", "position": 1, "label": None}]})
+    assert state.queue_text() == "queued: 1 request(s) ahead of yours, a reply for http 127.0.0.1:53122 is generating"
+
+
 def test_the_silence_limit_follows_the_daemons_telemetry_period() -> None:
     assert silence_limit({}) == SILENCE_S == 3.0  # an older daemon: it publishes every 0.5 s
     assert silence_limit({"telemetry_interval_s": 0.5}) == 3.0

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from vramchat.shared.client import DaemonNotRunning, RequestFailed
-from vramchat.tui.commands import ask, conversations, models, plan, service, status
+from vramchat.tui.commands import api_key, ask, conversations, models, plan, service, status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vramchat", description="Chat with GGUF models bigger than your GPU.")
     parser.add_argument("--runtime-dir", help="the daemon's socket directory (env VRAMCHAT_RUNTIME_DIR)")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for family in (ask, status, models, conversations, plan, service):
+    for family in (ask, status, models, conversations, plan, service, api_key):
         family.register(commands)
     return parser
 

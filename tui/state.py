@@ -169,16 +169,18 @@ class ChatState:
         mine = next((job for job in queue["pending"] if job["request"] in self.my_requests), None)
         running = queue["running"]
         running_is_mine = running is not None and running["request"] in self.my_requests
+        # A job from outside vramchat (the HTTP API) names its client: "http 127.0.0.1:53122".
+        others = f"a reply for {running['label']}" if running and running.get("label") else "another client's reply"
         if mine:
             ahead = mine["position"] - 1 + (1 if running else 0)
             text = f"queued: {ahead} request(s) ahead of yours"
             if running_is_mine:
                 text += ", including your reply that is generating"
             elif running:
-                text += ", another client's reply is generating"
+                text += f", {others} is generating"
             return text
         if running and not running_is_mine:
-            return "another client's reply is generating"
+            return f"{others} is generating"
         return ""
 
     def cancel_target(self) -> str | None:

@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --system: create the vramchat account (useradd --system) if it is missing",
     )
+    install.add_argument(
+        "--http", metavar="HOST:PORT", help="have the daemon serve the OpenAI-compatible API there (vramchatd --http)"
+    )
     install.add_argument("--dry-run", action="store_true", help="print the unit and the commands, change nothing")
     install.set_defaults(handler=run)
 
@@ -84,19 +87,24 @@ class Plan:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return install(system=args.system, dry_run=args.dry_run, create_user=getattr(args, "create_user", False))
+        daemon_args = [f"--http={args.http}"] if getattr(args, "http", None) else []
+        return install(
+            system=args.system, dry_run=args.dry_run, create_user=getattr(args, "create_user", False), daemon_args=daemon_args
+        )
     except ServiceError as exc:
         print(f"vramchat service: {exc}", file=sys.stderr)
         return 1
 
 
-def install(*, system: bool, dry_run: bool, create_user: bool = False) -> int:
+def install(*, system: bool, dry_run: bool, create_user: bool = False, daemon_args: list[str] | None = None) -> int:
+    """Write the unit and start it; `daemon_args` go on vramchatd's command line in the unit."""
     vramchatd = Path(sys.executable).with_name("vramchatd")
     if not vramchatd.is_file():
         raise ServiceError(
             f"there is no vramchatd next to {sys.executable}; install vramchat into this environment first (make install)"
         )
     plan = system_plan(vramchatd) if system else user_plan(vramchatd)
+    plan.unit_text = with_exec_args(plan.unit_text, daemon_args or [])
     if system and not dry_run and os.geteuid() != 0:
         raise ServiceError(f"a system service needs root: sudo {Path(sys.argv[0]).resolve()} service install --system")
     if system:
@@ -161,6 +169,12 @@ def render_unit(template: str, values: dict[str, str]) -> str:
     if leftover := re.findall(r"@[A-Z_]+@", text):
         raise ServiceError(f"the unit template has unfilled placeholders: {', '.join(sorted(set(leftover)))}")
     return text
+
+
+def with_exec_args(unit_text: str, args: list[str]) -> str:
+    """The unit with `args` appended to its ExecStart= line, each quoted for systemd."""
+    quoted = "".join(" " + systemd_quote(arg, exec_line=True) for arg in args)
+    return re.sub(r"^(ExecStart=.*)$", lambda line: line.group(1) + quoted, unit_text, count=1, flags=re.MULTILINE)
 
 
 def systemd_quote(value: str, exec_line: bool) -> str:

@@ -37,6 +37,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if model.get("state") == "ready":
         print(format_plan_against_split(model))
     print(f"queue: {'1 running' if queue['running'] else 'idle'}, {len(queue['pending'])} waiting")
+    for job in filter(None, [queue["running"], *queue["pending"]]):
+        if job.get("label"):  # a request from outside vramchat, such as the HTTP API
+            where = "running" if job["position"] == 0 else f"queued #{job['position']}"
+            print(f"  {where}: {job['label']}")
     print(format_status(status["telemetry"], status["alarms"]))
     return 0
 

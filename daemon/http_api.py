@@ -1,0 +1,320 @@
+"""The OpenAI-compatible HTTP API (chat completions, models, health), served on the daemon's own loop.
+
+Every request needs `Authorization: Bearer KEY` (shared/api_key.py). A completion is a job in the
+same queue as every chat, with the same limits and checks; it is not stored unless the request
+names a conversation (`"conversation": ID`, a vramchat extension), so scripts do not fill the
+conversation list. docs/protocol.md, "HTTP API", has the details.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from vramchat.daemon import model_files
+from vramchat.daemon.generation import GenerationQueue, Job, JobResult, checked_sampling
+from vramchat.daemon.model_lifecycle import ModelLifecycle
+from vramchat.daemon.store import NotFound, Store
+from vramchat.daemon.transport import RATE_PER_S, RateLimiter
+from vramchat.shared import protocol
+from vramchat.shared.config import Config
+from vramchat.shared.protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+# HTTP status of each error code a request can get (docs/protocol.md, "Error codes").
+STATUS_OF = {
+    "not_found": 404,
+    "too_large": 413,
+    "queue_full": 429,
+    "rate_limited": 429,
+    "no_model": 503,
+    "internal": 500,
+}
+ROLES = ("system", "user", "assistant")
+
+
+def parse_address(address: str, *, allow_remote: bool) -> tuple[str, int]:
+    """HOST:PORT, refused off loopback unless the config allows it: the key is then all that
+    stands between the network and every conversation the daemon serves."""
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SystemExit(f"--http wants HOST:PORT, e.g. 127.0.0.1:8080, not {address!r}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        raise SystemExit(
+            f"--http {address} is not a loopback address: anyone who reaches it needs only the API key. "
+            "Listen on 127.0.0.1 and use an SSH tunnel (README, Security), or set http_allow_remote = true "
+            "in the config to mean it"
+        )
+    if not loopback:
+        log.warning(
+            "HTTP API LISTENING ON %s, OFF LOOPBACK: the API key is its only protection, and it travels "
+            "in clear text without TLS",
+            address,
+        )
+    return host, int(port_text)
+
+
+class HttpApi:
+    """The aiohttp application and its listener; `start` binds, `stop` closes open streams."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        key: str,
+        config: Config,
+        store: Store,
+        model: ModelLifecycle,
+        generation: GenerationQueue,
+        rate_limiter: RateLimiter,
+    ) -> None:
+        self.host, self.port, self.key, self.rate_limiter = host, port, key, rate_limiter
+        self.config, self.store, self.model, self.generation = config, store, model, generation
+        app = web.Application(client_max_size=protocol.MAX_REQUEST_BYTES, middlewares=[self._errors_and_auth])
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        # A client that hangs up cancels its handler, and with it its job.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        log.info("HTTP API on http://%s:%d/v1", self.host, self.port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    @web.middleware
+    async def _errors_and_auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
+            message = "a valid `Authorization: Bearer KEY` header is required; `vramchat api-key` prints the key"
+            return web.json_response(openai_error(message, "authentication_error", "invalid_api_key"), status=401)
+        if not self.rate_limiter.allow(client_of(request)[0]):
+            return error_response(ProtocolError("rate_limited", f"more than {RATE_PER_S:.0f} requests a second; slow down"))
+        try:
+            response: web.StreamResponse = await handler(request)
+        except ProtocolError as error:
+            return error_response(error)
+        except web.HTTPRequestEntityTooLarge:
+            limit = protocol.MAX_REQUEST_BYTES >> 20
+            return error_response(ProtocolError("too_large", f"the request is larger than {limit} MiB; send a shorter prompt"))
+        except web.HTTPException as exc:  # 404 for an unknown path, 405 for a wrong method
+            return web.json_response(openai_error(exc.reason, "invalid_request_error"), status=exc.status)
+        return response
+
+    async def health(self, _request: web.Request) -> web.StreamResponse:
+        state = self.model.state
+        return web.json_response({"status": "ok" if state.state == "ready" else state.state, "model": state.name})
+
+    async def models(self, _request: web.Request) -> web.StreamResponse:
+        loaded = self.model.state.path if self.model.state.state == "ready" else None
+        found = model_files.discover(self.config.model_dirs)
+        found.sort(key=lambda m: m["path"] != loaded)  # the loaded model first
+        data = [
+            {"id": m["name"], "object": "model", "created": 0, "owned_by": "vramchat", "loaded": m["path"] == loaded}
+            for m in found
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        stream = bool(body.get("stream", False))
+        options = body.get("stream_options") or {}
+        include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+        job = self._job(request, body)
+        self.generation.check_room(job.client)
+        if job.conversation_id is not None:
+            user = job.messages[-1]["content"] if job.messages else ""
+            self.generation.add_user_message(job.conversation_id, user)
+            job.messages = None  # from the stored conversation, which now ends with this message
+        reply = Completion(self.model.state.name or "", include_usage)
+        self.generation.enqueue(job)
+        try:
+            if not stream:
+                result = await job.result()
+                return web.json_response(reply.whole(result), status=200 if result.ok else result_status(result))
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            async for chunk in reply.chunks(job):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            if not job.done:  # the client hung up: free the engine within one token
+                with contextlib.suppress(ProtocolError):
+                    self.generation.cancel(job.request_id, reason="the HTTP client disconnected")
+
+    def _job(self, request: web.Request, body: dict[str, Any]) -> Job:
+        messages = parse_messages(body.get("messages"))
+        sampling: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "seed"):
+            if body.get(name) is not None:
+                sampling[name] = body[name]
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None:
+            sampling["max_tokens"] = max_tokens
+        sampling = checked_sampling(sampling)
+        if "temperature" in sampling and sampling["temperature"] > 2:
+            raise ProtocolError("invalid_value", "temperature must be between 0 and 2")
+        conversation = body.get("conversation")
+        if conversation is not None:
+            if not isinstance(conversation, str):
+                raise ProtocolError("invalid_value", "conversation must be a conversation id (a string)")
+            try:
+                conversation = self.store.resolve_conversation(conversation)
+            except NotFound as exc:
+                raise ProtocolError("not_found", str(exc.args[0])) from None
+            if messages[-1]["role"] != "user":
+                raise ProtocolError("invalid_value", "with a conversation, the last message must be the user's new one")
+        client, label = client_of(request)
+        return Job(
+            request_id=f"http-{uuid.uuid4().hex}",
+            conversation_id=conversation,
+            client=client,
+            sampling=sampling,
+            label=label,
+            messages=messages,
+            stop=parse_stop(body.get("stop")),
+        )
+
+
+class Completion:
+    """OpenAI's reply shapes for one completion: the whole object, or server-sent chunks."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model, self.include_usage = model, include_usage
+
+    def _envelope(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def whole(self, result: JobResult) -> dict[str, Any]:
+        if not result.ok:
+            return openai_error(result.error or "the reply failed", "server_error", result.code)
+        return {
+            **self._envelope("chat.completion"),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish_reason(result)}
+            ],
+            "usage": usage(result),
+        }
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
+        data = {**self._envelope("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return sse(data)
+
+    async def chunks(self, job: Job) -> AsyncIterator[bytes]:
+        yield self._chunk({"role": "assistant", "content": ""}, None)
+        async for text in job.pieces():
+            yield self._chunk({"content": text}, None)
+        result = await job.result()
+        if not result.ok:
+            yield sse(openai_error(result.error or "the reply failed", "server_error", result.code))
+        else:
+            yield self._chunk({}, finish_reason(result))
+            if self.include_usage:
+                yield sse({**self._envelope("chat.completion.chunk"), "choices": [], "usage": usage(result)})
+        yield b"data: [DONE]\n\n"
+
+
+def client_of(request: web.Request) -> tuple[bytes, str]:
+    """Who asked: the key the limits count by (the IP address) and the label the queue shows."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    host, port = (peer[0], peer[1]) if peer else ("unknown", 0)
+    return f"http:{host}".encode(), f"http {host}:{port}"
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+def finish_reason(result: JobResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def usage(result: JobResult) -> dict[str, Any]:
+    """OpenAI's usage, from the engine's counts; `cached_tokens` are prompt tokens the KV state
+    cache spared from evaluation (a client resending a growing history)."""
+    stats = result.stats or {}
+    prompt, completion = int(stats.get("prompt_tokens") or 0), int(stats.get("generated_tokens") or 0)
+    cached = int(stats.get("prompt_cached_tokens") or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def result_status(result: JobResult) -> int:
+    """The status of a reply that failed in the engine or the queue."""
+    if result.code in ("prompt_too_long", "bad_request"):
+        return 400
+    return STATUS_OF.get(result.code or "", 500)
+
+
+def openai_error(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_response(error: ProtocolError) -> web.Response:
+    status = STATUS_OF.get(error.code, 400)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response(openai_error(error.message, kind, error.code), status=status)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("bad_request", f"the body is not JSON ({exc}); send a JSON object") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("bad_request", "the body must be a JSON object")
+    return body
+
+
+def parse_messages(raw: Any) -> list[dict[str, str]]:
+    """OpenAI's messages, with content as a string or a list of text parts."""
+    if not isinstance(raw, list) or not raw:
+        raise ProtocolError("invalid_value", "messages must be a non-empty list of {role, content}")
+    messages = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ProtocolError("invalid_value", f"messages[{index}] needs a role of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ProtocolError("invalid_value", f"messages[{index}]: only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ProtocolError("invalid_value", f"messages[{index}].content must be a string")
+        messages.append({"role": message["role"], "content": content})
+    if not any(m["role"] == "user" for m in messages):
+        raise ProtocolError("invalid_value", "messages needs at least one user message")
+    return messages
+
+
+def parse_stop(raw: Any) -> list[str]:
+    stops = [raw] if isinstance(raw, str) else raw if raw is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
+        raise ProtocolError("invalid_value", "stop must be a string or a list of at most 16 non-empty strings")
+    return stops
