@@ -29,6 +29,7 @@ BENCHMARKS = [
     "sampler_cpu",
     "tui_lag",
     "http_api",
+    "long_conversation",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}

@@ -37,6 +37,11 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
 class Prompt:
     tokens: list[int]
     stops: list[str]  # the reply ends where one of these appears
+    dropped: int = 0  # messages after the system prompt left out to make it fit
+
+
+class PromptTooLong(Exception):
+    pass
 
 
 class ChatModel:
@@ -88,6 +93,55 @@ class ChatModel:
         tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
         return Prompt(tokens, stops + self._extra_stops)
+
+    def fitted_prompt(self, messages: list[dict[str, str]], *, overflow: str, dropped: int, reply_room: int) -> Prompt:
+        """The prompt for `messages` with room for `reply_room` tokens of reply, or PromptTooLong.
+
+        With overflow "drop_oldest" the oldest messages after the system prompt are left out,
+        never the last one. At least the `dropped` that the conversation's previous reply left
+        out stay out, so that this prompt extends the previous one and its KV cache is reused.
+        When more must go, enough go to halve the window, so that the next turns extend this
+        prompt in turn: one re-evaluation every few turns, as llama.cpp's context shift does.
+        """
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        history = messages[len(system) :]
+        # The old hard error needs only one free cell; dropping keeps room for a whole reply.
+        limit = self.n_ctx - (reply_room if overflow == "drop_oldest" else 1)
+
+        def without(first: int) -> Prompt:
+            prompt = self.prompt(system + history[first:])
+            prompt.dropped = first
+            return prompt
+
+        whole = without(0)
+        if len(whole.tokens) <= limit:
+            return whole
+        if overflow != "drop_oldest" or len(history) < 2:
+            raise PromptTooLong(self._too_long(len(whole.tokens), overflow))
+        first = min(max(dropped, 0), len(history) - 1)
+        prompt = without(first)
+        if len(prompt.tokens) <= limit:
+            return prompt
+        while first < len(history) - 1 and (len(prompt.tokens) > limit or len(prompt.tokens) > self.n_ctx // 2):
+            first += 1
+            while first < len(history) - 1 and history[first]["role"] != "user":  # the view opens on a question
+                first += 1
+            prompt = without(first)
+        if len(prompt.tokens) > limit:
+            raise PromptTooLong(self._too_long(len(prompt.tokens), overflow))
+        return prompt
+
+    def _too_long(self, tokens: int, overflow: str) -> str:
+        if overflow == "drop_oldest":
+            return (
+                f"the conversation is {tokens} tokens and the context window is {self.n_ctx}, even with only the "
+                "last message: shorten the message, or load the model with a larger context (--ctx)."
+            )
+        return (
+            f"the conversation is {tokens} tokens and the context window is {self.n_ctx}. Start a new conversation, "
+            "shorten the message, load the model with a larger context (--ctx), or let the oldest messages go "
+            '(the conversation setting context_overflow = "drop_oldest").'
+        )
 
     def reply(self, prompt: Prompt, sampling: dict[str, Any]) -> Reply:
         """A reply to `prompt`; `sampling` overrides SAMPLING_DEFAULTS."""

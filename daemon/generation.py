@@ -1,4 +1,4 @@
-"""Replies: the jobs, the one first-in, first-out queue and its limits, and the worker that drives the engine."""
+"""Replies: the one first-in, first-out queue and its limits, and the worker that drives the engine."""
 
 from __future__ import annotations
 
@@ -7,87 +7,22 @@ import collections
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
+from vramchat.daemon.jobs import Job, JobResult, Turn
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.store import NotFound, Store
 from vramchat.daemon.supervisor import EngineProcess, describe_exit
-from vramchat.shared.protocol import SAMPLING_FIELDS, ProtocolError, field_of
+from vramchat.shared.protocol import CONTEXT_OVERFLOW_POLICIES, SAMPLING_FIELDS, ProtocolError, field_of
 
 # Flush a growing reply to SQLite at most this often; the final text is always written at once.
 REPLY_FLUSH_INTERVAL_S = 0.5
 MAX_QUEUED_PER_CLIENT = 32
 MAX_QUEUED_TOTAL = 256
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """How a reply ended, for whoever waits on its job (the HTTP API)."""
-
-    status: str  # complete, cancelled, error or interrupted, as the stored message says
-    text: str = ""
-    finish_reason: str | None = None  # stop, length or cancelled (the engine's)
-    stats: dict[str, Any] | None = None
-    error: str | None = None
-    code: str | None = None  # an error code (shared/protocol.py), when the engine gave one
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "complete"
-
-
-@dataclass(eq=False)
-class Job:
-    """One reply to generate. A job with a conversation reads its prompt from the store and stores
-    the reply; one without (an HTTP request) brings its messages and is not stored."""
-
-    request_id: str
-    conversation_id: str | None
-    client: bytes  # for the per-client limit
-    sampling: dict[str, Any]
-    label: str | None = None  # who asked, when it is not a vramchat client: "http 127.0.0.1:53122"
-    messages: list[dict[str, str]] | None = None
-    stop: list[str] = field(default_factory=list)  # extra stop strings
-    enqueued_at: float = field(default_factory=time.time)
-    _pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue, repr=False)
-    _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _result: JobResult | None = field(default=None, repr=False)
-
-    def view(self, position: int) -> dict[str, Any]:
-        return {
-            "request": self.request_id,
-            "conversation": self.conversation_id,
-            "label": self.label,
-            "position": position,
-            "enqueued_at": self.enqueued_at,
-        }
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    def emit(self, text: str) -> None:
-        self._pieces.put_nowait(text)
-
-    def finish(self, result: JobResult) -> None:
-        self._result = result
-        self._pieces.put_nowait(None)
-        self._ended.set()
-
-    async def pieces(self) -> AsyncIterator[str]:
-        """The reply's text as it is generated, until it ends."""
-        while (text := await self._pieces.get()) is not None:
-            yield text
-
-    async def result(self) -> JobResult:
-        await self._ended.wait()
-        assert self._result is not None
-        return self._result
 
 
 @dataclass
@@ -106,8 +41,10 @@ class InFlight:
 class GenerationQueue:
     """Runs queued requests one at a time, in arrival order, and stores each reply as it grows."""
 
-    def __init__(self, store: Store, bus: EventBus, model: ModelLifecycle) -> None:
+    def __init__(self, store: Store, bus: EventBus, model: ModelLifecycle, *, context_overflow: str = "drop_oldest") -> None:
+        """`context_overflow` is the policy of conversations whose settings name none."""
         self.store, self.bus, self.model = store, bus, model
+        self.context_overflow = context_overflow
         self.pending: collections.deque[Job] = collections.deque()
         self.in_flight: InFlight | None = None
         self.last_stats: dict[str, Any] | None = None  # of the latest finished reply
@@ -222,35 +159,46 @@ class GenerationQueue:
         job.finish(JobResult("error", error=error, code="no_model"))
         self.publish()
 
-    def _prompt(self, job: Job) -> tuple[list[dict[str, str]], dict[str, Any]] | None:
-        """The messages to send and the sampling to use; None when the conversation is gone.
+    def _turn(self, job: Job) -> Turn | None:
+        """What to send the engine for `job`; None when its conversation is gone.
 
         The model's defaults (the demo model's system prompt and sampling) come first, then the
-        conversation's settings, then the request's own."""
+        conversation's settings, then the request's own. A reply that is not stored gets the old
+        hard error on overflow, as OpenAI's API does: its client decides what to leave out."""
         defaults = model_files.defaults_for(Path(self.model.state.path or ""))
         if job.conversation_id is None:
             messages = job.messages or []
             system = defaults.get("system_prompt") if messages and messages[0]["role"] != "system" else None
-            return ([{"role": "system", "content": system}] if system else []) + messages, {
-                **defaults.get("sampling", {}),
-                **job.sampling,
-            }
+            opening = [{"role": "system", "content": system}] if system else []
+            return Turn(opening + messages, {**defaults.get("sampling", {}), **job.sampling}, {"policy": "error"})
         try:
             conversation = self.store.get_conversation(job.conversation_id)
         except NotFound:
             return None
+        settings = dict(conversation["settings"])
+        policy = settings.pop("context_overflow", None) or self.context_overflow
         system_prompt = conversation["system_prompt"] or defaults.get("system_prompt")
-        prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        prompt += [{"role": m["role"], "content": m["content"]} for m in self.store.messages(job.conversation_id) if m["content"]]
-        return prompt, {**defaults.get("sampling", {}), **conversation["settings"], **job.sampling}
+        stored = self.store.messages(job.conversation_id)
+        sent = [m for m in stored if m["content"]]
+        passed = [m["id"] for m in sent]
+        # Where the previous reply's view started: this prompt starts there too, or later.
+        view = next((m["stats"]["context"] for m in reversed(stored) if (m.get("stats") or {}).get("context")), None)
+        dropped = passed.index(view["first_message"]) if view and view["first_message"] in passed else 0
+        return Turn(
+            messages=([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            + [{"role": m["role"], "content": m["content"]} for m in sent],
+            sampling={**defaults.get("sampling", {}), **settings, **job.sampling},
+            overflow={"policy": policy, "dropped": dropped},
+            passed=passed,
+            stored=[m["id"] for m in stored],
+        )
 
     async def _run(self, job: Job, engine: EngineProcess) -> None:
-        prompt = self._prompt(job)
-        if prompt is None:
+        turn = self._turn(job)
+        if turn is None:
             job.finish(JobResult("error", error="the conversation was deleted before its turn came", code="not_found"))
             self.publish()
             return
-        messages, sampling = prompt
         message = None
         if job.conversation_id is not None:
             message = self.store.add_message(
@@ -263,9 +211,10 @@ class GenerationQueue:
             {
                 "op": "generate",
                 "request": job.request_id,
-                "conversation": job.conversation_id or state_key(messages),
-                "messages": messages,
-                "sampling": sampling,
+                "conversation": job.conversation_id or state_key(turn.messages),
+                "messages": turn.messages,
+                "sampling": turn.sampling,
+                "overflow": turn.overflow,
                 "stop": job.stop,
             }
         )
@@ -300,7 +249,9 @@ class GenerationQueue:
                     last_flush = time.monotonic()
             elif kind == "done" and event["request"] == job.request_id:
                 finish_reason = event["finish_reason"]
-                stats = self.last_stats = {**event["stats"], "finish_reason": finish_reason}
+                stats = {**event["stats"], "finish_reason": finish_reason}
+                stats["context"] = turn.context(stats.pop("dropped_messages", 0))
+                self.last_stats = stats
                 if stats["state_cache_bytes"] != self.model.state.state_cache_bytes:
                     self.model.update(state_cache_bytes=stats["state_cache_bytes"])
                 if event["finish_reason"] == "cancelled":
@@ -326,6 +277,17 @@ def state_key(messages: list[dict[str, str]]) -> str:
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
     opening = json.dumps(messages[: first_user + 1], sort_keys=True).encode()
     return "unstored-" + hashlib.sha256(opening).hexdigest()[:16]
+
+
+def checked_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A conversation's settings: its sampling, and what happens when it outgrows the context."""
+    settings = checked_sampling(raw)
+    overflow = field_of(raw, "context_overflow", str, None)
+    if overflow is not None:
+        if overflow not in CONTEXT_OVERFLOW_POLICIES:
+            raise ProtocolError("invalid_value", f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOW_POLICIES)}")
+        settings["context_overflow"] = overflow
+    return settings
 
 
 def checked_sampling(raw: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import Any
 
 from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
-from vramchat.daemon.generation import GenerationQueue, Job, checked_sampling
+from vramchat.daemon.generation import GenerationQueue, checked_sampling, checked_settings
+from vramchat.daemon.jobs import Job
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.monitor import Monitor
 from vramchat.daemon.store import NotFound, Store, StoreError
@@ -21,6 +22,7 @@ from vramchat.daemon.transport import Replier
 from vramchat.shared import __version__, protocol
 from vramchat.shared.config import Config
 from vramchat.shared.protocol import ProtocolError, Request, field_of
+from vramchat.shared.text import title_from
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,7 @@ class Handlers:
         conversation = self.store.create_conversation(
             title=field_of(request.body, "title", str, "New conversation"),
             system_prompt=field_of(request.body, "system_prompt", str, ""),
-            settings=checked_sampling(field_of(request.body, "settings", dict, {})),
+            settings=checked_settings(field_of(request.body, "settings", dict, {})),
         )
         self.bus.publish("conversation", {"action": "created", "conversation": conversation})
         return {"conversation": conversation}
@@ -238,7 +240,7 @@ class Handlers:
             conversation_id,
             title=field_of(body, "title", str, None),
             system_prompt=field_of(body, "system_prompt", str, None),
-            settings=checked_sampling(settings) if settings is not None else None,
+            settings=checked_settings(settings) if settings is not None else None,
         )
         self.bus.publish("conversation", {"action": "updated", "conversation": conversation})
         return {"conversation": conversation}
@@ -250,9 +252,3 @@ class Handlers:
         self.store.delete_conversation(conversation_id)
         self.bus.publish("conversation", {"action": "deleted", "conversation": {"id": conversation_id}})
         return {"deleted": conversation_id}
-
-
-def title_from(content: str) -> str:
-    """A conversation's title from its first message: the first line, at most 60 characters."""
-    first_line = content.strip().splitlines()[0]
-    return first_line[:60] + ("…" if len(first_line) > 60 else "")

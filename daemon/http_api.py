@@ -21,7 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from vramchat.daemon import model_files
-from vramchat.daemon.generation import GenerationQueue, Job, JobResult, checked_sampling
+from vramchat.daemon.generation import GenerationQueue, checked_sampling
+from vramchat.daemon.jobs import Job, JobResult
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.store import NotFound, Store
 from vramchat.daemon.transport import RATE_PER_S, RateLimiter

@@ -35,6 +35,9 @@ SAMPLING_FIELDS: dict[str, type] = {
     "max_tokens": int,
     "seed": int,
 }
+# What a conversation does once it is longer than the context window (its `context_overflow`
+# setting): leave its oldest messages out of the model's view (never out of the store), or fail.
+CONTEXT_OVERFLOW_POLICIES = ("drop_oldest", "error")
 # ZMQ's MAXMSGSIZE on the daemon's sockets: a peer that sends more is disconnected by libzmq
 # before the bytes reach Python. It sits well above MAX_REQUEST_BYTES so that an oversized but
 # sane request still gets a clear error reply instead of a silent disconnect.

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from typing import Any
 
-from vramchat.tui.state import HISTORY_KEPT, SILENCE_S, Changes, ChatState, silence_limit
+from vramchat.tui.state import HISTORY_KEPT, SILENCE_S, Changes, ChatState, silence_limit, view_marker, view_start
 
 
 def message(id_: str, status: str, content: str = "", conversation: str = "c1", role: str = "assistant") -> dict[str, Any]:
@@ -195,3 +195,15 @@ def test_the_silence_limit_follows_the_daemons_telemetry_period() -> None:
     assert silence_limit({"telemetry_interval_s": 86400.0}) == 3 * 86400.0
     assert silence_limit({"telemetry_interval_s": "5"}) == 3.0 and silence_limit({"telemetry_interval_s": True}) == 3.0
     assert silence_limit({"telemetry_interval_s": None}) == 3.0
+
+
+def test_the_view_starts_at_the_latest_reply_that_left_messages_out() -> None:
+    messages = [message(f"m{i}", "complete", role="user" if i % 2 == 0 else "assistant") for i in range(6)]
+    assert view_start(messages) is None
+    messages[3]["stats"] = {"context": {"first_message": "m2", "dropped": 2}}
+    messages[5]["stats"] = {"context": None}
+    assert view_start(messages) == {"first_message": "m2", "dropped": 2}
+    messages[5]["stats"] = {"context": {"first_message": "m4", "dropped": 4}}
+    assert view_start(messages) == {"first_message": "m4", "dropped": 4}
+    assert view_marker(1).startswith("1 earlier message is outside the context window")
+    assert view_marker(4).startswith("4 earlier messages are outside the context window")

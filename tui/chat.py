@@ -11,7 +11,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
 
 from vramchat.shared.client import RequestFailed
-from vramchat.tui.state import Changes, ChatState
+from vramchat.tui.state import Changes, ChatState, view_marker, view_start
 from vramchat.tui.widgets import ChatMessage, PromptInput
 
 # Streamed text reaches the screen at most this often. A small model on a GPU makes hundreds of
@@ -84,6 +84,7 @@ class ChatView(Vertical):
             except RequestFailed:
                 return
             await log.mount_all([ChatMessage(m) for m in self.state.with_in_flight(messages)])
+            await self._mark_view_start(view_start(messages))
             if reading_at is None:
                 log.anchor()
             else:
@@ -101,6 +102,15 @@ class ChatView(Vertical):
                 await self.message_log.mount(ChatMessage(message))
             elif message["status"] != "generating":
                 await widget.finish(message)
+                if (context := (message.get("stats") or {}).get("context")) is not None:
+                    await self._mark_view_start(context)
+
+    async def _mark_view_start(self, view: dict[str, Any] | None) -> None:
+        """The line above the first message in the model's view; the drawing lock is held."""
+        await self.query(".view-start").remove()
+        first = self.message_widget(view["first_message"]) if view else None
+        if view is not None and first is not None:
+            await self.message_log.mount(Static(view_marker(view["dropped"]), classes="view-start"), before=first)
 
     async def paint_tokens(self) -> None:
         """Draw what arrived since the last frame, in one Markdown append per message, forever."""

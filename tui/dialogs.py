@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, TextArea
+from textual.widgets import Button, Checkbox, Input, Label, TextArea
 
 from vramchat.shared.protocol import SAMPLING_FIELDS
 
@@ -60,7 +60,8 @@ class TextDialog(ModalScreen[str | None]):
 
 
 class SettingsDialog(ModalScreen[dict[str, Any] | None]):
-    """A conversation's system prompt and sampling; an empty field means the model's default.
+    """A conversation's system prompt, sampling and context overflow; an empty field means the
+    model's default, and the overflow policy is stored only once it is changed here.
 
     Returns the body of a `conversation.update` request, or None when cancelled.
     """
@@ -73,6 +74,8 @@ class SettingsDialog(ModalScreen[dict[str, Any] | None]):
     def __init__(self, conversation: dict[str, Any]) -> None:
         super().__init__()
         self.conversation = conversation
+        # The daemon's default is drop_oldest (context_overflow in the config).
+        self.dropping = (conversation.get("settings") or {}).get("context_overflow", "drop_oldest") == "drop_oldest"
 
     def compose(self) -> ComposeResult:
         settings = self.conversation.get("settings") or {}
@@ -85,6 +88,9 @@ class SettingsDialog(ModalScreen[dict[str, Any] | None]):
                     with Vertical(classes="sampling-field"):
                         yield Label(name)
                         yield Input(str(settings.get(name, "")), placeholder="default", id=f"s-{name}")
+            yield Checkbox(
+                "Past the context window, leave the oldest messages out", self.dropping, id="drop-oldest", compact=True
+            )
             yield Label("", id="settings-error")
             yield Label("Ctrl+S saves, Esc cancels; an empty field keeps the model's default", classes="hint")
 
@@ -100,6 +106,9 @@ class SettingsDialog(ModalScreen[dict[str, Any] | None]):
                 what = "a whole number" if kind is int else "a number"
                 self.query_one("#settings-error", Label).update(f"{name} must be {what}")
                 return
+        dropping = self.query_one("#drop-oldest", Checkbox).value
+        if "context_overflow" in (self.conversation.get("settings") or {}) or dropping != self.dropping:
+            settings["context_overflow"] = "drop_oldest" if dropping else "error"
         self.dismiss(
             {
                 "id": self.conversation["id"],

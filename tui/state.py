@@ -13,6 +13,18 @@ SILENCE_S = 3.0
 SILENT_PERIODS = 3
 
 
+def view_start(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where the model's view of a conversation starts, from its latest reply that left messages
+    out (`stats.context`: {"first_message", "dropped"}); None when it sees the whole conversation."""
+    return next((m["stats"]["context"] for m in reversed(messages) if (m.get("stats") or {}).get("context")), None)
+
+
+def view_marker(dropped: int) -> str:
+    """The line above the first message the model still sees."""
+    earlier = "1 earlier message is" if dropped == 1 else f"{dropped} earlier messages are"
+    return f"{earlier} outside the context window: the model no longer sees them (they stay stored)"
+
+
 def silence_limit(server: dict[str, Any]) -> float:
     """Seconds without an event after which the daemon that sent the `hello` reply `server` is gone.
 

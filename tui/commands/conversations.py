@@ -6,6 +6,7 @@ import argparse
 import time
 
 from vramchat.tui.commands.common import open_client, print_json
+from vramchat.tui.state import view_marker, view_start
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -25,7 +26,10 @@ async def cmd_conversations(args: argparse.Namespace) -> int:
         print_json(data)
     elif args.id:
         print(f"# {data['conversation']['title']}  ({data['conversation']['id']})")
+        view = view_start(data["messages"])
         for message in data["messages"]:
+            if view and message["id"] == view["first_message"]:
+                print(f"\n--- {view_marker(view['dropped'])} ---")
             flag = "" if message["status"] == "complete" else f"  [{message['status']}]"
             print(f"\n{message['role']}:{flag}\n{message['content']}")
     else:
