@@ -11,15 +11,17 @@ from pathlib import Path
 from vramchat.daemon import curve
 from vramchat.daemon.server import Daemon, DaemonSettings
 from vramchat.daemon.store import Store, StoreError
-from vramchat.shared import paths
+from vramchat.shared import __version__, paths
 from vramchat.shared.config import ConfigError, load_config
 from vramchat.shared.paths import UnsafeDirectoryError
+from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vramchatd", description="vramchat daemon: holds the model, serves chats and memory telemetry"
     )
+    parser.add_argument("--version", action="version", version=f"vramchatd {__version__}")
     parser.add_argument("--runtime-dir", help="socket directory (env VRAMCHAT_RUNTIME_DIR; default $XDG_RUNTIME_DIR/vramchat)")
     parser.add_argument("--data-dir", help="conversation store directory (env VRAMCHAT_DATA_DIR; default the XDG data dir)")
     parser.add_argument("--config", help="TOML config file (env VRAMCHAT_CONFIG; default the XDG config dir)")
@@ -31,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-layers", type=int, help="n_gpu_layers for loads that do not say")
     parser.add_argument("--ctx", type=int, help="n_ctx for loads that do not say")
     parser.add_argument("--threads", type=int, help="CPU threads for loads that do not say")
+    parser.add_argument(
+        "--rpc",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="offload to the devices of the `vramchat rpc-server` at HOST:PORT (repeatable; adds to rpc_servers)",
+    )
     parser.add_argument(
         "--socket-mode",
         choices=("private", "group"),
@@ -98,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print("vramchatd: --insecure-tcp needs --tcp HOST:PORT (or tcp_listen in the config)", file=sys.stderr)
         return 2
     config.model_dirs += [Path(d).expanduser() for d in args.models_dir]
+    try:
+        for server in args.rpc:
+            parse_endpoint(server)
+    except EndpointError as exc:
+        print(f"vramchatd: --rpc: {exc}", file=sys.stderr)
+        return 2
+    config.rpc_servers = list(dict.fromkeys([*config.rpc_servers, *args.rpc]))
     for name, value in (("n_gpu_layers", args.gpu_layers), ("n_ctx", args.ctx), ("n_threads", args.threads)):
         if value is not None:
             setattr(config, name, value)

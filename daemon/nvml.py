@@ -52,6 +52,19 @@ class Nvml:
                 self.status, self.detail = f"NVML error: {exc}", None
                 return []
 
+    def driver_versions(self) -> tuple[str | None, str | None]:
+        """The driver's version ("550.54.15") and the newest CUDA it supports ("12.4"); None each
+        where NVML cannot say (no driver, or a GPU-less machine)."""
+        with self._lock:
+            if not self._init():
+                return None, None
+            try:
+                driver = self._field(lambda: _text(self._module.nvmlSystemGetDriverVersion()))
+                cuda = self._field(self._module.nvmlSystemGetCudaDriverVersion)
+            except AttributeError:  # a binding without them
+                return None, None
+        return driver, f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None
+
     def _init(self) -> bool:
         if self._initialized:
             return self._available

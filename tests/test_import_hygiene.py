@@ -41,9 +41,16 @@ def test_package_imports_stay_in_their_lane(package: str) -> None:
 
 def test_only_the_engine_process_imports_llama_cpp() -> None:
     """llama_cpp is loaded by the engine's child process alone (`python -m vramchat.daemon.engine`),
-    so that a native crash never takes the daemon down: its modules are imported by nothing else."""
+    so that a native crash never takes the daemon down: its modules are imported by nothing else.
+    The RPC server (`python -m vramchat.daemon.rpc`) is a process of its own as well."""
     imports = {str(p.relative_to(ROOT)): imported_modules(p) for p in (ROOT / "daemon").rglob("*.py")}
     users = sorted(path for path, names in imports.items() if "llama_cpp" in {n.split(".")[0] for n in names})
-    assert users == ["daemon/chat_model.py", "daemon/engine.py"]
-    engine_modules = {"vramchat.daemon.engine", "vramchat.daemon.chat_model"}
-    assert sorted(path for path, names in imports.items() if names & engine_modules) == ["daemon/engine.py"]
+    # daemon/build_probe.py runs alone too: `vramchat doctor` runs `python -m vramchat.daemon.build_probe`.
+    assert users == ["daemon/build_probe.py", "daemon/chat_model.py", "daemon/engine.py", "daemon/rpc.py"]
+    # daemon/rpc.py also runs as its own process: `vramchat rpc-server` execs `python -m vramchat.daemon.rpc`.
+    engine_modules = {"vramchat.daemon.engine", "vramchat.daemon.chat_model", "vramchat.daemon.rpc"}
+    # ... and `vramchat doctor`'s probe reads ggml's devices through daemon/rpc.py.
+    assert sorted(path for path, names in imports.items() if names & engine_modules) == [
+        "daemon/build_probe.py",
+        "daemon/engine.py",
+    ]

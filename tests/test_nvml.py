@@ -112,3 +112,17 @@ def test_an_unexpected_exception_in_the_binding_degrades_to_an_error_status() ->
     fake.nvmlDeviceGetMemoryInfo = lambda handle: 1 / 0  # type: ignore[method-assign]
     nvml = Nvml(fake)
     assert nvml.devices(engine_pid=None) == [] and nvml.status.startswith("NVML error:")
+
+
+def test_driver_versions_or_none_where_nvml_cannot_say() -> None:
+    class WithDriver(FakePynvml):
+        def nvmlSystemGetDriverVersion(self) -> bytes:
+            return b"550.54.15"
+
+        def nvmlSystemGetCudaDriverVersion(self) -> int:
+            return 12040
+
+    assert Nvml(WithDriver()).driver_versions() == ("550.54.15", "12.4")
+    assert Nvml(FakePynvml()).driver_versions() == (None, None)  # a binding without them
+    if not shutil.which("nvidia-smi"):
+        assert Nvml().driver_versions() == (None, None)  # no driver here

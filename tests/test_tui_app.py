@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +14,16 @@ from textual.widgets import DataTable, Input, Label, ListView, Markdown, Sparkli
 from textual.widgets.markdown import MarkdownBlock
 from tui_stub import StubClient
 
-from vramchat.shared.client import Client, RequestFailed
+from vramchat.shared.client import Client, RequestFailed, Snapshot
+from vramchat.shared.protocol import Event
 from vramchat.tui.app import VramchatApp
 from vramchat.tui.chat import ChatView
 from vramchat.tui.dashboard import DashboardScreen, gauge
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
 from vramchat.tui.models_screen import LayerStepper, LoadDialog, ModelsScreen
 from vramchat.tui.state import ChatState
-from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput, layer_split
+from vramchat.tui.telemetry_view import NO_GPU
+from vramchat.tui.widgets import ChatMessage, ConversationList, MemoryBar, PromptInput, layer_split
 
 
 def attach(daemon: Any) -> VramchatApp:
@@ -91,6 +93,19 @@ async def test_send_a_message_and_see_the_streamed_reply(tiny_daemon: Any) -> No
         assert app.query(ChatMessage).last().body.source.strip() == shown["content"].strip()  # streamed, then completed
         assert "tokens" in text_of(app.query(ChatMessage).last().meta) and "tok/s" in text_of(app.query(ChatMessage).last().meta)
         assert [c["id"] for c in app.state.conversations] == [app.state.current]
+
+
+async def test_a_chat_started_in_the_app_is_listed_under_its_first_message(tiny_daemon: Any) -> None:
+    app = attach(tiny_daemon)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await type_and_send(pilot, app, "Why is the sky blue?\nAnswer in one line.")
+        listed = app.query_one(ConversationList)
+        await until(pilot, lambda: [text_of(label) for label in listed.query(Label)] == ["Why is the sky blue?"])
+        await until(pilot, lambda: any(r["status"] == "complete" for r in replies(app)))
+    async with Client(tiny_daemon.runtime_dir) as client:
+        stored = (await client.request("conversation.list"))["conversations"]
+    assert [c["title"] for c in stored] == ["Why is the sky blue?"]
 
 
 async def test_ctrl_j_adds_a_newline_instead_of_sending(tiny_daemon: Any) -> None:
@@ -242,10 +257,13 @@ async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows
         await pilot.press("f3")
         assert isinstance(app.screen, ModelsScreen)
         table = app.screen.query_one(DataTable)
-        await until(pilot, lambda: table.row_count >= 2 and all("…" not in table.get_row_at(i) for i in range(table.row_count)))
+        await until(pilot, lambda: table.row_count >= 2)
         names = [str(table.get_row_at(i)[0]).removeprefix("● ") for i in range(table.row_count)]
         rows = dict(zip(names, (table.get_row_at(i) for i in range(table.row_count)), strict=True))
-        assert rows["tiny-gqa.gguf"][1:2] == ["llama"] and rows["tiny-gqa.gguf"][4] == "4"
+        columns = [str(column.key.value) for column in table.ordered_columns]
+        gqa = dict(zip(columns, rows["tiny-gqa.gguf"], strict=True))
+        assert gqa["quant"] == "F16" and gqa["layers"] == "4" and gqa["fits"] == "CPU only"
+        assert "arch" not in columns  # at 80 columns, beside the demo model's 31-character name
         assert rows["tiny.gguf"][0] == "● tiny.gguf"  # the loaded one
         table.move_cursor(row=names.index("tiny-gqa.gguf"))
         await pilot.press("enter")
@@ -254,6 +272,8 @@ async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows
         prediction = dialog.query_one("#prediction")
         await until(pilot, lambda: "GPU layers" in text_of(prediction))
         assert text_of(prediction).startswith("0 GPU layers")  # auto, with no GPU here
+        assert NO_GPU in text_of(prediction) and "VRAM" not in text_of(prediction)  # no VRAM against a 0 B budget
+        assert not dialog.query_one("#budget-field").display
         before = text_of(prediction)
         await pilot.press("right", "right")
         assert dialog.query_one(LayerStepper).value == 2
@@ -271,8 +291,37 @@ async def test_models_screen_prediction_follows_the_layer_count_and_a_load_shows
         await until(pilot, lambda: f"tiny-gqa.gguf (ready, {layer_split(app.state.model)})" in text_of(app.query_one(MemoryBar)))
 
 
+GPU = {
+    "index": 0,
+    "name": "NVIDIA GeForce RTX 3060",
+    "memory_total": 12 << 30,
+    "memory_used": 1 << 30,
+    "memory_free": 11 << 30,
+    "utilization": 0,
+    "temperature": 40,
+    "power_w": 20.0,
+    "engine_memory": 0,
+    "other_memory": 1 << 30,
+}
+
+
+class ClientOnAGpuMachine(Client):
+    """A real client whose daemon's telemetry claims a 12 GiB GPU: the GPU-layer keys offer a
+    reload only where there is a GPU, and the engine here ignores the layer count anyway."""
+
+    async def stream(self) -> AsyncIterator[Snapshot | Event]:
+        async for item in super().stream():
+            if isinstance(item, Snapshot):
+                samples = (item.body.get("telemetry") or {}).get("history") or []
+            else:
+                samples = [item.body] if item.topic == "telemetry" else []
+            for sample in samples:
+                sample["gpus"] = [GPU]
+            yield item
+
+
 async def test_gpu_layer_keys_preview_and_ask_before_reloading(tiny_daemon: Any) -> None:
-    app = attach(tiny_daemon)
+    app = VramchatApp(ClientOnAGpuMachine(tiny_daemon.runtime_dir, name="vramchat tui"))
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
         notes: list[str] = []
@@ -295,11 +344,27 @@ async def test_gpu_layer_keys_preview_and_ask_before_reloading(tiny_daemon: Any)
         assert app.state.model["n_gpu_layers"] == 1
 
 
+async def test_without_a_gpu_the_layer_keys_say_so_once_instead_of_offering_a_reload(tiny_daemon: Any) -> None:
+    app = attach(tiny_daemon)  # this machine has no GPU, so neither does the daemon's telemetry
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        sample = app.state.latest_sample()
+        assert sample is not None and sample["gpus"] == []
+        notes: list[str] = []
+        app.notify = lambda message, **_: notes.append(message)  # type: ignore[method-assign]
+        await pilot.press("f8", "f8", "f7")
+        assert notes == [NO_GPU] and not isinstance(app.screen, LoadDialog)
+        assert "no effect" in NO_GPU and "CUDA" in NO_GPU and "RPC" in NO_GPU
+
+
 async def test_a_load_error_is_shown_in_the_dialog(tiny_daemon: Any) -> None:
     app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot, app)
-        await pilot.press("f8")
+        await pilot.press("f3")
+        table = app.screen.query_one(DataTable)
+        await until(pilot, lambda: table.row_count >= 2)
+        await pilot.press("enter")
         dialog = app.screen
         assert isinstance(dialog, LoadDialog)
         dialog.query_one("#n-ctx", Input).value = "5"

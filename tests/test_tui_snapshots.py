@@ -1,4 +1,5 @@
-"""Snapshots of the chat screen, the dashboard and the load dialog at 80x24 and 120x40.
+"""Snapshots of the chat screen, the dashboard, the models screen and the load dialog at 80x24
+and 120x40, and of `vramchat models` at 80 and 120 columns.
 
 The app follows a stand-in client instead of a daemon: it serves one fixed snapshot body
 (conversations, messages, telemetry history, model), so nothing time-dependent reaches the screen.
@@ -10,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import LONG_MODEL_NAME
+from textual.widgets import DataTable
 from tui_stub import StubClient
 
 from vramchat.shared import speed
+from vramchat.tui import cli
 from vramchat.tui.app import VramchatApp
+from vramchat.tui.commands import models as models_cmd
 from vramchat.tui.dashboard import DashboardScreen
-from vramchat.tui.models_screen import LoadDialog
+from vramchat.tui.models_screen import LoadDialog, ModelsScreen
 from vramchat.tui.widgets import ChatMessage, MemoryBar
 
 SIZES = [(80, 24), (120, 40)]
@@ -111,9 +116,30 @@ SNAPSHOT = {
 }
 
 
+def models_reply(directory: Path) -> dict[str, Any]:
+    """The daemon's `models`: a 40-character K-quant, a Q4_0, and the loaded model, whose path
+    this machine cannot read (as with a daemon on another machine)."""
+    local = [
+        {"name": name, "path": str(directory / name), "size_bytes": (directory / name).stat().st_size, "loaded": False}
+        for name in (LONG_MODEL_NAME, "Llama-3.2-1B-Instruct-Q4_0.gguf")
+    ]
+    elsewhere = {"name": MODEL["name"], "path": MODEL["path"], "size_bytes": int(8.37 * GIB), "loaded": True}
+    return {
+        "models": [{**model, "source": "/home/me/models"} for model in (*local, elsewhere)],
+        "model_dirs": ["/home/me/models"],
+    }
+
+
+def without_gpus(i: int) -> dict[str, Any]:
+    return {**sample(i), "gpus": [], "gpu_status": "no NVIDIA GPU"}
+
+
 class FixedApp(VramchatApp):
-    def __init__(self) -> None:
-        super().__init__(StubClient(SNAPSHOT, {"c1": MESSAGES, "c2": []}))
+    def __init__(self, replies: dict[str, dict[str, Any]] | None = None, gpu: bool = True) -> None:
+        snapshot = SNAPSHOT
+        if not gpu:
+            snapshot = {**SNAPSHOT, "telemetry": {"latest": without_gpus(19), "history": [without_gpus(i) for i in range(20)]}}
+        super().__init__(StubClient(snapshot, {"c1": MESSAGES, "c2": []}, replies))
 
     async def feed(self, pilot: Any) -> None:
         """Wait until the fixed snapshot is on screen: the memory bar is the last thing it draws."""
@@ -146,8 +172,7 @@ def test_dashboard(snap_compare: Any, size: tuple[int, int]) -> None:
     assert snap_compare(FixedApp(), terminal_size=size, run_before=run_before)
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_load_dialog(snap_compare: Any, size: tuple[int, int], models_dir: Path) -> None:
+def open_load_dialog(models_dir: Path) -> Any:
     async def run_before(pilot: Any) -> None:
         await pilot.app.feed(pilot)
         dialog = LoadDialog({"name": "tiny-gqa.gguf", "path": str(models_dir / "tiny-gqa.gguf")}, 3, 2048)
@@ -156,4 +181,43 @@ def test_load_dialog(snap_compare: Any, size: tuple[int, int], models_dir: Path)
             await pilot.pause(0.05)
         await pilot.pause()
 
-    assert snap_compare(FixedApp(), terminal_size=size, run_before=run_before)
+    return run_before
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_load_dialog(snap_compare: Any, size: tuple[int, int], models_dir: Path) -> None:
+    assert snap_compare(FixedApp(), terminal_size=size, run_before=open_load_dialog(models_dir))
+
+
+def test_load_dialog_without_a_gpu(snap_compare: Any, models_dir: Path) -> None:
+    """The note that GPU layers do nothing here, in place of VRAM against a 0 B budget; no budget field."""
+    assert snap_compare(FixedApp(gpu=False), terminal_size=(80, 24), run_before=open_load_dialog(models_dir))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_models_screen(snap_compare: Any, size: tuple[int, int], named_models_dir: Path) -> None:
+    """At 80 columns the 40-character name and the quantization (Q4_K_M) show whole; columns go instead."""
+
+    async def run_before(pilot: Any) -> None:
+        await pilot.app.feed(pilot)
+        await pilot.app.push_screen(ModelsScreen())
+        table = pilot.app.screen.query_one(DataTable)
+        while table.row_count < 3:
+            await pilot.pause(0.05)
+        await pilot.pause()
+
+    assert snap_compare(FixedApp({"models": models_reply(named_models_dir)}), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_models_command(
+    columns: int, named_models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], snapshot: Any
+) -> None:
+    replies = {"models": models_reply(named_models_dir), "status": {"telemetry": sample(19)}}
+    monkeypatch.setattr(models_cmd, "open_client", lambda _args, _name: StubClient(SNAPSHOT, replies=replies))
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("HOME", "/home/me")
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= columns
+    assert out == snapshot

@@ -15,12 +15,18 @@ class StubClient(Client):
     """Serves one snapshot body, then only the events a test puts in `events`, and the messages in
     `messages` for `conversation.get`. Its daemon publishes telemetry hourly (per its `hello`), so
     the app never takes it for gone while a test looks at the screen. Other requests are recorded
-    in `requests` and answered with an empty body."""
+    in `requests` and answered with their body in `replies` (e.g. `models`), else an empty one."""
 
-    def __init__(self, snapshot: dict[str, Any], messages: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: dict[str, Any],
+        messages: dict[str, list[dict[str, Any]]] | None = None,
+        replies: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__("/nonexistent", name="vramchat tui test")
         self.snapshot = snapshot
         self.messages = messages or {}
+        self.replies = replies or {}
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.requests: list[tuple[str, dict[str, Any]]] = []
 
@@ -50,4 +56,4 @@ class StubClient(Client):
                 raise RequestFailed("not_found", f"no conversation {conversation}")
             return {"messages": self.messages[conversation]}
         self.requests.append((type_, body or {}))
-        return {}
+        return self.replies.get(type_, {})

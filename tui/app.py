@@ -24,16 +24,19 @@ from textual.widgets import Footer, Header, ListView
 from textual.worker import Worker, WorkerState
 
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
+from vramchat.shared.text import title_from
 from vramchat.tui import keys
 from vramchat.tui.chat import ChatView
 from vramchat.tui.dashboard import DashboardScreen
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
-from vramchat.tui.models_screen import LoadDialog, ModelsScreen
+from vramchat.tui.models_screen import LoadDialog, ModelsScreen, machine
 from vramchat.tui.state import Changes, ChatState, silence_limit
+from vramchat.tui.telemetry_view import NO_GPU
 from vramchat.tui.widgets import ConversationList, MemoryBar, PromptInput, StateChanged
 
 # Actions that make sense on the dashboard and models screens too; the rest belong to the chat.
 EVERYWHERE = {"dashboard", "models", "gpu_layers", "quit", "command_palette"}
+NO_GPU_NOTICE_S = 10.0  # how long F7/F8's "no GPU here" stays up
 
 
 class VramchatApp(App[None]):
@@ -55,6 +58,7 @@ class VramchatApp(App[None]):
         self.state = ChatState()
         self.connected = False
         self.last_event = 0.0
+        self.no_gpu_said_at = float("-inf")
         self.keymap: dict[str, str] = {}
         self.sub_title = "connecting…"
         self.chat = ChatView(self.state, self.fetch_messages, self.painted)
@@ -190,8 +194,10 @@ class VramchatApp(App[None]):
     @work(group="send", exclusive=True, exit_on_error=False)
     async def send(self, text: str) -> None:
         if self.state.current is None:
-            # Create the conversation first, so that its events are shown from the first one on.
-            self.state.current = (await self.client.request("conversation.create", {}))["conversation"]["id"]
+            # Create the conversation first, so that its events are shown from the first one on;
+            # titled from the first message, as the daemon titles the chats `ask` starts.
+            created = await self.client.request("conversation.create", {"title": title_from(text)})
+            self.state.current = created["conversation"]["id"]
             await self.chat.show_conversation()
         request_id = uuid.uuid4().hex
         self.state.my_requests.append(request_id)
@@ -279,7 +285,16 @@ class VramchatApp(App[None]):
             self.push_screen(ModelsScreen())
 
     def action_gpu_layers(self, delta: int) -> None:
-        """Step n_gpu_layers from the loaded model's: the load dialog shows the prediction and asks first."""
+        """Step n_gpu_layers from the loaded model's: the load dialog shows the prediction and asks first.
+
+        Without a GPU there is nothing to step: say so, once while the notice is up, not per key press.
+        """
+        if not machine(self.state).has_gpu:
+            now = asyncio.get_running_loop().time()
+            if now - self.no_gpu_said_at > NO_GPU_NOTICE_S:
+                self.no_gpu_said_at = now
+                self.notify(NO_GPU, severity="warning", timeout=NO_GPU_NOTICE_S)
+            return
         model = self.state.model
         if model.get("state") != "ready" or not isinstance(model.get("n_gpu_layers"), int):
             self.notify("no model is loaded: open the models screen (F3) to load one", severity="warning")

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from vramchat.shared import __version__
 from vramchat.shared.client import DaemonNotRunning, RequestFailed
-from vramchat.tui.commands import api_key, ask, conversations, models, plan, service, status
+from vramchat.tui.commands import api_key, ask, conversations, doctor, models, plan, rpc_server, service, status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vramchat", description="Chat with GGUF models bigger than your GPU.")
     parser.add_argument("--runtime-dir", help="the daemon's socket directory (env VRAMCHAT_RUNTIME_DIR)")
+    parser.add_argument("--version", action="version", version=f"vramchat {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for family in (ask, status, models, conversations, plan, service, api_key):
+    for family in (ask, status, models, conversations, plan, service, api_key, doctor, rpc_server):
         family.register(commands)
     return parser
 

@@ -21,10 +21,12 @@ from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, 
 
 from vramchat.shared import speed
 from vramchat.shared.client import RequestFailed
-from vramchat.shared.gguf import GGUFError, GGUFInfo, inspect_cached
+from vramchat.shared.gguf import GGUFError, GGUFInfo, inspect_cached, quant_name
 from vramchat.shared.planner import LoadPlan, Machine, PlanError, PlanSettings, plan_load
 from vramchat.shared.units import format_bytes, format_count, parse_size
+from vramchat.tui import model_table
 from vramchat.tui.state import ChatState
+from vramchat.tui.telemetry_view import NO_GPU
 from vramchat.tui.widgets import MemoryBar, StateChanged, vramchat_app
 
 
@@ -33,20 +35,30 @@ def machine(state: ChatState) -> Machine:
     return Machine.from_sample(state.latest_sample())
 
 
-def describe_prediction(plan: LoadPlan) -> str:
-    """Five lines a person can act on: VRAM against the budget, RAM against what is available, speed."""
-    row, budget, available_ram = plan.prediction, plan.budget, plan.machine.available_ram
-    gpu, cpu = row.gpu, row.cpu
+def describe_prediction(plan: LoadPlan, cpu_only: LoadPlan | None = None) -> str:
+    """Four lines a person can act on: the layers, VRAM against the budget, RAM against what is
+    available, speed. On a machine without a GPU, `cpu_only` is the same load at 0 GPU layers,
+    which is what llama.cpp does there whatever the count: its RAM and speed are shown, with NO_GPU
+    in place of the VRAM line."""
+    row, budget = plan.prediction, plan.budget
+    actual = cpu_only or plan
+    gpu, cpu = row.gpu, actual.prediction.cpu
     fits = "fits" if gpu.total <= budget else f"[b red]over by {format_bytes(gpu.total - budget)}[/]"
+    vram = (
+        f"[b]{NO_GPU}[/]"
+        if cpu_only
+        else f"VRAM {format_bytes(gpu.total)} (weights {format_bytes(gpu.weights)}, KV {format_bytes(gpu.kv)}, "
+        f"compute {format_bytes(gpu.compute)}); budget {format_bytes(budget)}: {fits}"
+    )
     return "\n".join(
         [
             f"{row.n_gpu_layers} GPU layers: {row.layers_on_gpu} of {row.n_layer} layers"
             f"{' + output' if row.output_on_gpu else ''}, n_ctx {row.n_ctx}",
-            f"VRAM {format_bytes(gpu.total)} (weights {format_bytes(gpu.weights)}, KV {format_bytes(gpu.kv)}, "
-            f"compute {format_bytes(gpu.compute)}); budget {format_bytes(budget)}: {fits}",
+            vram,
             f"RAM  {format_bytes(cpu.total)} (weights {format_bytes(cpu.weights)}, KV {format_bytes(cpu.kv)}); "
-            f"{format_bytes(available_ram)} available: " + ("[b red]would swap[/]" if plan.swap.would_swap else "fits"),
-            f"speed at most {row.tokens_per_s or 0:.1f} tok/s (memory bandwidth bound)",
+            f"{format_bytes(actual.machine.available_ram)} available: "
+            + ("[b red]would swap[/]" if actual.swap.would_swap else "fits"),
+            f"speed at most {actual.prediction.tokens_per_s or 0:.1f} tok/s (memory bandwidth bound)",
         ]
     )
 
@@ -121,7 +133,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
             with Horizontal(classes="field"):
                 yield Label("n_ctx", classes="field-label")
                 yield Input(str(self.initial_ctx), id="n-ctx", type="integer", compact=True)
-            with Horizontal(classes="field"):
+            with Horizontal(classes="field", id="budget-field"):
                 yield Label("VRAM budget", classes="field-label")
                 yield Input(placeholder="free VRAM - 1 GiB", id="budget", compact=True)
             yield Static("", id="prediction")
@@ -135,6 +147,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
     def on_mount(self) -> None:
         self.query_one("#progress").display = False
         self.query_one("#load-error").display = False
+        self.query_one("#budget-field").display = machine(vramchat_app(self).state).has_gpu  # no VRAM to budget
         self.query_one(LayerStepper).focus()
         self.inspect()
 
@@ -153,7 +166,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         self.info = info
         self.query_one(LayerStepper).set_maximum(info.n_layer + 1)
         self.query_one("#model-info", Label).update(
-            f"{info.architecture}, {format_count(info.parameters)} parameters, {info.file_type or '?'}, "
+            f"{info.architecture}, {format_count(info.parameters)} parameters, {quant_name(info.file_type)}, "
             f"{format_bytes(info.file_size)}, "
             f"{info.n_layer} layers + output, trained ctx {info.n_ctx_train}"
         )
@@ -171,9 +184,11 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
             budget_text = self.query_one("#budget", Input).value.strip()
             budget = parse_size(budget_text) if budget_text else None
             layers: int | Literal["auto"] = "auto" if stepper.value == "auto" else int(stepper.value)
-            plan = plan_load(self.info, machine(vramchat_app(self).state), layers, settings, vram_budget=budget)
+            host = machine(vramchat_app(self).state)
+            plan = plan_load(self.info, host, layers, settings, vram_budget=budget)
             stepper.fitted = plan.fitted.n_gpu_layers
-            text = describe_prediction(plan)
+            cpu_only = None if host.has_gpu else plan_load(self.info, host, 0, settings)
+            text = describe_prediction(plan, cpu_only)
         except (PlanError, ValueError) as exc:
             text = f"[b red]{exc}[/]"
         stepper.refresh()
@@ -236,19 +251,14 @@ class ModelsScreen(Screen[None]):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        self.columns = table.add_columns("model", "arch", "size", "quant", "layers", "ctx", "fits")
         self.models: list[dict[str, Any]] = []
+        self.rows: list[dict[str, str]] = []
         self.list_models()
 
     @work(exclusive=True, exit_on_error=False, group="models")
     async def list_models(self) -> None:
         reply = await vramchat_app(self).client.request("models")
         self.models = reply["models"]
-        table = self.query_one(DataTable)
-        for model in self.models:
-            name = ("● " if model.get("loaded") else "") + model["name"]
-            table.add_row(name, "…", format_bytes(model["size_bytes"]), "…", "…", "…", "…", key=model["path"])
         if not self.models:
             where = ", ".join(reply["model_dirs"]) or "any model dir"
             self.query_one("#models-hint", Label).update(f"no models found in {where}")
@@ -256,30 +266,33 @@ class ModelsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="describe")
     def describe_models(self) -> None:
+        """Reading the GGUF headers and planning takes a moment for many big models."""
         host = machine(vramchat_app(self).state)
-        for model in self.models:
-            try:
-                info = inspect_cached(model["path"])
-            except (GGUFError, OSError):
-                self.app.call_from_thread(self.set_row, model["path"], ("?", "?", "?", "?", "not readable here"))
-                continue
-            plan = plan_load(info, host, "auto", PlanSettings(n_ctx=min(4096, info.n_ctx_train or 4096)))
-            if plan.swap.would_swap:
-                verdict = "would swap"
-            elif plan.fitted.fits_all:
-                verdict = "all on GPU"
-            elif plan.budget:
-                verdict = f"{plan.n_gpu_layers}/{info.n_layer + 1} on GPU"
-            else:
-                verdict = "CPU, fits RAM"
-            row = (info.architecture, info.file_type or "?", str(info.n_layer), str(info.n_ctx_train), verdict)
-            self.app.call_from_thread(self.set_row, model["path"], row)
+        rows = [model_table.describe(model, host, loaded="● ") for model in self.models]
+        self.app.call_from_thread(self.show_rows, rows)
 
-    def set_row(self, key: str, values: tuple[str, ...]) -> None:
+    def show_rows(self, rows: list[dict[str, str]]) -> None:
+        self.rows = rows
+        self.lay_out()
+
+    def on_resize(self) -> None:
+        if self.rows:
+            self.call_after_refresh(self.lay_out)
+
+    def lay_out(self) -> None:
+        """The columns that fit the table's width, rebuilt when the terminal is resized."""
         table = self.query_one(DataTable)
-        arch, _size, *rest = self.columns[1:]
-        for column, value in zip((arch, *rest), values, strict=True):
-            table.update_cell(key, column, value)
+        cursor = table.cursor_row
+        width = table.size.width
+        if len(self.rows) + 1 > table.size.height:  # a vertical scrollbar will take its share
+            width -= table.styles.scrollbar_size_vertical
+        fitted = model_table.fit(self.rows, model_table.COLUMNS, width, padding=2 * table.cell_padding)
+        table.clear(columns=True)
+        for column, column_width in fitted:
+            table.add_column(column.label, width=column_width, key=column.key)
+        for row, model in zip(self.rows, self.models, strict=True):
+            table.add_row(*(model_table.cut(row[c.key], w) for c, w in fitted), key=model["path"])
+        table.move_cursor(row=cursor)
 
     @on(DataTable.RowSelected)
     def choose(self, event: DataTable.RowSelected) -> None:

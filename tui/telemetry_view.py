@@ -10,6 +10,12 @@ from vramchat.shared.units import format_bytes
 SPARK = "▁▂▃▄▅▆▇█"
 # Swap-in above this is shown as SWAPPING, here and in the TUI (the daemon's alarm uses the same default line).
 SWAPPING_BPS = 1 << 20
+# What F7/F8, the load dialog and `vramchat doctor` say where there is no device to offload to
+# (the daemon's telemetry lists no GPU), instead of a prediction of VRAM against a 0 B budget.
+NO_GPU = (
+    "No GPU here: GPU layers have no effect on this machine, every layer runs on the CPU. To offload "
+    "layers, add a device: an NVIDIA GPU with a CUDA build, or llama.cpp's RPC backend on another machine."
+)
 
 
 def sparkline(values: Sequence[float | None], width: int, high: float | None = None) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from vramchat.shared.client import Client
-from vramchat.shared.units import format_bytes
+from vramchat.shared.planner import Machine
+from vramchat.tui import model_table
 from vramchat.tui.commands.common import describe_model, format_plan_against_split, open_client, print_json
 
 
@@ -33,16 +36,23 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 async def cmd_models(args: argparse.Namespace) -> int:
+    """The models as the models screen lists them, in the columns that fit the terminal."""
     async with open_client(args, "models") as client:
         listed = await client.request("models")
+        telemetry = None if args.json else (await client.request("status")).get("telemetry")
     if args.json:
         print_json(listed)
         return 0
-    for model in listed["models"]:
-        mark = "*" if model["loaded"] else " "
-        print(f"{mark} {model['name']:<48} {format_bytes(model['size_bytes']):>12}  {model['source']}")
     if not listed["models"]:
         print("no models found; add a directory with `vramchatd --models-dir DIR` or model_dirs in the config")
+        return 0
+    host = Machine.from_sample(telemetry)
+    rows = [model_table.describe(model, host, loaded="* ", unloaded="  ") for model in listed["models"]]
+    home = str(Path.home())
+    for row in rows:
+        row["source"] = "~" + row["source"][len(home) :] if row["source"].startswith(home + "/") else row["source"]
+    columns = (*model_table.COLUMNS, model_table.SOURCE)
+    print("\n".join(model_table.text_table(rows, columns, shutil.get_terminal_size().columns)))
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 import psutil
 
-from vramchat.shared.gguf import GGUFError, inspect_cached
+from vramchat.shared.gguf import GGUFError, inspect_cached, quant_name
 from vramchat.shared.planner import LoadPlan, Machine, PlanError, PlanSettings, plan_load, swap_check
 from vramchat.shared.units import format_bytes, format_count, parse_size
 
@@ -100,8 +100,8 @@ def describe(plan: LoadPlan, vram_given: bool) -> str:
     where = " (given)" if vram_given else f" on {host.gpu_name}" if host.gpu_name else no_gpu
     gpu = f"{format_bytes(host.free_vram)} free VRAM" + where
     return (
-        f"{info.name or info.path}: {info.architecture}, {format_count(info.parameters)} parameters, {info.file_type}, "
-        f"{info.n_layer} layers + output, trained context {info.n_ctx_train}\n"
+        f"{info.name or info.path}: {info.architecture}, {format_count(info.parameters)} parameters, "
+        f"{quant_name(info.file_type)}, {info.n_layer} layers + output, trained context {info.n_ctx_train}\n"
         f"n_ctx {settings.n_ctx}, KV {settings.cache_type_k}/{settings.cache_type_v}, flash attention "
         f"{'on' if settings.flash_attn else 'off'}; {gpu}, budget {format_bytes(plan.budget)}; "
         f"{format_bytes(host.available_ram)} RAM available"

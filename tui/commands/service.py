@@ -1,6 +1,7 @@
 """`vramchat service install [--system] [--dry-run]`: run vramchatd under systemd.
 
-The unit templates live in the source tree's systemd/ folder. Installing renders one with this
+The unit templates live in the source tree's systemd/ folder, installed as the package data of
+vramchat.systemd (pyproject.toml), so a wheel carries them too. Installing renders one with this
 environment's `vramchatd` (the one next to the running Python) and writes it where systemd
 looks, then reloads systemd and enables the service, when there is a systemd to talk to.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from vramchat.shared import paths
 
 UNIT_NAME = "vramchatd.service"
-TEMPLATES = Path(__file__).resolve().parents[2] / "systemd"  # the source tree: tui/commands/ -> systemd/
+TEMPLATES = "vramchat.systemd"  # the package whose data the unit templates are
 USER_TEMPLATE = "vramchatd.service"
 SYSTEM_TEMPLATE = "vramchatd-system.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -148,13 +149,16 @@ def system_plan(vramchatd: Path) -> Plan:
 
 
 def read_template(name: str) -> str:
-    path = TEMPLATES / name
+    path = paths.package_file(TEMPLATES, name)
+    if path is None:
+        raise ServiceError(
+            f"the unit template {name} is not installed with vramchat ({TEMPLATES}); reinstall it "
+            "(`make install` in a checkout, or `pip install` of its wheel)"
+        )
     try:
         return path.read_text()
     except OSError as exc:
-        raise ServiceError(
-            f"cannot read the unit template {path} ({exc.strerror}); install vramchat from its source tree (make install)"
-        ) from None
+        raise ServiceError(f"cannot read the unit template {path} ({exc.strerror})") from None
 
 
 def render_unit(template: str, values: dict[str, str]) -> str:
