@@ -7,7 +7,8 @@ kills only the engine, never the daemon. And loading another model, or the same 
 It talks to the daemon over a private ZeroMQ PAIR socket, one msgpack map per frame:
 
 daemon -> engine: {"op": "load", ...Llama params}, {"op": "generate", "request", "conversation",
-                  "messages", "sampling", "stop"}, {"op": "cancel", "request"}, {"op": "shutdown"}
+                  "messages", "sampling", "stop", "overflow": {"policy", "dropped"}},
+                  {"op": "cancel", "request"}, {"op": "shutdown"}
 engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev": "ready", ...}, {"ev": "load_failed",
                   "error"}, {"ev": "tok", "request", "text"}, {"ev": "done", "request",
                   "finish_reason", "stats"}, {"ev": "failed", "request", "code", "error"}
@@ -32,7 +33,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from vramchat.daemon.chat_model import ChatModel
+from vramchat.daemon import rpc
+from vramchat.daemon.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).
 DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
@@ -61,6 +63,15 @@ class Engine:
         self._capture_llama_log(llama_cpp)
         self._report_load_progress(llama_cpp)
         started = time.monotonic()
+        # Devices on other machines (`vramchat rpc-server`) join ggml's registry before the
+        # Llama is made, and llama.cpp offloads to them as to a local GPU.
+        rpc_devices: list[dict[str, Any]] = []
+        try:
+            for endpoint in params.get("rpc_servers") or []:
+                rpc_devices += [device.to_dict() for device in rpc.register_server(endpoint)]
+        except rpc.RpcError as exc:
+            self.send({"ev": "load_failed", "error": f"{exc}; start `vramchat rpc-server` there, or load without it"})
+            return False
         try:
             self.model = model = ChatModel.load(
                 params["model_path"],
@@ -81,6 +92,7 @@ class Engine:
                 "n_vocab": model.llm.n_vocab(),
                 "chat_template": model.chat_template,
                 "load_log": "".join(self.log_lines),
+                "rpc_devices": rpc_devices,
             }
         )
         return True
@@ -132,26 +144,25 @@ class Engine:
         request_id = request["request"]
         model = self.model
         assert model is not None, "generate before a successful load"
+        sampling = {**SAMPLING_DEFAULTS, **(request.get("sampling") or {})}
+        overflow = request.get("overflow") or {}
         try:
-            prompt = model.prompt(request["messages"])
-            prompt.stops.extend(request.get("stop") or [])  # the request's own, as OpenAI's `stop`
+            prompt = model.fitted_prompt(
+                request["messages"],
+                overflow=overflow.get("policy", "error"),
+                dropped=int(overflow.get("dropped", 0)),
+                reply_room=min(int(sampling["max_tokens"]), model.n_ctx // 4),
+            )
+        except PromptTooLong as exc:
+            self.send({"ev": "failed", "request": request_id, "code": "prompt_too_long", "error": str(exc)})
+            return
         except Exception as exc:
             self.send(
                 {"ev": "failed", "request": request_id, "code": "bad_request", "error": f"cannot format the conversation: {exc}"}
             )
             return
-        if len(prompt.tokens) >= model.n_ctx:
-            self.send(
-                {
-                    "ev": "failed",
-                    "request": request_id,
-                    "code": "prompt_too_long",
-                    "error": f"the conversation is {len(prompt.tokens)} tokens and the context window is {model.n_ctx}. "
-                    "Start a new conversation, shorten the message, or load the model with a larger context (--ctx).",
-                }
-            )
-            return
-        reply = model.reply(prompt, request.get("sampling") or {})
+        prompt.stops.extend(request.get("stop") or [])  # the request's own, as OpenAI's `stop`
+        reply = model.reply(prompt, sampling)
         llm = model.llm
         conversation = request.get("conversation")
         if conversation != self.conversation:
@@ -194,6 +205,7 @@ class Engine:
                     "total_s": ended - started,
                     "state_cache_bytes": self.states.used_bytes,
                     "state_cache_entries": len(self.states.entries),
+                    "dropped_messages": prompt.dropped,
                 },
             }
         )

@@ -23,6 +23,7 @@ from vramchat.shared.gguf import GGUFError, inspect_cached
 from vramchat.shared.llama_log import parse_load_log
 from vramchat.shared.planner import Machine, PlanError, PlanSettings, plan_load
 from vramchat.shared.protocol import ProtocolError, field_of
+from vramchat.shared.rpc_endpoints import unreachable
 from vramchat.shared.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class ModelState:
     plan: dict[str, Any] | None = None  # the planner's LoadPlan.to_dict()
     split: dict[str, Any] | None = None  # what llama.cpp allocated (shared.llama_log.LoadSplit)
     state_cache_bytes: int | None = None
+    # The devices of the RPC servers this load uses (daemon/rpc.py Device: name, description,
+    # type, memory_free, memory_total, endpoint), as the engine found them when it connected.
+    rpc_devices: list[dict[str, Any]] | None = None
 
     @property
     def available(self) -> bool:
@@ -82,6 +86,7 @@ class LoadParams:
     n_threads: int
     state_cache_bytes: int
     plan: dict[str, Any]
+    rpc_servers: tuple[str, ...] = ()  # "HOST:PORT" of each `vramchat rpc-server` to offload to
 
     def for_engine(self) -> dict[str, Any]:
         """The engine's `load` message (daemon/engine.py)."""
@@ -91,6 +96,7 @@ class LoadParams:
             "n_ctx": self.n_ctx,
             "n_threads": self.n_threads,
             "state_cache_bytes": self.state_cache_bytes,
+            "rpc_servers": list(self.rpc_servers),
         }
 
 
@@ -168,7 +174,19 @@ class ModelLifecycle:
         if self._load_lock.locked():
             raise ProtocolError("busy", "another load is in progress; wait for it to finish")
         async with self._load_lock:
+            if down := await self.unanswering_rpc_servers(params.rpc_servers):
+                raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {_rpc_down_text(down)}")
             return await self._replace_engine(params)
+
+    async def unanswering_rpc_servers(self, servers: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(endpoint, reason) of each RPC server a plain TCP connect does not reach.
+
+        Before a load: llama.cpp would abort the engine on one, with a less helpful message.
+        After a crash: which device went away.
+        """
+        loop = asyncio.get_running_loop()
+        reasons = await asyncio.gather(*(loop.run_in_executor(None, unreachable, server) for server in servers))
+        return [(server, reason) for server, reason in zip(servers, reasons, strict=True) if reason]
 
     def _checked_params(self, body: dict[str, Any], trusted: bool) -> LoadParams:
         """Check the request's fields, then plan: resolve "auto" and refuse a load that would swap."""
@@ -185,10 +203,13 @@ class ModelLifecycle:
         if not 1 <= n_threads <= cpus:
             raise ProtocolError("invalid_value", f"n_threads must be between 1 and this machine's {cpus} CPUs, not {n_threads}")
         budget_text = field_of(body, "vram_budget", (int, str), None)
+        rpc_servers = self._rpc_servers(body)
         try:
             budget = parse_size(budget_text) if isinstance(budget_text, str) else budget_text
             info = inspect_cached(path)
             host = Machine.from_sample(self.telemetry.latest() or self.telemetry.sample(engine_pid=None))
+            # The planner's one "gpu" side is the offload device: a local GPU, or an RPC device. An RPC
+            # device alone is no `has_gpu`: at n_gpu_layers 0 llama.cpp gives it no compute buffer.
             plan = plan_load(info, host, n_gpu_layers, PlanSettings(n_ctx=n_ctx), vram_budget=budget)
         except GGUFError as exc:
             raise ProtocolError("not_gguf", str(exc)) from None
@@ -196,7 +217,25 @@ class ModelLifecycle:
             raise ProtocolError("invalid_value", str(exc)) from None
         if plan.swap.would_swap and not field_of(body, "force", bool, False):
             raise ProtocolError("would_swap", plan.swap.message)
-        return LoadParams(str(path), plan.n_gpu_layers, n_ctx, n_threads, self.config.state_cache_mib << 20, plan.to_dict())
+        return LoadParams(
+            str(path), plan.n_gpu_layers, n_ctx, n_threads, self.config.state_cache_mib << 20, plan.to_dict(), rpc_servers
+        )
+
+    def _rpc_servers(self, body: dict[str, Any]) -> tuple[str, ...]:
+        """The load's RPC servers: the configured ones (rpc_servers, --rpc), or the body's choice
+        among them. Only configured ones: the engine sends the model's weights to each."""
+        configured = self.config.rpc_servers
+        chosen = field_of(body, "rpc_servers", list, None)
+        if chosen is None:
+            return tuple(configured)
+        for server in chosen:
+            if server not in configured:
+                raise ProtocolError(
+                    "invalid_value",
+                    f"RPC server {server!r} is not one this daemon is configured with "
+                    f"({', '.join(configured) or 'none'}); add it to rpc_servers in the config or vramchatd --rpc",
+                )
+        return tuple(dict.fromkeys(chosen))
 
     async def _replace_engine(self, params: LoadParams) -> dict[str, Any]:
         """Stop the engine (the only sure way to get its VRAM back) and start one with `params`."""
@@ -212,6 +251,7 @@ class ModelLifecycle:
             n_gpu_layers=params.n_gpu_layers,
             n_ctx=params.n_ctx,
             n_threads=params.n_threads,
+            rpc_devices=None,
         )
         self.cancel_running("a new model was loaded")
         async with self.engine_lock:
@@ -236,6 +276,7 @@ class ModelLifecycle:
                 load_seconds=ready["load_seconds"],
                 chat_template=ready["chat_template"],
                 split=parse_load_log(ready["load_log"]).to_dict(),
+                rpc_devices=ready.get("rpc_devices") or None,
             )
             self.ready.set()
         log.info("loaded %s in %.2f s", params.model_path, ready["load_seconds"])
@@ -252,6 +293,12 @@ class ModelLifecycle:
         self._crash_times = [t for t in self._crash_times if now - t < CRASH_WINDOW_S] + [now]
         last_load = self._last_load
         reloading = last_load is not None and len(self._crash_times) <= MAX_AUTO_RELOADS
+        if last_load is not None and (down := await self.unanswering_rpc_servers(last_load.rpc_servers)):
+            # llama.cpp aborts an engine whose RPC server went away: a reload would fail the same way.
+            reason += f": {_rpc_down_text(down, self.state.rpc_devices, stopped=True)}"
+            self.update(state="crashed", error=reason, engine_pid=None, reloading=False)
+            log.error("%s", reason)
+            return
         self.update(state="crashed", error=reason, engine_pid=None, reloading=reloading)
         if last_load is None or not reloading:
             log.error(
@@ -273,3 +320,17 @@ class ModelLifecycle:
     async def stop(self) -> None:
         if self.engine:
             await self.engine.stop()
+
+
+def _rpc_down_text(down: list[tuple[str, str]], devices: list[dict[str, Any]] | None = None, *, stopped: bool = False) -> str:
+    """What to tell a person about RPC servers that do not answer, naming their devices."""
+    parts = []
+    for endpoint, reason in down:
+        names = [d["name"] for d in devices or [] if d.get("endpoint") == endpoint]
+        device = f"RPC device {', '.join(names)} on {endpoint}" if names else f"RPC server {endpoint}"
+        parts.append(f"{device} {'stopped answering' if stopped else 'is not answering'} ({reason})")
+    return (
+        "; ".join(parts)
+        + ". Start `vramchat rpc-server` on that machine (and its SSH tunnel, if it is reached through one), then load "
+        'again; or load without it (`"rpc_servers": []` in the load, or leave it out of rpc_servers and --rpc)'
+    )

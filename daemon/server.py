@@ -31,6 +31,7 @@ from vramchat.daemon.transport import Transport, take_instance_lock
 from vramchat.shared import __version__, api_key
 from vramchat.shared.config import Config
 from vramchat.shared.paths import ensure_private_dir
+from vramchat.shared.rpc_endpoints import TUNNEL_HINT, is_loopback, parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Daemon:
             spawn=self._spawn,
             stopping=self._stopping,
         )
-        self.generation = GenerationQueue(store, self.bus, self.model)
+        self.generation = GenerationQueue(store, self.bus, self.model, context_overflow=settings.config.context_overflow)
         self.model.cancel_running = self.generation.cancel_running
         self.monitor = Monitor(
             sampler,
@@ -113,6 +114,7 @@ class Daemon:
         if self.settings.http_listen:
             await self._start_http(self.settings.http_listen)
         log.info("vramchatd %s listening in %s (epoch %s)", __version__, runtime_dir, self.bus.epoch)
+        self._log_rpc_servers()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +134,19 @@ class Daemon:
         await self._stopping.wait()
         await self._shutdown()
         return 0
+
+    def _log_rpc_servers(self) -> None:
+        servers = self.settings.config.rpc_servers
+        if servers:
+            log.info("offloading to the devices of RPC server(s) %s", ", ".join(servers))
+        for server in servers:
+            if not is_loopback(parse_endpoint(server)[0]):
+                log.warning(
+                    "RPC server %s is reached without encryption or authentication: the model's weights and every "
+                    "prompt's activations cross the network in the clear; prefer an SSH tunnel (%s) and 127.0.0.1",
+                    server,
+                    TUNNEL_HINT,
+                )
 
     async def _start_http(self, address: str) -> None:
         config = self.settings.config

@@ -9,6 +9,7 @@ Example (every key is optional)::
     n_threads = 8
     allow_any_model_path = false   # true lets clients load any path the daemon can read
     state_cache_mib = 512      # RAM for the KV state of recent conversations (instant resume); 0 = off
+    context_overflow = "drop_oldest"   # a conversation longer than n_ctx: or "error"; per conversation too
 
     # Daemon: also listen on TCP (control on PORT, events on PORT+1), CURVE-encrypted; only
     # client keys in <data dir>/curve/authorized_keys/ get in. See `vramchatd keys`.
@@ -17,6 +18,11 @@ Example (every key is optional)::
     # Daemon: serve the OpenAI-compatible API (Authorization: Bearer `vramchat api-key`).
     http_listen = "127.0.0.1:8080"
     http_allow_remote = false  # true lets http_listen name an address other tools reach over the network
+
+    # Daemon: offload to the devices of these `vramchat rpc-server`s (llama.cpp RPC), as if
+    # they were local GPUs. No encryption: reach another machine's through an SSH tunnel
+    # (ssh -N -L 50052:127.0.0.1:50052 gpu-box) and name the tunnel's end here.
+    rpc_servers = ["127.0.0.1:50052"]
 
     # Client: attach to a daemon over TCP instead of the local sockets.
     server = "tcp://gpu-box:5555"
@@ -32,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from vramchat.shared import paths
+from vramchat.shared.protocol import CONTEXT_OVERFLOW_POLICIES
+from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint
 
 
 class ConfigError(Exception):
@@ -48,9 +56,11 @@ class Config:
     # Let clients `load` any readable path, not only files under model_dirs and the demo model.
     allow_any_model_path: bool = False
     state_cache_mib: int = 512
+    context_overflow: str = "drop_oldest"
     tcp_listen: str | None = None
     http_listen: str | None = None
     http_allow_remote: bool = False
+    rpc_servers: list[str] = field(default_factory=list)
     server: str | None = None
     server_public_key: str | None = None
     source: Path | None = None
@@ -86,6 +96,20 @@ class Config:
             raise ConfigError(f'server{where} must look like "tcp://HOST:PORT"')
         if config.server and not config.server_public_key:
             raise ConfigError(f"server{where} needs server_public_key: the daemon's server.key (see `vramchatd keys`)")
+        if "rpc_servers" in raw:
+            servers = raw["rpc_servers"]
+            if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
+                raise ConfigError(f'rpc_servers{where} must be a list of "HOST:PORT" strings')
+            try:
+                for server in servers:
+                    parse_endpoint(server)
+            except EndpointError as exc:
+                raise ConfigError(f"rpc_servers{where}: {exc}") from None
+            config.rpc_servers = list(dict.fromkeys(servers))
+        if "context_overflow" in raw:
+            if raw["context_overflow"] not in CONTEXT_OVERFLOW_POLICIES:
+                raise ConfigError(f"context_overflow{where} must be one of {', '.join(CONTEXT_OVERFLOW_POLICIES)}")
+            config.context_overflow = raw["context_overflow"]
         for name in ("allow_any_model_path", "http_allow_remote"):
             if name in raw:
                 if not isinstance(raw[name], bool):

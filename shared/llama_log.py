@@ -11,6 +11,9 @@ The lines look like (llama-cpp-python 0.3.36)::
     llama_kv_cache:        CPU KV buffer size =    22.50 MiB
     sched_reserve:        CPU compute buffer size =    98.25 MiB
 
+A device on an RPC server (daemon/rpc.py) carries its endpoint: `RPC0[127.0.0.1:50052] model
+buffer size`, `RPC0[127.0.0.1:50052] KV buffer size`; it is an offload device like a GPU.
+
 Older llama.cpp printed `llama_kv_cache_init: CUDA0 KV buffer size` and a device-less
 `KV self size` total; the total is used only when no per-device KV line exists. llama.cpp prints
 the sizes in MiB with two decimals, so a parsed size is within 0.005 MiB.
@@ -25,7 +28,8 @@ from typing import Any
 
 MIB = 1 << 20
 _BUFFER = re.compile(
-    r"^\w+:\s+(?P<device>[\w.-]+)\s+(?P<kind>model|KV|RS|compute|output|[\w ]+?) buffer size\s*=\s*(?P<mib>[\d.]+) MiB",
+    r"^\w+:\s+(?P<device>[\w.-]+(?:\[[^\]\s]+\])?)\s+"  # RPC devices carry their endpoint: RPC0[host:port]
+    r"(?P<kind>model|KV|RS|compute|output|[\w ]+?) buffer size\s*=\s*(?P<mib>[\d.]+) MiB",
     re.M,
 )
 _KV_SELF = re.compile(r"^\w+: KV self size\s*=\s*(?P<mib>[\d.]+) MiB", re.M)
@@ -36,7 +40,7 @@ _N_CTX = re.compile(r"^\w+: n_ctx\s+=\s+(?P<n_ctx>\d+)", re.M)
 @dataclass
 class BufferSize:
     kind: str  # "model", "kv", "rs", "compute", "output", or another name llama.cpp logs, lower case
-    device: str  # as llama.cpp names it: "CPU", "CPU_Mapped", "CPU_REPACK", "CUDA0", "CUDA_Host", ...
+    device: str  # as llama.cpp names it: "CPU", "CPU_Mapped", "CPU_REPACK", "CUDA0", "CUDA_Host", "RPC0[host:port]", ...
     bytes: int
 
     @property

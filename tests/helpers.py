@@ -358,3 +358,22 @@ class FakePynvml:
     def nvmlDeviceGetGraphicsRunningProcesses_v2(self, handle: int) -> list[Any]:
         self._call("processes")
         return self.graphics
+
+
+# --- systemd units ------------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, list[str]]:
+    """Section.Key -> values, in order; repeated keys (DeviceAllow=) keep every value."""
+    entries: dict[str, list[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.setdefault(f"{section}.{key}", []).append(value)
+    return entries

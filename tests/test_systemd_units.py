@@ -13,21 +13,7 @@ import pytest
 
 from vramchat.tui.commands import service as service_cmd
 
-
-def parse_unit(text: str) -> dict[str, list[str]]:
-    """Section.Key -> values, in order; repeated keys (DeviceAllow=) keep every value."""
-    entries: dict[str, list[str]] = {}
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        entries.setdefault(f"{section}.{key}", []).append(value)
-    return entries
+from helpers import parse_unit
 
 
 def one(unit: dict[str, list[str]], key: str) -> str:
