@@ -14,7 +14,8 @@ SWAPPING_BPS = 1 << 20
 # (the daemon's telemetry lists no GPU), instead of a prediction of VRAM against a 0 B budget.
 NO_GPU = (
     "No GPU here: GPU layers have no effect on this machine, every layer runs on the CPU. To offload "
-    "layers, add a device: an NVIDIA GPU with a CUDA build, or llama.cpp's RPC backend on another machine."
+    "layers, add a device: an NVIDIA GPU with a CUDA build, or another machine's through llama.cpp's RPC "
+    "(`vramchat rpc-server` there, `vramchatd --rpc HOST:PORT` here)."
 )
 
 
