@@ -91,7 +91,6 @@ class _Libraries:
             (self.ggml, "ggml_backend_reg_dev_get", p, [p, size]),
             (self.rpc, "ggml_backend_rpc_add_server", p, [cstr]),
             (self.rpc, "ggml_backend_rpc_start_server", None, [cstr, cstr, size, size, ctypes.POINTER(p)]),
-            (self.rpc, "ggml_backend_rpc_get_device_memory", None, [cstr, ctypes.c_uint32, size_p, size_p]),
         ):
             function = getattr(lib, name)
             function.restype, function.argtypes = restype, argtypes
@@ -189,20 +188,6 @@ def register_server(endpoint: str) -> list[Device]:
         libs.device(libs.ggml.ggml_backend_reg_dev_get(reg, i), endpoint)
         for i in range(libs.ggml.ggml_backend_reg_dev_count(reg))
     ]
-
-
-def register_servers(endpoints: list[str]) -> list[str]:
-    """Register every server's devices; their names, in order."""
-    return [device.name for endpoint in endpoints for device in register_server(endpoint)]
-
-
-def device_memory(endpoint: str, device: int = 0) -> tuple[int, int]:
-    """(free, total) bytes of device number `device` of the RPC server at `endpoint`."""
-    if reason := unreachable(endpoint):
-        raise RpcError(f"RPC server {endpoint} is not answering ({reason})")
-    free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    libraries().rpc.ggml_backend_rpc_get_device_memory(endpoint.encode(), device, ctypes.byref(free), ctypes.byref(total))
-    return free.value, total.value
 
 
 def _line_buffer_c_stdout() -> None:
