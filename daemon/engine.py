@@ -9,6 +9,7 @@ It talks to the daemon over a private ZeroMQ PAIR socket, one msgpack map per fr
 daemon -> engine: {"op": "load", ...Llama params}, {"op": "generate", "request", "conversation",
                   "messages", "sampling", "stop", "overflow": {"policy", "dropped"}},
                   {"op": "cancel", "request"}, {"op": "shutdown"}
+daemon -> engine, between tokens too: {"op": "devices"}, answered by {"ev": "devices", "devices": [...]}
 engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev": "ready", ...}, {"ev": "load_failed",
                   "error"}, {"ev": "tok", "request", "text"}, {"ev": "done", "request",
                   "finish_reason", "stats"}, {"ev": "failed", "request", "code", "error"}
@@ -48,6 +49,7 @@ class Engine:
         self.shutdown_requested = False
         self.states = ConversationStates(0)
         self.conversation: str | None = None  # whose tokens the context holds
+        self.rpc_endpoints: dict[str, str] = {}  # RPC device name -> its server, from the load
 
     def send(self, message: dict[str, Any]) -> None:
         self.socket.send(msgpack.packb(message, use_bin_type=True))
@@ -69,6 +71,7 @@ class Engine:
         try:
             for endpoint in params.get("rpc_servers") or []:
                 rpc_devices += [device.to_dict() for device in rpc.register_server(endpoint)]
+            self.rpc_endpoints = {device["name"]: device["endpoint"] for device in rpc_devices}
         except rpc.RpcError as exc:
             self.send({"ev": "load_failed", "error": f"{exc}; start `vramchat rpc-server` there, or load without it"})
             return False
@@ -218,7 +221,17 @@ class Engine:
                 return True
             if message.get("op") == "cancel" and message.get("request") == request_id:
                 return True
+            if message.get("op") == "devices":
+                self.send_devices()
         return False
+
+    def send_devices(self) -> None:
+        """The memory of every device ggml sees, RPC devices included (a round trip to each server)."""
+        try:
+            devices = [{**d.to_dict(), "endpoint": self.rpc_endpoints.get(d.name)} for d in rpc.local_devices()]
+        except rpc.RpcError:  # a build without the RPC backend: NVML covers the local GPUs
+            devices = []
+        self.send({"ev": "devices", "devices": devices})
 
     def serve(self) -> None:
         while not self.shutdown_requested:
@@ -226,6 +239,8 @@ class Engine:
             op = message.get("op")
             if op == "generate":
                 self.generate(message)
+            elif op == "devices":
+                self.send_devices()
             elif op == "shutdown":
                 break
             # A cancel for a request that already finished needs no answer.

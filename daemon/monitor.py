@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+from typing import Any
 
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue
-from vramchat.daemon.model_lifecycle import ModelLifecycle
+from vramchat.daemon.model_lifecycle import ModelLifecycle, ModelState
 from vramchat.daemon.telemetry import AlarmTracker, TelemetrySampler
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class Monitor:
             sample = await loop.run_in_executor(
                 None, functools.partial(self.sampler.sample, engine_pid=engine_pid, generation=speed)
             )
+            sample["devices"] = devices_view(sample, self.model.state, engine.devices if engine else None)
+            if engine is not None and engine_pid is not None and self.model.state.rpc_devices:
+                engine.send({"op": "devices"})  # read by the next sample: RPC memory takes a round trip
             self.bus.publish("telemetry", sample)
             split = self.model.state.split or {}
             generating = self.generation.in_flight is not None
@@ -60,3 +64,55 @@ class Monitor:
         self.bus.new_subscriber.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.bus.new_subscriber.wait(), interval)
+
+
+def devices_view(sample: dict[str, Any], model: ModelState, engine_devices: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Every device the model can use, for the sample's `devices`: its kind (CUDA, RPC, CPU), total
+    and free memory, and what llama.cpp allocated there at load (the split's buffers).
+
+    NVIDIA GPUs come from NVML, here and now. RPC devices come from the engine's latest reading
+    (or the one it made when it connected): the daemon never links llama.cpp itself.
+    """
+    buffers = (model.split or {}).get("buffers") or []
+
+    def allocated(prefix: str) -> int:
+        return sum(b["bytes"] for b in buffers if b["device"].startswith(prefix))
+
+    devices = [
+        {
+            "name": f"CUDA{gpu['index']}",  # llama.cpp's name, when CUDA and NVML number the GPUs alike
+            "kind": "CUDA",
+            "description": gpu.get("name"),
+            "memory_total": gpu.get("memory_total"),
+            "memory_free": gpu.get("memory_free"),
+            "allocated": allocated(f"CUDA{gpu['index']}"),
+            "endpoint": None,
+        }
+        for gpu in sample["gpus"]
+    ]
+    remote = [d for d in engine_devices or model.rpc_devices or [] if d.get("endpoint")]
+    devices += [
+        {
+            "name": d["name"],
+            "kind": "RPC",
+            "description": d.get("description"),
+            "memory_total": d.get("memory_total"),
+            "memory_free": d.get("memory_free"),
+            "allocated": allocated(f"{d['name']}["),  # RPC0[host:port] in the load log
+            "endpoint": d["endpoint"],
+        }
+        for d in remote
+    ]
+    host = sample["host"]
+    devices.append(
+        {
+            "name": "CPU",
+            "kind": "CPU",
+            "description": "host RAM",
+            "memory_total": host.get("ram_total"),
+            "memory_free": host.get("ram_available"),
+            "allocated": allocated("CPU"),
+            "endpoint": None,
+        }
+    )
+    return devices

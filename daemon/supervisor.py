@@ -51,6 +51,8 @@ class EngineProcess:
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.stopping = False
+        # The engine's latest reading of its devices' memory ({"op": "devices"}), RPC ones included.
+        self.devices: list[dict[str, Any]] | None = None
         self._reader = asyncio.create_task(self._read())
         self._waiter = asyncio.create_task(self._wait())
 
@@ -82,8 +84,11 @@ class EngineProcess:
 
     async def _read(self) -> None:
         while True:
-            frame = await self.socket.recv()
-            self.events.put_nowait(msgpack.unpackb(frame, raw=False))
+            message = msgpack.unpackb(await self.socket.recv(), raw=False)
+            if message.get("ev") == "devices":  # telemetry's, not the reply's: kept aside, newest only
+                self.devices = message["devices"]
+            else:
+                self.events.put_nowait(message)
 
     async def _wait(self) -> None:
         returncode = await self.process.wait()

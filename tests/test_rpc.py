@@ -8,6 +8,7 @@ llama.cpp RPC either way: layers, KV cache and compute buffers cross a TCP conne
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -293,6 +294,30 @@ async def test_layers_on_the_rpc_device_give_the_cpu_reply(
         assert model["rpc_devices"][0]["memory_total"] > 0
         offloaded = await greedy_reply(client)
         assert "Accepted client connection" in server.log()
+
+        # Telemetry lists the RPC device, read by the engine, with what the model holds there.
+        await client.subscribe()
+        events = client.raw_events()
+        seen = []
+        async for event in events:
+            if event.topic == "telemetry":
+                seen += [d for d in event.body.get("devices") or [] if d["kind"] == "RPC"]
+                if len(seen) >= 3:
+                    break
+        assert {(d["name"], d["endpoint"]) for d in seen} == {("RPC0", server.endpoint)}
+        assert all(d["memory_total"] > 0 and 0 < d["memory_free"] <= d["memory_total"] for d in seen)
+        assert all(d["allocated"] == report.total(device=device) for d in seen)
+        status = subprocess.run(
+            [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), "status", "--json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        listed = json.loads(status.stdout)["telemetry"]["devices"]
+        assert [d["kind"] for d in listed] == ["RPC", "CPU"] and listed[0]["allocated"] == report.total(device=device)
+        text = subprocess.run(
+            [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), "status"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert f"RPC0  RPC device on {server.endpoint}" in text
 
         cpu = await load(client, {"model": str(demo_model), "n_gpu_layers": 0, "n_ctx": 2048, "rpc_servers": []})
         assert cpu["rpc_devices"] is None and report_of(cpu).total(gpu=True) == 0

@@ -398,3 +398,35 @@ def test_ram_alarm_compares_what_the_cpu_side_still_needs_with_what_is_available
     cleared = alarms.update(sample_at(3, available=4 << 30, rss=1 << 30), generating=False, cpu_side_need_bytes=4 << 30)
     assert kinds(cleared) == [("ram_low", False)]
     assert alarms.update(sample_at(4, available=1 << 30), generating=False, cpu_side_need_bytes=None) == []  # need unknown
+
+
+def test_devices_lists_each_gpu_rpc_device_and_the_cpu_with_what_the_model_holds_there() -> None:
+    from vramchat.daemon.model_lifecycle import ModelState
+    from vramchat.daemon.monitor import devices_view
+
+    sample = {
+        "gpus": [{"index": 0, "name": "NVIDIA RTX 4090", "memory_total": 24 << 30, "memory_free": 20 << 30}],
+        "host": {"ram_total": 64 << 30, "ram_available": 40 << 30},
+    }
+    buffers = [
+        {"kind": "model", "device": "CUDA0", "bytes": 3 << 30},
+        {"kind": "kv", "device": "CUDA0", "bytes": 1 << 30},
+        {"kind": "model", "device": "RPC0[10.0.0.2:50052]", "bytes": 2 << 30},
+        {"kind": "model", "device": "CPU_Mapped", "bytes": 5 << 30},
+        {"kind": "compute", "device": "CPU", "bytes": 1 << 20},
+    ]
+    at_load: list[dict[str, Any]] = [
+        {"name": "RPC0", "description": "CPU", "memory_total": 8 << 30, "memory_free": 6 << 30, "endpoint": "10.0.0.2:50052"}
+    ]
+    state = ModelState(state="ready", split={"buffers": buffers}, rpc_devices=at_load)
+    devices = devices_view(sample, state, None)
+    assert [(d["name"], d["kind"], d["allocated"]) for d in devices] == [
+        ("CUDA0", "CUDA", 4 << 30),
+        ("RPC0", "RPC", 2 << 30),
+        ("CPU", "CPU", (5 << 30) + (1 << 20)),
+    ]
+    assert devices[1]["memory_free"] == 6 << 30 and devices[2]["memory_free"] == 40 << 30
+    # The engine's newer reading replaces the one made at load; its CPU device is the host's, listed once.
+    newer: list[dict[str, Any]] = [{**at_load[0], "memory_free": 5 << 30}, {"name": "CPU", "description": "x", "endpoint": None}]
+    assert [d["memory_free"] for d in devices_view(sample, state, newer) if d["kind"] == "RPC"] == [5 << 30]
+    assert [d["kind"] for d in devices_view(sample, state, newer)] == ["CUDA", "RPC", "CPU"]

@@ -12,7 +12,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Label, Sparkline, Static
 
 from vramchat.shared.units import format_bytes
-from vramchat.tui.telemetry_view import rate, swapping
+from vramchat.tui.telemetry_view import rate, rpc_devices, rpc_used, swapping
 from vramchat.tui.widgets import MemoryBar, StateChanged, layer_split, vramchat_app
 
 # How much history the sparklines show: at one sample per 0.5 s, two minutes.
@@ -67,6 +67,18 @@ def series(history: list[Sample], gpu_count: int) -> dict[str, tuple[str, list[f
                 else f"{util:.0f}%" + (f", {gpu['temperature']:.0f}°C" if gpu.get("temperature") is not None else ""),
             ),
             [_gpu(i)(s).get("utilization") or 0 for s in history],
+        )
+    for device in rpc_devices(latest):
+        name = device["name"]
+        rows[f"rpc-{name}"] = (
+            gauge(
+                f"{name} mem",
+                rpc_used(device),
+                device.get("memory_total"),
+                f"{format_bytes(rpc_used(device))} / {format_bytes(device.get('memory_total'))}, model "
+                f"{format_bytes(device['allocated'])}, on {device['endpoint']}",
+            ),
+            [next((rpc_used(d) or 0 for d in rpc_devices(s) if d["name"] == name), 0) for s in history],
         )
     rows["ram"] = (
         gauge(

@@ -53,6 +53,24 @@ def _value(value: Any, unit: str, digits: int = 0) -> str:
     return "N/A" if value is None else f"{value:.{digits}f}{unit}"
 
 
+def rpc_devices(sample: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The sample's devices on RPC servers (`vramchat rpc-server`); a daemon before them sends none."""
+    return [d for d in (sample or {}).get("devices") or [] if d["kind"] == "RPC"]
+
+
+def rpc_used(device: dict[str, Any]) -> int | None:
+    total, free = device.get("memory_total"), device.get("memory_free")
+    return None if total is None or free is None else total - free
+
+
+def rpc_lines(sample: dict[str, Any]) -> list[str]:
+    return [
+        f"{d['name']}  RPC device on {d['endpoint']} ({d.get('description') or 'N/A'}): {format_bytes(d['allocated'])} "
+        f"allocated by the model, {format_bytes(d.get('memory_free'))} free of {format_bytes(d.get('memory_total'))}"
+        for d in rpc_devices(sample)
+    ]
+
+
 def gpu_lines(sample: dict[str, Any]) -> list[str]:
     status = sample.get("gpu_status") or "N/A"
     if not sample["gpus"]:
@@ -100,7 +118,7 @@ def format_status(
     if sample is None:
         return "\n".join([*lines, "memory: no sample yet"])
     host, engine = sample["host"], sample.get("engine")
-    lines += gpu_lines(sample)
+    lines += gpu_lines(sample) + rpc_lines(sample)
     lines.append(
         f"RAM   {format_bytes(host['ram_used'])} used of {format_bytes(host['ram_total'])}, "
         f"{format_bytes(host['ram_available'])} available ({format_bytes(host['page_cache'])} page cache)"

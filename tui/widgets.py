@@ -16,7 +16,7 @@ from textual.widgets import Label, ListItem, ListView, Markdown, Static, TextAre
 from textual.widgets.markdown import MarkdownBlock
 
 from vramchat.shared.units import format_bytes
-from vramchat.tui.telemetry_view import swapping
+from vramchat.tui.telemetry_view import rpc_devices, rpc_used, swapping
 
 if TYPE_CHECKING:
     from vramchat.tui.app import VramchatApp
@@ -183,6 +183,11 @@ def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str
         return f"memory: waiting for the first sample │ {model_part}"
     host = sample["host"]
     gpus = " ".join(f"GPU{g['index']} {format_bytes(g['memory_used'])}/{format_bytes(g['memory_total'])}" for g in sample["gpus"])
+    remote = " ".join(
+        f"{device['name']} {format_bytes(rpc_used(device))}/{format_bytes(device.get('memory_total'))}"
+        for device in rpc_devices(sample)
+    )
+    gpus = " ".join(part for part in (gpus, remote) if part)
     swap = f"swap {format_bytes(host['swap_used'])}"
     if swapping(sample):
         swap = f"[b white on red] {swap} SWAPPING [/]"
