@@ -30,6 +30,7 @@ BENCHMARKS = [
     "tui_lag",
     "http_api",
     "long_conversation",
+    "rpc_offload",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}
