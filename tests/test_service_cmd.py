@@ -164,3 +164,20 @@ def test_odd_paths_are_quoted_for_systemd() -> None:
     assert text == 'ExecStart="/opt/my env/bin/vramchatd" --data-dir="/data/100%%$$x"\nReadWritePaths="/data/100%%$x"\n'
     with pytest.raises(service_cmd.ServiceError, match="@DATA_DIR@"):
         service_cmd.render_unit("ReadWritePaths=@DATA_DIR@\n", {})
+
+
+def test_the_rpc_server_installs_as_a_user_unit_of_its_own(
+    fake_systemctl: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert service("install", "--rpc-server", "--dry-run") == 0
+    out = capsys.readouterr().out
+    unit_path = home / ".config" / "systemd" / "user" / "vramchat-rpc.service"
+    assert f"would write {unit_path}:" in out and not unit_path.exists()
+    assert f"ExecStart={VRAMCHATD.with_name('vramchat')} rpc-server --listen=127.0.0.1:50052\n" in out
+    assert "would run: systemctl --user enable --now vramchat-rpc.service" in out
+    assert service("install", "--rpc-server") == 0
+    assert unit_path.exists() and "@" not in unit_path.read_text().split("ExecStart=")[1].splitlines()[0]
+    assert fake_systemctl.read_text().splitlines() == ["--user daemon-reload", "--user enable --now vramchat-rpc.service"]
+    assert "enabled and started vramchat-rpc.service" in capsys.readouterr().out
+    assert service("install", "--rpc-server", "--system") == 1
+    assert "neither --system nor --http" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from vramchat.shared import paths
 UNIT_NAME = "vramchatd.service"
 TEMPLATES = "vramchat.systemd"  # the package whose data the unit templates are
 USER_TEMPLATE = "vramchatd.service"
+RPC_TEMPLATE = "vramchat-rpc.service"  # `vramchat rpc-server`, a user unit of its own
 SYSTEM_TEMPLATE = "vramchatd-system.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 SYSTEM_ACCOUNT = "vramchat"
@@ -74,6 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     install.add_argument(
         "--http", metavar="HOST:PORT", help="have the daemon serve the OpenAI-compatible API there (vramchatd --http)"
     )
+    install.add_argument(
+        "--rpc-server",
+        action="store_true",
+        help="install `vramchat rpc-server` (this machine's devices for a vramchatd elsewhere, on loopback) instead",
+    )
     install.add_argument("--dry-run", action="store_true", help="print the unit and the commands, change nothing")
     install.set_defaults(handler=run)
 
@@ -88,6 +94,10 @@ class Plan:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if getattr(args, "rpc_server", False):
+            if args.system or getattr(args, "http", None):
+                raise ServiceError("--rpc-server installs a user unit of its own: it takes neither --system nor --http")
+            return install_rpc_server(dry_run=args.dry_run)
         daemon_args = [f"--http={args.http}"] if getattr(args, "http", None) else []
         return install(
             system=args.system, dry_run=args.dry_run, create_user=getattr(args, "create_user", False), daemon_args=daemon_args
@@ -133,6 +143,33 @@ def install(*, system: bool, dry_run: bool, create_user: bool = False, daemon_ar
             return status
     explain_access(system)
     return 0
+
+
+def install_rpc_server(*, dry_run: bool) -> int:
+    """Write the RPC server's user unit and start it, like the daemon's."""
+    vramchat = Path(sys.executable).with_name("vramchat")
+    if not vramchat.is_file():
+        raise ServiceError(f"there is no vramchat next to {sys.executable}; install vramchat into this environment first")
+    plan = rpc_server_plan(vramchat)
+    if dry_run:
+        print(f"would write {plan.unit_path}:\n")
+        print(plan.unit_text)
+        for command in systemctl_commands(plan):
+            print("would run:", " ".join(command))
+        return 0
+    plan.unit_path.parent.mkdir(parents=True, exist_ok=True)
+    plan.unit_path.write_text(plan.unit_text)
+    print(f"wrote {plan.unit_path}")
+    status = start(plan)
+    print("It listens on 127.0.0.1:50052; on the daemon's machine: ssh -N -L 50052:127.0.0.1:50052 THIS-HOST, then "
+          "vramchatd --rpc 127.0.0.1:50052 (or rpc_servers in its config)")  # fmt: skip
+    return status
+
+
+def rpc_server_plan(vramchat: Path) -> Plan:
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    text = render_unit(read_template(RPC_TEMPLATE), {"VRAMCHAT": str(vramchat)})
+    return Plan(config_home / "systemd" / "user" / RPC_TEMPLATE, text, ["systemctl", "--user"], [])
 
 
 def user_plan(vramchatd: Path) -> Plan:
@@ -193,7 +230,7 @@ def systemd_quote(value: str, exec_line: bool) -> str:
 
 
 def systemctl_commands(plan: Plan) -> list[list[str]]:
-    return [[*plan.systemctl, "daemon-reload"], [*plan.systemctl, "enable", "--now", UNIT_NAME]]
+    return [[*plan.systemctl, "daemon-reload"], [*plan.systemctl, "enable", "--now", plan.unit_path.name]]
 
 
 def systemd_running() -> bool:
@@ -206,7 +243,7 @@ def start(plan: Plan) -> int:
     if shutil.which("systemctl") is None or not systemd_running():
         print(
             "systemd is not running here (a container, or another init), so the service was not "
-            f"enabled. Start the daemon yourself with `vramchatd` (or `make daemon`), or run `{manual}` "
+            f"enabled. Start it yourself (`vramchatd`, `make daemon` or `vramchat rpc-server`), or run `{manual}` "
             "on a machine booted with systemd."
         )
         return 0
@@ -222,7 +259,8 @@ def start(plan: Plan) -> int:
                     file=sys.stderr,
                 )
             return 1
-    print(f"enabled and started {UNIT_NAME}; logs: journalctl {'--user ' if '--user' in plan.systemctl else ''}-u {UNIT_NAME}")
+    unit = plan.unit_path.name
+    print(f"enabled and started {unit}; logs: journalctl {'--user ' if '--user' in plan.systemctl else ''}-u {unit}")
     return 0
 
 
