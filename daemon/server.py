@@ -106,13 +106,15 @@ class Daemon:
         # Only now that no other daemon can be using the store: what was generating is lost.
         if interrupted := self.store.mark_interrupted():
             log.warning("marked %d reply(ies) interrupted by the previous daemon's end", interrupted)
+        # HTTP first: its key exists, and its port is known to be free, before the control socket
+        # appears, which is what clients and scripts wait for.
+        if self.settings.http_listen:
+            await self._start_http(self.settings.http_listen)
         self.transport.bind_ipc(runtime_dir, group_access=self.settings.socket_dir_mode != 0o700)
         if self.settings.tcp_listen:
             self.transport.bind_tcp(
                 self.settings.tcp_listen, insecure=self.settings.insecure_tcp, data_dir=self.settings.data_dir
             )
-        if self.settings.http_listen:
-            await self._start_http(self.settings.http_listen)
         log.info("vramchatd %s listening in %s (epoch %s)", __version__, runtime_dir, self.bus.epoch)
         self._log_rpc_servers()
 
