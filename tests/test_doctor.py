@@ -15,7 +15,7 @@ from vramchat.tui import cli
 from vramchat.tui.commands import doctor
 from vramchat.tui.telemetry_view import NO_GPU
 
-from helpers import DaemonProcess, IsolatedHome
+from helpers import DaemonProcess
 
 CPU_FLAGS = doctor.cpu_flags()
 HAS_NVIDIA_GPU = Path("/dev/nvidiactl").exists()
@@ -80,13 +80,15 @@ async def test_doctor_fails_when_the_daemon_speaks_another_protocol(
     assert "install the same vramchat version on both sides" in out
 
 
-def test_a_config_error_fails_and_is_quoted(isolated_home: IsolatedHome | None, capsys: pytest.CaptureFixture[str]) -> None:
-    if isolated_home is None:
-        pytest.skip("writes the config file: not with --use-my-config")
-    isolated_home.config_file.write_text("n_ctx = -5\n")
-    assert cli.main(["--runtime-dir", str(isolated_home.runtime_dir), "doctor", "--no-decode", "--json"]) == 1
+def test_a_config_error_fails_and_is_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "config.toml"  # a file of its own, so even --use-my-config leaves yours alone
+    broken.write_text("n_ctx = -5\n")
+    monkeypatch.setenv("VRAMCHAT_CONFIG", str(broken))
+    assert cli.main(["--runtime-dir", str(tmp_path / "run"), "doctor", "--no-decode", "--json"]) == 1
     config = by_name(json.loads(capsys.readouterr().out))["config"]
-    assert config["status"] == "fail" and "n_ctx" in config["summary"] and str(isolated_home.config_file) in config["fix"]
+    assert config["status"] == "fail" and "n_ctx" in config["summary"] and str(broken) in config["fix"]
 
 
 def test_a_runtime_dir_others_can_enter_fails(tmp_path: Path) -> None:
