@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue, checked_sampling, checked_settings
 from vramchat.daemon.jobs import Job
@@ -161,11 +160,7 @@ class Handlers:
     # --- models ------------------------------------------------------------------------------
 
     async def on_models(self, _request: Request, _client: bytes) -> dict[str, Any]:
-        found = model_files.discover(self.config.model_dirs)
-        loaded = self.model.state.path if self.model.state.state == "ready" else None
-        for model in found:
-            model["loaded"] = model["path"] == loaded
-        return {"models": found, "model_dirs": [str(d) for d in self.config.model_dirs]}
+        return {"models": self.model.known_models(), "model_dirs": [str(d) for d in self.config.model_dirs]}
 
     async def on_load(self, request: Request, _client: bytes) -> dict[str, Any]:
         return await self.model.load(request.body)

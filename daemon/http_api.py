@@ -20,14 +20,12 @@ from typing import Any
 
 from aiohttp import web
 
-from vramchat.daemon import model_files
 from vramchat.daemon.generation import GenerationQueue, checked_sampling
 from vramchat.daemon.jobs import Job, JobResult
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.store import NotFound, Store
 from vramchat.daemon.transport import RATE_PER_S, RateLimiter
 from vramchat.shared import protocol
-from vramchat.shared.config import Config
 from vramchat.shared.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -79,14 +77,13 @@ class HttpApi:
         host: str,
         port: int,
         key: str,
-        config: Config,
         store: Store,
         model: ModelLifecycle,
         generation: GenerationQueue,
         rate_limiter: RateLimiter,
     ) -> None:
         self.host, self.port, self.key, self.rate_limiter = host, port, key, rate_limiter
-        self.config, self.store, self.model, self.generation = config, store, model, generation
+        self.store, self.model, self.generation = store, model, generation
         app = web.Application(client_max_size=protocol.MAX_REQUEST_BYTES, middlewares=[self._errors_and_auth])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -126,13 +123,8 @@ class HttpApi:
         return web.json_response({"status": "ok" if state.state == "ready" else state.state, "model": state.name})
 
     async def models(self, _request: web.Request) -> web.StreamResponse:
-        loaded = self.model.state.path if self.model.state.state == "ready" else None
-        found = model_files.discover(self.config.model_dirs)
-        found.sort(key=lambda m: m["path"] != loaded)  # the loaded model first
-        data = [
-            {"id": m["name"], "object": "model", "created": 0, "owned_by": "vramchat", "loaded": m["path"] == loaded}
-            for m in found
-        ]
+        found = sorted(self.model.known_models(), key=lambda m: not m["loaded"])  # the loaded model first
+        data = [{"id": m["name"], "object": "model", "created": 0, "owned_by": "vramchat", "loaded": m["loaded"]} for m in found]
         return web.json_response({"object": "list", "data": data})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -140,7 +132,7 @@ class HttpApi:
         stream = bool(body.get("stream", False))
         options = body.get("stream_options") or {}
         include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
-        job = self._job(request, body)
+        job = self._job(request, body, streamed=stream)
         self.generation.check_room(job.client)
         if job.conversation_id is not None:
             user = job.messages[-1]["content"] if job.messages else ""
@@ -163,7 +155,7 @@ class HttpApi:
                 with contextlib.suppress(ProtocolError):
                     self.generation.cancel(job.request_id, reason="the HTTP client disconnected")
 
-    def _job(self, request: web.Request, body: dict[str, Any]) -> Job:
+    def _job(self, request: web.Request, body: dict[str, Any], *, streamed: bool) -> Job:
         messages = parse_messages(body.get("messages"))
         sampling: dict[str, Any] = {}
         for name in ("temperature", "top_p", "seed"):
@@ -194,6 +186,7 @@ class HttpApi:
             label=label,
             messages=messages,
             stop=parse_stop(body.get("stop")),
+            streamed=streamed,
         )
 
 

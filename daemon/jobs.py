@@ -37,6 +37,7 @@ class Job:
     label: str | None = None  # who asked, when it is not a vramchat client: "http 127.0.0.1:53122"
     messages: list[dict[str, str]] | None = None
     stop: list[str] = field(default_factory=list)  # extra stop strings
+    streamed: bool = False  # someone reads pieces() (an HTTP stream); otherwise tokens are not queued
     enqueued_at: float = field(default_factory=time.time)
     _pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue, repr=False)
     _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -56,7 +57,8 @@ class Job:
         return self._result is not None
 
     def emit(self, text: str) -> None:
-        self._pieces.put_nowait(text)
+        if self.streamed:
+            self._pieces.put_nowait(text)
 
     def finish(self, result: JobResult) -> None:
         self._result = result

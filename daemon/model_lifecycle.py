@@ -140,6 +140,11 @@ class ModelLifecycle:
         if self.state.state != previous:
             self.notifier.status(self.state.status_line())
 
+    def known_models(self) -> list[dict[str, Any]]:
+        """The model files it can load (model_files.discover), each saying whether it is the one loaded."""
+        loaded = self.state.path if self.state.state == "ready" else None
+        return [{**model, "loaded": model["path"] == loaded} for model in model_files.discover(self.config.model_dirs)]
+
     def startup_model(self, named: str | None) -> str | None:
         """The model to load at start: named on the command line, else the config's, else the demo."""
         name = named or self.config.default_model

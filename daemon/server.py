@@ -161,7 +161,6 @@ class Daemon:
             host=host,
             port=port,
             key=key,
-            config=config,
             store=self.store,
             model=self.model,
             generation=self.generation,
