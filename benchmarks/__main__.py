@@ -31,6 +31,7 @@ BENCHMARKS = [
     "http_api",
     "long_conversation",
     "rpc_offload",
+    "speed_estimate",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}

@@ -211,3 +211,130 @@ def write_tiny_gemma(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ggml's block layouts (ggml-common.h): weights per block, bytes per block, and the offsets of the
+# block's f16 scales (d, and dmin or m). Every other byte is quantized weights or sub-block scales,
+# which may hold any value.
+BLOCK_LAYOUTS: dict[str, tuple[int, int, tuple[int, ...]]] = {
+    "Q4_0": (32, 18, (0,)),
+    "Q4_1": (32, 20, (0, 2)),
+    "Q5_0": (32, 22, (0,)),
+    "Q5_1": (32, 24, (0, 2)),
+    "Q8_0": (32, 34, (0,)),
+    "Q2_K": (256, 84, (80, 82)),
+    "Q3_K": (256, 110, (108,)),
+    "Q4_K": (256, 144, (0, 2)),
+    "Q5_K": (256, 176, (0, 2)),
+    "Q6_K": (256, 210, (208,)),
+}
+
+
+@dataclass(frozen=True)
+class RandomLlamaSpec:
+    """A llama of random quantized weights; the defaults make a ~1 GB Q4_0 file (1.8B weights)."""
+
+    quant: str = "Q4_0"  # a BLOCK_LAYOUTS type, or F16
+    n_layer: int = 27
+    n_embd: int = 2048
+    n_head: int = 16
+    n_head_kv: int = 4
+    n_ff: int = 8192
+    n_vocab: int = 32000
+    n_ctx_train: int = 4096
+    tied_embeddings: bool = False  # no output.weight: the output reads token_embd
+    embedding_quant: str | None = None  # token_embd's type, when not `quant` (SmolLM2's is Q8_0)
+    seed: int = 0
+
+
+def write_random_llama(path: Path, spec: RandomLlamaSpec = RandomLlamaSpec()) -> Path:
+    """Write a llama GGUF of random quantized matrices, in seconds even at several GB.
+
+    Quantizing with gguf.quants takes minutes per GB (and it cannot write K-quants), so each block
+    is random bytes with its f16 scales set to a small fixed value. The output row of the
+    end-of-generation token is zero, so greedy decoding does not end a reply early.
+    """
+    block = BLOCK_LAYOUTS.get(spec.quant, (256, 0, ()))[0]
+    if spec.quant not in (*BLOCK_LAYOUTS, "F16"):
+        raise ValueError(f"no random {spec.quant}: use F16 or one of {', '.join(BLOCK_LAYOUTS)}")
+    if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv or spec.n_embd % block or spec.n_ff % block:
+        raise ValueError(f"n_embd must divide by n_head and by {block}, n_head by n_head_kv, and n_ff by {block}")
+    rng = np.random.default_rng(spec.seed)
+    head_dim = spec.n_embd // spec.n_head
+    scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+
+    def matrix(rows: int, cols: int, quant: str = spec.quant) -> np.ndarray:
+        if quant == "F16":
+            return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
+        per_block, size, scales = BLOCK_LAYOUTS[quant]
+        n = cols // per_block
+        blocks = np.frombuffer(rng.bytes(rows * n * size), dtype=np.uint8).reshape(rows, n, size).copy()
+        for at in scales:
+            blocks[:, :, at : at + 2] = scale
+        return blocks.reshape(rows, n * size)
+
+    def add(name: str, data: np.ndarray, quant: str = spec.quant) -> None:
+        writer.add_tensor(name, data, raw_dtype=None if quant == "F16" else GGMLQuantizationType[quant])
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name(f"random-{spec.quant}-llama-{spec.n_layer}L-{spec.n_embd}d")
+    file_type = {"Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M"}.get(
+        spec.quant, f"MOSTLY_{spec.quant}"
+    )
+    writer.add_file_type(LlamaFileType[file_type])
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(spec.n_vocab)
+    _add_tokenizer(writer, spec.n_vocab)
+    writer.add_chat_template(CHATML_TEMPLATE)
+
+    embedding_quant = spec.embedding_quant or spec.quant
+    embedding = matrix(spec.n_vocab, spec.n_embd, embedding_quant)
+    writer.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+    output = embedding if spec.tied_embeddings else matrix(spec.n_vocab, spec.n_embd)
+    output[2] = 0  # </s>: a logit of 0, below the largest of the others
+    add("token_embd.weight", embedding, embedding_quant)
+    if not spec.tied_embeddings:
+        add("output.weight", output)
+    kv = spec.n_head_kv * head_dim
+    for i in range(spec.n_layer):
+        blk = f"blk.{i}"
+        writer.add_tensor(f"{blk}.attn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+        for name, rows, cols in (
+            ("attn_q", spec.n_embd, spec.n_embd),
+            ("attn_k", kv, spec.n_embd),
+            ("attn_v", kv, spec.n_embd),
+            ("attn_output", spec.n_embd, spec.n_embd),
+            ("ffn_gate", spec.n_ff, spec.n_embd),
+            ("ffn_up", spec.n_ff, spec.n_embd),
+            ("ffn_down", spec.n_embd, spec.n_ff),
+        ):
+            add(f"{blk}.{name}.weight", matrix(rows, cols))
+        writer.add_tensor(f"{blk}.ffn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def random_llama(cache: Path, spec: RandomLlamaSpec = RandomLlamaSpec()) -> Path:
+    """The file for `spec` in `cache`, written the first time (benchmark runs share it)."""
+    s = spec
+    tied = f"-tied{s.embedding_quant or ''}" if s.tied_embeddings else ""
+    path = (
+        cache
+        / f"random-{s.quant}-{s.n_layer}L-{s.n_embd}d-{s.n_ff}ff-{s.n_head}h{s.n_head_kv}kv-{s.n_vocab}v{tied}-s{s.seed}.gguf"
+    )
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        write_random_llama(partial, spec)
+        partial.rename(path)
+    return path
