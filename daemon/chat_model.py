@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from vramchat.daemon import llama_params
 
 # Plain ChatML, for models whose GGUF carries no chat template (the tiny test models, some
 # base models). llama-cpp-python would fall back to the llama-2 format instead.
@@ -52,6 +54,7 @@ class ChatModel:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.llm = llm
+        self._llama_params: list[Any] = []  # what llama.cpp's model params point to (llama_params.py)
         template = llm.metadata.get("tokenizer.chat_template")
         eos_id, bos_id = llm.token_eos(), llm.token_bos()
         self.formatter = Jinja2ChatFormatter(
@@ -68,24 +71,36 @@ class ChatModel:
 
     @classmethod
     def load(
-        cls, model_path: str, *, n_gpu_layers: int, n_ctx: int, n_threads: int | None, n_batch: int = 512, n_ubatch: int = 512
+        cls,
+        model_path: str,
+        *,
+        n_gpu_layers: int,
+        n_ctx: int,
+        n_threads: int | None,
+        cpu_tensors: Sequence[str] = (),
+        flash_attn_auto: bool = False,
+        on_progress: Callable[[float], None] = lambda fraction: None,
+        **llama_args: Any,
     ) -> ChatModel:
-        """Load the GGUF (mmapped). Raises what llama-cpp-python raises, mostly ValueError."""
+        """Load the GGUF (mmapped unless use_mmap=False), with `llama_args` passed on to Llama()
+        (shared/load_options.py builds them from a load's settings), and the tensors matching
+        `cpu_tensors` kept in RAM (daemon/llama_params.py). Raises what llama-cpp-python raises,
+        mostly ValueError."""
         from llama_cpp import Llama
 
-        return cls(
-            Llama(
+        with llama_params.model_params(on_progress, cpu_tensors, flash_attn_auto=flash_attn_auto) as keep:
+            llm = Llama(
                 model_path=model_path,
                 n_gpu_layers=n_gpu_layers,
                 n_ctx=n_ctx,
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
-                n_batch=n_batch,
-                n_ubatch=n_ubatch,
-                use_mmap=True,
                 verbose=False,
+                **llama_args,
             )
-        )
+        model = cls(llm)
+        model._llama_params = keep
+        return model
 
     def prompt(self, messages: list[dict[str, str]]) -> Prompt:
         """The conversation formatted and tokenized as the model was trained to read it."""
@@ -210,6 +225,8 @@ class StopFilter:
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [stop for stop in stops if stop]
+        # Text can end in the start of a stop string only if its last character is one of these.
+        self._starts = frozenset(ch for stop in self.stops for ch in stop[:-1])
         self.held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -219,6 +236,9 @@ class StopFilter:
             if (at := self.held.find(stop)) != -1:
                 out, self.held = self.held[:at], ""
                 return out, True
+        if not self.held or self.held[-1] not in self._starts:  # most tokens: nothing to hold back
+            out, self.held = self.held, ""
+            return out, False
         keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.held.endswith(stop[:n])), default=0)
         out = self.held[: len(self.held) - keep]
         self.held = self.held[len(self.held) - keep :]

@@ -6,16 +6,19 @@ kills only the engine, never the daemon. And loading another model, or the same 
 
 It talks to the daemon over a private ZeroMQ PAIR socket, one msgpack map per frame:
 
-daemon -> engine: {"op": "load", ...Llama params}, {"op": "generate", "request", "conversation",
+daemon -> engine: {"op": "load", "model_path", "llama": {Llama() arguments}, "cpu_tensors", "flash_attn_auto",
+                  "devices", "rpc_servers", "state_cache_bytes"}, {"op": "generate", "request", "conversation",
                   "messages", "sampling", "stop", "overflow": {"policy", "dropped"}},
                   {"op": "cancel", "request"}, {"op": "shutdown"}
 daemon -> engine, between tokens too: {"op": "devices"}, answered by {"ev": "devices", "devices": [...]}
 engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev": "ready", ...}, {"ev": "load_failed",
-                  "error"}, {"ev": "tok", "request", "text"}, {"ev": "done", "request",
+                  "error"}, {"ev": "tok", "request", "text", "t": [...]}, {"ev": "done", "request",
                   "finish_reason", "stats"}, {"ev": "failed", "request", "code", "error"}
 
 Everything runs on the main thread: a Llama object is not safe across threads. Cancellation is
-checked between tokens by polling the socket, so it takes effect within one token.
+checked between tokens by polling the socket, so it takes effect within one token. A `tok` frame
+carries one token, or several produced within a few milliseconds (`TokenFrames`), with the
+`time.time()` of each in `t`.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import math
 import os
 import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +44,10 @@ from vramchat.daemon.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLo
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).
 DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
+# A token waits in the engine for others to share its frame (TokenFrames) only while the next one
+# is expected within this of the frame's first: under the TUI's 1/30 s frame, and under the 20 ms
+# that docs/benchmarks.md allows the relay.
+FRAME_WINDOW_S = 0.015
 
 
 class Engine:
@@ -49,7 +58,8 @@ class Engine:
         self.shutdown_requested = False
         self.states = ConversationStates(0)
         self.conversation: str | None = None  # whose tokens the context holds
-        self.rpc_endpoints: dict[str, str] = {}  # RPC device name -> its server, from the load
+        self.rpc_devices: dict[str, dict[str, Any]] = {}  # RPC device name -> as registered at load
+        self._last_progress = -1.0
 
     def send(self, message: dict[str, Any]) -> None:
         self.socket.send(msgpack.packb(message, use_bin_type=True))
@@ -63,7 +73,6 @@ class Engine:
         self.llama_cpp = llama_cpp
         self.states = ConversationStates(int(params.get("state_cache_bytes", DEFAULT_STATE_CACHE_BYTES)))
         self._capture_llama_log(llama_cpp)
-        self._report_load_progress(llama_cpp)
         started = time.monotonic()
         # Devices on other machines (`vramchat rpc-server`) join ggml's registry before the
         # Llama is made, and llama.cpp offloads to them as to a local GPU.
@@ -71,18 +80,27 @@ class Engine:
         try:
             for endpoint in params.get("rpc_servers") or []:
                 rpc_devices += [device.to_dict() for device in rpc.register_server(endpoint)]
-            self.rpc_endpoints = {device["name"]: device["endpoint"] for device in rpc_devices}
+            self.rpc_devices = {device["name"]: device for device in rpc_devices}
+            offload = [d.name for d in rpc.local_devices() if d.type in ("GPU", "IGPU")]
         except rpc.RpcError as exc:
             self.send({"ev": "load_failed", "error": f"{exc}; start `vramchat rpc-server` there, or load without it"})
+            return False
+        if (planned := params.get("devices")) is not None and planned != offload[: len(planned)]:
+            # The plan's tensor_split counts layers per device in this order: another order misplaces them.
+            self.send(
+                {
+                    "ev": "load_failed",
+                    "error": f"the plan expected the offload devices {planned}, and llama.cpp has {offload}; load again",
+                }
+            )
             return False
         try:
             self.model = model = ChatModel.load(
                 params["model_path"],
-                n_gpu_layers=params["n_gpu_layers"],
-                n_ctx=params["n_ctx"],
-                n_threads=params.get("n_threads"),
-                n_batch=params.get("n_batch", 512),
-                n_ubatch=params.get("n_ubatch", 512),
+                **params["llama"],
+                cpu_tensors=params.get("cpu_tensors", []),
+                flash_attn_auto=params.get("flash_attn_auto", False),
+                on_progress=self._report_progress,
             )
         except Exception as exc:  # llama-cpp-python raises ValueError for most load failures
             self.send({"ev": "load_failed", "error": _load_error_text(exc, self.log_lines)})
@@ -119,27 +137,11 @@ class Engine:
         self._log_callback = on_log  # ctypes callbacks must outlive their registration
         llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
 
-    def _report_load_progress(self, llama_cpp: Any) -> None:
-        """Llama() builds its model params from llama_model_default_params(); hook a progress
-        callback into them, since Llama() has no parameter for it."""
-        last_sent = [-1.0]
-
-        @llama_cpp.llama_progress_callback
-        def on_progress(fraction: float, _user_data: ctypes.c_void_p) -> bool:
-            if fraction - last_sent[0] >= 0.02 or fraction >= 1.0:
-                last_sent[0] = fraction
-                self.send({"ev": "progress", "fraction": float(fraction)})
-            return True
-
-        self._progress_callback = on_progress
-        default_params = llama_cpp.llama_model_default_params
-
-        def params_with_progress() -> Any:
-            params = default_params()
-            params.progress_callback = on_progress
-            return params
-
-        llama_cpp.llama_model_default_params = params_with_progress
+    def _report_progress(self, fraction: float) -> None:
+        """llama.cpp's load progress, every 2% (it calls back for every tensor)."""
+        if fraction - self._last_progress >= 0.02 or fraction >= 1.0:
+            self._last_progress = fraction
+            self.send({"ev": "progress", "fraction": float(fraction)})
 
     # --- generation --------------------------------------------------------------------------
 
@@ -176,17 +178,19 @@ class Engine:
         seed = reply.sampling["seed"]
         llm.set_seed(seed if seed is not None else random.randrange(2**31))
 
+        frames = TokenFrames(self.send, request_id)
         started = time.monotonic()
         try:
             for text in reply:
-                if text:
-                    self.send({"ev": "tok", "request": request_id, "text": text, "t": time.time()})
+                frames.add(text)
                 if self._cancel_requested(request_id):
                     reply.stop()
         except Exception as exc:
+            frames.flush()
             self.send({"ev": "failed", "request": request_id, "code": "internal", "error": f"generation failed: {exc}"})
             return
         ended = time.monotonic()
+        frames.flush()
 
         n_prompt = len(prompt.tokens)
         evaluated = n_prompt - min(cached, n_prompt - 1)
@@ -228,7 +232,11 @@ class Engine:
     def send_devices(self) -> None:
         """The memory of every device ggml sees, RPC devices included (a round trip to each server)."""
         try:
-            devices = [{**d.to_dict(), "endpoint": self.rpc_endpoints.get(d.name)} for d in rpc.local_devices()]
+            devices = []
+            for device in rpc.local_devices():  # fresh memory figures; where each lives, from the load
+                registered = self.rpc_devices.get(device.name, {})
+                device.endpoint, device.buffer_name = registered.get("endpoint"), registered.get("buffer_name")
+                devices.append(device.to_dict())
         except rpc.RpcError:  # a build without the RPC backend: NVML covers the local GPUs
             devices = []
         self.send({"ev": "devices", "devices": devices})
@@ -244,6 +252,39 @@ class Engine:
             elif op == "shutdown":
                 break
             # A cancel for a request that already finished needs no answer.
+
+
+class TokenFrames:
+    """Coalesces a reply's tokens into `tok` frames for the daemon.
+
+    Every frame wakes the engine's ZeroMQ I/O thread, then the daemon's I/O thread and loop, then
+    each client's: threads that preempt a llama thread on a machine with no core to spare, which
+    the other llama threads then wait for. So a token joins the next frame when the one after it
+    is expected (at the last interval between tokens) before the frame's oldest token has waited
+    `window_s`; otherwise the frame goes at once. The first token of a reply, and every token of a
+    model slower than one per `window_s`, go at once; a fast model costs one frame per `window_s`.
+    """
+
+    def __init__(self, send: Callable[[dict[str, Any]], None], request_id: str, window_s: float = FRAME_WINDOW_S) -> None:
+        self.send, self.request_id, self.window_s = send, request_id, window_s
+        self.texts: list[str] = []
+        self.stamps: list[float] = []  # time.time() of each token in `texts`
+        self.last_at = -math.inf  # of the previous token
+
+    def add(self, text: str, now: float | None = None) -> None:
+        """One token's text: "" for a token that shows nothing yet, which may still end the frame."""
+        now = time.time() if now is None else now
+        interval, self.last_at = now - self.last_at, now
+        if text:
+            self.texts.append(text)
+            self.stamps.append(now)
+        if self.stamps and now + interval - self.stamps[0] > self.window_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.texts:
+            self.send({"ev": "tok", "request": self.request_id, "text": "".join(self.texts), "t": self.stamps})
+            self.texts, self.stamps = [], []
 
 
 @dataclass

@@ -16,15 +16,18 @@ import zmq.asyncio
 from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.notify import Notifier
+from vramchat.daemon.rpc_probe import RpcProbeError, probe_rpc_devices
 from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
 from vramchat.daemon.telemetry import TelemetrySampler
 from vramchat.shared.config import Config
 from vramchat.shared.gguf import GGUFError, inspect_cached
 from vramchat.shared.llama_log import parse_load_log
-from vramchat.shared.planner import Machine, PlanError, PlanSettings, plan_load
+from vramchat.shared.load_options import cpu_tensor_patterns, llama_args, settings_from
+from vramchat.shared.load_plan import Machine, plan_load
+from vramchat.shared.placement import OffloadDevice
+from vramchat.shared.planner import PlanError
 from vramchat.shared.protocol import ProtocolError, field_of
 from vramchat.shared.rpc_endpoints import unreachable
-from vramchat.shared.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +81,36 @@ class ModelState:
 
 @dataclass(frozen=True)
 class LoadParams:
-    """A checked load request, with n_gpu_layers resolved by the plan."""
+    """A checked load request, with n_gpu_layers (and with several devices, the split) resolved by the plan."""
 
     model_path: str
-    n_gpu_layers: int
-    n_ctx: int
     n_threads: int
     state_cache_bytes: int
     plan: dict[str, Any]
+    llama: dict[str, Any]  # Llama() arguments (shared/load_options.py llama_args)
     rpc_servers: tuple[str, ...] = ()  # "HOST:PORT" of each `vramchat rpc-server` to offload to
+    devices: tuple[str, ...] = ()  # the offload devices the plan counted on, in llama.cpp's order
+    cpu_tensors: tuple[str, ...] = ()  # tensor-name patterns kept in host RAM (--n-cpu-moe)
+    flash_attn_auto: bool = False
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return int(self.llama["n_gpu_layers"])
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llama["n_ctx"])
 
     def for_engine(self) -> dict[str, Any]:
         """The engine's `load` message (daemon/engine.py)."""
         return {
             "model_path": self.model_path,
-            "n_gpu_layers": self.n_gpu_layers,
-            "n_ctx": self.n_ctx,
-            "n_threads": self.n_threads,
+            "llama": self.llama,
             "state_cache_bytes": self.state_cache_bytes,
             "rpc_servers": list(self.rpc_servers),
+            "devices": list(self.devices),
+            "cpu_tensors": list(self.cpu_tensors),
+            "flash_attn_auto": self.flash_attn_auto,
         }
 
 
@@ -175,12 +189,13 @@ class ModelLifecycle:
         `trusted` is for the daemon's own command line and config, which may name any path.
         """
         # Reading a GGUF's header takes seconds for a big vocabulary: keep it off the loop.
-        params = await asyncio.get_running_loop().run_in_executor(None, self._checked_params, body, trusted)
+        rpc_servers = self._rpc_servers(body)
+        if down := await self.unanswering_rpc_servers(rpc_servers):
+            raise ProtocolError("load_failed", f"could not load {body.get('model')}: {_rpc_down_text(down)}")
+        params = await asyncio.get_running_loop().run_in_executor(None, self._checked_params, body, trusted, rpc_servers)
         if self._load_lock.locked():
             raise ProtocolError("busy", "another load is in progress; wait for it to finish")
         async with self._load_lock:
-            if down := await self.unanswering_rpc_servers(params.rpc_servers):
-                raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {_rpc_down_text(down)}")
             return await self._replace_engine(params)
 
     async def unanswering_rpc_servers(self, servers: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -193,7 +208,7 @@ class ModelLifecycle:
         reasons = await asyncio.gather(*(loop.run_in_executor(None, unreachable, server) for server in servers))
         return [(server, reason) for server, reason in zip(servers, reasons, strict=True) if reason]
 
-    def _checked_params(self, body: dict[str, Any], trusted: bool) -> LoadParams:
+    def _checked_params(self, body: dict[str, Any], trusted: bool, rpc_servers: tuple[str, ...]) -> LoadParams:
         """Check the request's fields, then plan: resolve "auto" and refuse a load that would swap."""
         name = field_of(body, "model", str)
         path = model_files.resolve(name, self.config.model_dirs, allow_any_path=trusted or self.config.allow_any_model_path)
@@ -207,24 +222,55 @@ class ModelLifecycle:
         n_threads = field_of(body, "n_threads", int, self.config.n_threads or cpus)
         if not 1 <= n_threads <= cpus:
             raise ProtocolError("invalid_value", f"n_threads must be between 1 and this machine's {cpus} CPUs, not {n_threads}")
-        budget_text = field_of(body, "vram_budget", (int, str), None)
-        rpc_servers = self._rpc_servers(body)
+        budget = field_of(body, "vram_budget", (int, str, dict), None)
         try:
-            budget = parse_size(budget_text) if isinstance(budget_text, str) else budget_text
+            settings = settings_from(body, self.config.load_defaults(), n_ctx, n_threads)
             info = inspect_cached(path)
-            host = Machine.from_sample(self.telemetry.latest() or self.telemetry.sample(engine_pid=None))
-            # The planner's one "gpu" side is the offload device: a local GPU, or an RPC device. An RPC
-            # device alone is no `has_gpu`: at n_gpu_layers 0 llama.cpp gives it no compute buffer.
-            plan = plan_load(info, host, n_gpu_layers, PlanSettings(n_ctx=n_ctx), vram_budget=budget)
+            sample = self.telemetry.latest() or self.telemetry.sample(engine_pid=None)
+            host = Machine.from_sample(sample, self._rpc_offload_devices(rpc_servers))
+            if self.config.ram_budget is not None:
+                host = replace(host, available_ram=min(host.available_ram, self.config.ram_budget))
+            plan = plan_load(info, host, n_gpu_layers, settings, vram_budget=budget)
         except GGUFError as exc:
             raise ProtocolError("not_gguf", str(exc)) from None
-        except (PlanError, ValueError) as exc:
+        except (PlanError, ValueError, RpcProbeError) as exc:
             raise ProtocolError("invalid_value", str(exc)) from None
         if plan.swap.would_swap and not field_of(body, "force", bool, False):
             raise ProtocolError("would_swap", plan.swap.message)
         return LoadParams(
-            str(path), plan.n_gpu_layers, n_ctx, n_threads, self.config.state_cache_mib << 20, plan.to_dict(), rpc_servers
+            str(path),
+            n_threads,
+            self.config.state_cache_mib << 20,
+            plan.to_dict(),
+            llama_args(plan.settings, n_gpu_layers=plan.n_gpu_layers, tensor_split=plan.tensor_split),
+            rpc_servers,
+            tuple(d.name for d in plan.devices) if rpc_servers else (),
+            tuple(cpu_tensor_patterns(plan.settings, info.n_layer)),
+            plan.settings.flash_attn == "auto",
         )
+
+    def _rpc_offload_devices(self, servers: tuple[str, ...]) -> list[OffloadDevice]:
+        """The devices of the RPC servers a load will use, with the memory the load will find free.
+
+        An RPC server serves one client at a time: the engine in use answers for the servers it
+        is connected to (what it holds there is free again once it is replaced), and a probe
+        process connects to the others.
+        """
+        engine, held = self.engine, self._last_load.rpc_servers if self._last_load else ()
+        connected = engine is not None and not engine.exited.done()
+        known = (engine.devices if engine and engine.devices else None) or self.state.rpc_devices or []
+        allocated = {b["device"]: b["bytes"] for b in (self.state.split or {}).get("buffers", [])}
+        devices: list[OffloadDevice] = []
+        for server in servers:
+            if connected and server in held:
+                mine = [d for d in known if d.get("endpoint") == server]
+                devices += [
+                    OffloadDevice.from_rpc(d, sum(v for k, v in allocated.items() if k == d.get("buffer_name"))) for d in mine
+                ]
+            else:
+                devices += [OffloadDevice.from_rpc(d) for d in probe_rpc_devices(server)]
+        # The engine numbers them RPC0, RPC1, ... in the order it registers the servers.
+        return [replace(d, name=f"RPC{i}") for i, d in enumerate(devices)]
 
     def _rpc_servers(self, body: dict[str, Any]) -> tuple[str, ...]:
         """The load's RPC servers: the configured ones (rpc_servers, --rpc), or the body's choice

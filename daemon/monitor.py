@@ -48,9 +48,8 @@ class Monitor:
             if engine is not None and engine_pid is not None and self.model.state.rpc_devices:
                 engine.send({"op": "devices"})  # read by the next sample: RPC memory takes a round trip
             self.bus.publish("telemetry", sample)
-            split = self.model.state.split or {}
             generating = self.generation.in_flight is not None
-            for alarm in self.alarms.update(sample, generating=generating, cpu_side_need_bytes=split.get("cpu_bytes")):
+            for alarm in self.alarms.update(sample, generating=generating, cpu_side_need_bytes=resident_need(self.model.state)):
                 log.warning("alarm %s %s: %s", alarm["kind"], "on" if alarm["active"] else "off", alarm["message"])
                 self.bus.publish("alarm", alarm)
             await self._until_next_sample()
@@ -64,6 +63,16 @@ class Monitor:
         self.bus.new_subscriber.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.bus.new_subscriber.wait(), interval)
+
+
+def resident_need(model: ModelState) -> int | None:
+    """RAM the loaded model must keep resident: the plan's figure (planner.RamTerms), else what
+    llama.cpp logged on the CPU side (a load planned before RamTerms existed)."""
+    ram = ((model.plan or {}).get("prediction") or {}).get("ram")
+    if ram:
+        return int(ram["anonymous"] + ram["mapped_read"])
+    cpu: int | None = (model.split or {}).get("cpu_bytes")
+    return cpu
 
 
 def devices_view(sample: dict[str, Any], model: ModelState, engine_devices: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -98,8 +107,9 @@ def devices_view(sample: dict[str, Any], model: ModelState, engine_devices: list
             "description": d.get("description"),
             "memory_total": d.get("memory_total"),
             "memory_free": d.get("memory_free"),
-            "allocated": allocated(f"{d['name']}["),  # RPC0[host:port] in the load log
+            "allocated": allocated(d.get("buffer_name") or f"{d['name']}["),  # RPC0[host:port] in the load log
             "endpoint": d["endpoint"],
+            "buffer_name": d.get("buffer_name"),
         }
         for d in remote
     ]

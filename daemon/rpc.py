@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -48,6 +49,9 @@ class Device:
     memory_total: int
     backend: str  # the ggml backend it belongs to: "CPU", "CUDA", "RPC", ...
     endpoint: str | None = None  # the RPC server an RPC device lives on
+    # How llama.cpp's load log names an RPC device's buffers: RPC<index on its server>[endpoint],
+    # so the second server's first device is RPC1 in the registry but RPC0[host:port2] in the log.
+    buffer_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,10 +188,12 @@ def register_server(endpoint: str) -> list[Device]:
     if not reg:
         raise RpcError(f"RPC server {endpoint} refused the connection (a different llama.cpp RPC version?)")
     libs.ggml.ggml_backend_register(reg)
-    return [
-        libs.device(libs.ggml.ggml_backend_reg_dev_get(reg, i), endpoint)
-        for i in range(libs.ggml.ggml_backend_reg_dev_count(reg))
-    ]
+    devices = []
+    for i in range(libs.ggml.ggml_backend_reg_dev_count(reg)):
+        device = libs.device(libs.ggml.ggml_backend_reg_dev_get(reg, i), endpoint)
+        device.buffer_name = f"RPC{i}[{endpoint}]"
+        devices.append(device)
+    return devices
 
 
 def _line_buffer_c_stdout() -> None:
@@ -228,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, metavar="N")
     parser.add_argument("--insecure-remote", action="store_true")
     parser.add_argument("--list-devices", action="store_true", help="print this machine's devices and exit")
+    parser.add_argument("--probe", metavar="HOST:PORT", help="print the devices of that RPC server as JSON, and exit")
     args = parser.parse_args(argv)
     try:
+        if args.probe:
+            print(json.dumps([device.to_dict() for device in register_server(args.probe)]))
+            return 0
         if args.list_devices:
             for device in local_devices():
                 print(f"{device.type:5} {device.describe()}")

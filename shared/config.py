@@ -9,6 +9,7 @@ Example (every key is optional)::
     n_threads = 8
     allow_any_model_path = false   # true lets clients load any path the daemon can read
     state_cache_mib = 512      # RAM for the KV state of recent conversations (instant resume); 0 = off
+    ram_budget = "48GiB"       # the RAM a load may count on, at most (default: what the kernel has available)
     context_overflow = "drop_oldest"   # a conversation longer than n_ctx: or "error"; per conversation too
 
     # Daemon: also listen on TCP (control on PORT, events on PORT+1), CURVE-encrypted; only
@@ -23,6 +24,20 @@ Example (every key is optional)::
     # they were local GPUs. No encryption: reach another machine's through an SSH tunnel
     # (ssh -N -L 50052:127.0.0.1:50052 gpu-box) and name the tunnel's end here.
     rpc_servers = ["127.0.0.1:50052"]
+    # How layers are shared among the offload devices (RPC devices first, then local GPUs):
+    split_mode = "layer"       # or "none" (main_gpu alone) or "row" (CUDA GPUs only)
+    main_gpu = 0
+    tensor_split = [3, 1]      # each device's share; default: by free memory
+
+    # Load options (each also a field of the `load` request and a flag of `vramchat load`):
+    cache_type_k = "q8_0"      # f16 (default), q8_0, q4_0, bf16, f32
+    cache_type_v = "q8_0"      # quantized V needs flash attention
+    flash_attn = "on"          # "off" (default), "on", "auto"
+    n_batch = 512
+    n_ubatch = 512
+    n_cpu_moe = 20             # experts of the first 20 layers stay in RAM; "all" = --cpu-moe
+    use_mmap = true
+    use_mlock = false
 
     # Client: attach to a daemon over TCP instead of the local sockets.
     server = "tcp://gpu-box:5555"
@@ -38,8 +53,26 @@ from pathlib import Path
 from typing import Any
 
 from vramchat.shared import paths
+from vramchat.shared.load_options import settings_from
+from vramchat.shared.planner import PlanError
 from vramchat.shared.protocol import CONTEXT_OVERFLOW_POLICIES
 from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint
+from vramchat.shared.units import parse_size
+
+# The load options a config may set, checked as a request's are (shared/load_options.py).
+LOAD_OPTIONS = (
+    "split_mode",
+    "main_gpu",
+    "tensor_split",
+    "cache_type_k",
+    "cache_type_v",
+    "flash_attn",
+    "n_batch",
+    "n_ubatch",
+    "n_cpu_moe",
+    "use_mmap",
+    "use_mlock",
+)
 
 
 class ConfigError(Exception):
@@ -56,11 +89,15 @@ class Config:
     # Let clients `load` any readable path, not only files under model_dirs and the demo model.
     allow_any_model_path: bool = False
     state_cache_mib: int = 512
+    ram_budget: int | None = None  # bytes; the swap guard counts on no more than this
     context_overflow: str = "drop_oldest"
     tcp_listen: str | None = None
     http_listen: str | None = None
     http_allow_remote: bool = False
     rpc_servers: list[str] = field(default_factory=list)
+    # The load options of shared/load_options.py by their request names (split_mode, tensor_split,
+    # cache_type_k, flash_attn, n_cpu_moe, use_mlock, ...): the defaults of every load.
+    load_options: dict[str, Any] = field(default_factory=dict)
     server: str | None = None
     server_public_key: str | None = None
     source: Path | None = None
@@ -110,12 +147,28 @@ class Config:
             if raw["context_overflow"] not in CONTEXT_OVERFLOW_POLICIES:
                 raise ConfigError(f"context_overflow{where} must be one of {', '.join(CONTEXT_OVERFLOW_POLICIES)}")
             config.context_overflow = raw["context_overflow"]
+        config.load_options = {name: raw[name] for name in LOAD_OPTIONS if name in raw}
+        try:
+            settings_from(config.load_options, {}, config.n_ctx)
+        except PlanError as exc:
+            raise ConfigError(f"{exc}{where}") from None
+        if "ram_budget" in raw:
+            try:
+                config.ram_budget = parse_size(raw["ram_budget"]) if isinstance(raw["ram_budget"], str) else None
+            except ValueError as exc:
+                raise ConfigError(f"ram_budget{where}: {exc}") from None
+            if config.ram_budget is None:
+                raise ConfigError(f'ram_budget{where} must be a size such as "48GiB"')
         for name in ("allow_any_model_path", "http_allow_remote"):
             if name in raw:
                 if not isinstance(raw[name], bool):
                     raise ConfigError(f"{name}{where} must be true or false")
                 setattr(config, name, raw[name])
         return config
+
+    def load_defaults(self) -> dict[str, Any]:
+        """The load options a `load` request leaves out (shared/load_options.py settings_from checks them)."""
+        return dict(self.load_options)
 
 
 def load_config(override: str | Path | None = None) -> Config:

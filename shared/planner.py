@@ -9,20 +9,21 @@ repeating layers. The token embedding always stays on the CPU.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vramchat.shared import speed
+from vramchat.shared import placement, speed
 from vramchat.shared.gguf import GGUFInfo, TensorInfo
-from vramchat.shared.units import format_bytes
+from vramchat.shared.placement import OffloadDevice, SplitMode
 
 MIB = 1 << 20
 # Bytes per element of each KV cache type (ggml blocks: q8_0 is 34 bytes per 32, q4_0 18 per 32).
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-# A CUDA context and cuBLAS workspace take memory that llama.cpp does not log; NVML sees it.
-GPU_OVERHEAD_BYTES = 512 * MIB
-DEFAULT_VRAM_MARGIN = 1 << 30
+
+
+FlashAttn = bool | Literal["auto"]
 
 
 class PlanError(ValueError):
@@ -53,7 +54,10 @@ class PlanSettings:
     n_ubatch: int = 512
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
-    flash_attn: bool = False  # Llama(flash_attn=False) disables it outright (llama.cpp's own default is auto)
+    # Llama(flash_attn=False) disables it outright (llama.cpp's own default is auto). "auto" lets
+    # llama.cpp turn it on where every device supports it, which CPU, CUDA and RPC to them do: it
+    # is planned as on.
+    flash_attn: FlashAttn = False
     n_seq: int = 1
     # llama.cpp's default (llama_context_default_params): sliding-window layers get a full-size
     # cache too. Off, they keep only the window, as llama-server's --swa-full=false does.
@@ -62,6 +66,18 @@ class PlanSettings:
     # at n_gpu_layers = 0, because llama.cpp runs large prompt batches' matrix products there.
     has_gpu: bool = False
     cpu_repack: frozenset[str] = field(default_factory=cpu_repack_types)
+    # How layers are shared among several offload devices (shared/placement.py): llama.cpp's
+    # --split-mode, --main-gpu and --tensor-split (None: by each device's free memory).
+    split_mode: SplitMode = "layer"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] | None = None
+    n_threads: int | None = None  # for the speed estimate; None: one per core
+    # The expert tensors (ffn_*_exps) of the first n_cpu_moe layers stay in host RAM whatever
+    # their layer's device (llama.cpp's --n-cpu-moe; --cpu-moe is every layer). None: none, unless
+    # the fit for n_gpu_layers "auto" finds that keeping some there is faster (load_plan.py).
+    n_cpu_moe: int | None = None
+    use_mmap: bool = True  # off: llama.cpp reads the weights into anonymous memory (--no-mmap)
+    use_mlock: bool = False  # lock the weights in RAM (--mlock)
 
     def check(self) -> None:
         for name in (self.cache_type_k, self.cache_type_v):
@@ -70,10 +86,17 @@ class PlanSettings:
         if self.cache_type_v not in ("f32", "f16", "bf16") and not self.flash_attn:
             raise PlanError(
                 f"a quantized V cache ({self.cache_type_v}) needs flash attention, and llama.cpp refuses to load "
-                "without it: add --flash-attn, or keep V at f16"
+                "without it: add --flash-attn on, or keep V at f16"
             )
         if self.n_ctx < 1 or self.n_batch < 1 or self.n_ubatch < 1 or self.n_seq < 1:
             raise PlanError("n_ctx, n_batch, n_ubatch and n_seq must be at least 1")
+        if self.n_ubatch > self.n_batch:
+            raise PlanError(
+                f"n_ubatch {self.n_ubatch} is above n_batch {self.n_batch}: a micro-batch is part of a batch; "
+                "lower --ubatch-size or raise --batch-size"
+            )
+        if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
+            raise PlanError(f"n_cpu_moe must be >= 0, not {self.n_cpu_moe}")
 
 
 @dataclass
@@ -90,16 +113,59 @@ class Side:
     def total(self) -> int:
         return self.weights + self.kv + self.compute + self.output + self.overhead
 
+    def add(self, other: Side) -> None:
+        for name in ("weights", "kv", "compute", "output", "overhead"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class RamTerms:
+    """The CPU side as the kernel counts it. What must stay resident is the anonymous memory plus
+    the mapped weights every token reads; the rest of the mapping (the token embedding's rows not
+    looked up, tensors copied to a device or repacked) is page cache the kernel may drop."""
+
+    anonymous: int = 0  # repacked weights, KV, compute and output buffers; every weight with --no-mmap
+    mapped_read: int = 0  # mapped weights read on every token (all of the mapping with --mlock)
+    mapped_cache: int = 0  # the rest of the mapping: clean page cache
+
+    @property
+    def resident(self) -> int:
+        return self.anonymous + self.mapped_read
+
+
+@dataclass
+class DeviceShare:
+    """What one offload device gets: its layers and its bytes."""
+
+    device: OffloadDevice
+    layers: int = 0  # repeating layers
+    output: bool = False  # holds the output layer
+    side: Side = field(default_factory=Side)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.device.name,
+            "log_name": self.device.log_name,
+            "kind": self.device.kind,
+            "layers": self.layers,
+            "output": self.output,
+            **asdict(self.side),
+            "total": self.side.total,
+        }
+
 
 @dataclass
 class Prediction:
     n_gpu_layers: int
     n_layer: int
     n_ctx: int  # as llama.cpp will size it (padded to 256)
-    gpu: Side
+    gpu: Side  # every offload device together
     cpu: Side
     layers_on_gpu: int  # repeating layers
     output_on_gpu: bool
+    cpu_expert_layers: int = 0  # the first layers whose experts stay in RAM (--n-cpu-moe)
+    ram: RamTerms = field(default_factory=RamTerms)  # the CPU side's bytes as the kernel counts them
+    devices: list[DeviceShare] = field(default_factory=list)  # each offload device, in llama.cpp's order
     # Weight bytes each generated token reads on each side (MoE: only the experts it uses).
     gpu_bytes_per_token: int = 0
     cpu_bytes_per_token: int = 0
@@ -108,6 +174,7 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["gpu"]["total"], data["cpu"]["total"] = self.gpu.total, self.cpu.total
+        data["devices"] = [share.to_dict() for share in self.devices]
         return data
 
 
@@ -115,7 +182,15 @@ def _pad(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSettings()) -> Prediction:
+# Planned without a device list (`vramchat plan --vram`, or no GPU here): one CUDA GPU.
+SOME_GPU = OffloadDevice("CUDA0", "CUDA")
+
+
+def predict(
+    info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSettings(), devices: Sequence[OffloadDevice] = ()
+) -> Prediction:
+    """Every term on every device for `n_gpu_layers`, with `devices` in llama.cpp's order (RPC
+    devices, then local GPUs); without them, one CUDA GPU."""
     settings.check()
     for name, dim in ((settings.cache_type_k, info.head_dim_k), (settings.cache_type_v, info.head_dim_v)):
         if name in ("q8_0", "q4_0") and dim % 32:
@@ -125,27 +200,59 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
         raise PlanError(
             f"n_gpu_layers must be between 0 and {L + 1} for this model ({L} layers + the output layer), not {n_gpu_layers}"
         )
-    first_gpu_layer = L + 1 - n_gpu_layers  # llama.cpp's i_gpu_start
-    on_gpu = [i >= first_gpu_layer for i in range(L)]
-    output_on_gpu = n_gpu_layers >= 1
-    gpu, cpu = Side(), Side()
+    try:
+        used = placement.used_devices(devices or [SOME_GPU], settings.split_mode, settings.main_gpu)
+        placement.check_tensor_split(settings.tensor_split, used)
+    except placement.PlacementError as exc:
+        raise PlanError(str(exc)) from None
+    where = placement.layer_devices(L, n_gpu_layers, placement.split_shares(used, settings.tensor_split))
+    shares = [DeviceShare(device) for device in used]
+    on_gpu = [where[i] is not None for i in range(L)]
+    output_device = where[L]
+    output_on_gpu = output_device is not None
+    for layer_device in where[:L]:
+        if layer_device is not None:
+            shares[layer_device].layers += 1
+    if output_device is not None:
+        shares[output_device].output = True
+    cpu = Side()
+
+    def side_of_layer(layer: int | None) -> Side:
+        index = where[L] if layer is None else where[layer]
+        return cpu if index is None else shares[index].side
 
     # Weights. The CPU side is mmapped: llama.cpp maps the span of the file from its first to
     # its last CPU tensor, and that span is its CPU_Mapped buffer. Tensors the CPU backend
     # repacks are copied out of the map into a CPU_REPACK buffer instead.
+    # With --n-cpu-moe N the expert tensors of layers 0..N-1 stay on the CPU, wherever their layer is.
+    cpu_experts = min(settings.n_cpu_moe or 0, L) if info.n_expert else 0
     mapped: list[TensorInfo] = []
+    repacked = 0
     for tensor in info.tensors:
         is_output = tensor.name.startswith(("output.", "output_norm."))
-        if (tensor.layer is not None and tensor.layer < L and on_gpu[tensor.layer]) or (is_output and output_on_gpu):
-            gpu.weights += tensor.bytes
+        in_ram = tensor.expert and tensor.layer is not None and tensor.layer < cpu_experts
+        if tensor.layer is not None and tensor.layer < L and on_gpu[tensor.layer] and not in_ram:
+            side_of_layer(tensor.layer).weights += tensor.bytes
+        elif is_output and output_on_gpu:
+            side_of_layer(None).weights += tensor.bytes
         elif _repacked(tensor, settings.cpu_repack):
-            cpu.weights += tensor.bytes
+            repacked += tensor.bytes
         else:
             mapped.append(tensor)
     if info.tied_embeddings and output_on_gpu:
-        gpu.weights += info.embedding_bytes  # the output reuses token_embd: llama.cpp copies it to the GPU
-    if mapped:
-        cpu.weights += max(t.offset + t.bytes for t in mapped) - min(t.offset for t in mapped)
+        side_of_layer(None).weights += info.embedding_bytes  # the output reuses token_embd: llama.cpp copies it
+    span = max(t.offset + t.bytes for t in mapped) - min(t.offset for t in mapped) if mapped else 0
+    # Read on every token: the CPU's layers (each expert is, over a few tokens) and the output
+    # matrix there; the token embedding only by the row.
+    output_name = "token_embd.weight" if info.tied_embeddings else "output.weight"
+    read = sum(t.bytes for t in mapped if t.layer is not None or (t.name == output_name and not output_on_gpu))
+    if not settings.use_mmap:  # llama.cpp reads each CPU tensor into a buffer of its own
+        cpu.weights = repacked + sum(t.bytes for t in mapped)
+        ram_mapped_read, ram_mapped_cache = 0, 0
+    else:
+        cpu.weights = repacked + span
+        ram_mapped_read = span if settings.use_mlock else read
+        ram_mapped_cache = span - ram_mapped_read
 
     # KV cache: each layer's K and V for every cell, on the device of its layer.
     n_ctx = _pad(settings.n_ctx, 256)  # llama-context.cpp pads n_ctx to 256
@@ -158,7 +265,7 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
     for layer in range(L):
         cells = swa_cells if layer in swa else n_ctx
         per_cell = info.n_head_kv[layer] * (info.head_dim_k * bytes_k + info.head_dim_v * bytes_v)
-        (gpu if on_gpu[layer] else cpu).kv += int(cells * per_cell)
+        side_of_layer(layer).kv += int(cells * per_cell)
 
     # Compute buffers: the peak of the graph's live tensors, which is either the attention step
     # (scores per head per cell per batch token, plus the mask, plus the FFN activations) or the
@@ -180,20 +287,51 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
     # A mixture-of-experts layer holds the activations of every expert a token uses, at a point
     # where the attention scores are already freed.
     moe_step = mask + ffn(n_ff * info.n_expert_used) if info.n_expert else 0
+    layer_step = max(attention + ffn(n_ff), moe_step)
     logits = n_ubatch * (info.n_vocab + 3 * info.n_embd) * 4
-    compute = max(attention + ffn(n_ff), moe_step, logits)
-    if n_gpu_layers > 0 or settings.has_gpu:
-        gpu.compute = compute
-        gpu.overhead = GPU_OVERHEAD_BYTES
+    # A device that holds only repeating layers peaks in attention, with its Q, K, V, output and
+    # residual rows live (measured on RPC devices: 45.26 MiB logged for the demo model at n_ctx
+    # 2048 against 45.25 predicted); the FFN step comes later, without the scores.
+    n_embd_kv = max(info.n_head_kv) * info.head_dim_k
+    layers_only = max(attention + (4 * info.n_embd + 2 * n_embd_kv) * n_ubatch * 4, mask + ffn(n_ff), moe_step)
+    # Each offload device's scheduler buffer holds the peak of its own part of the graph; the
+    # device with the output layer also computes the logits. A GPU build runs large prompt
+    # batches' matrix products on its main GPU even at n_gpu_layers 0 (op_offload).
+    first_cuda = next((d for d in used if d.kind == "CUDA"), None)
+    for share in shares:
+        if share.layers or share.output or (settings.has_gpu and share.device is first_cuda):
+            if share.output or not output_on_gpu:
+                share.side.compute = max(layer_step, logits) if len(used) == 1 else max(layers_only, logits)
+            else:
+                share.side.compute = layers_only
+            share.side.overhead = share.device.overhead
+    if any(share.side.compute for share in shares):
         # Not yet measured: the attention of layers left on the CPU runs there, next to their KV
         # cache, so count its step in host memory; otherwise only the staged inputs.
         staging = n_ubatch * info.n_embd * 4 * 4
         cpu.compute = attention + ffn(n_ff) if not all(on_gpu) else staging
     else:
-        cpu.compute = compute
+        cpu.compute = max(layer_step, logits)
+    if cpu_experts and any(on_gpu[:cpu_experts]):
+        # The experts kept in RAM run there: their activations, plus the rows copied from the
+        # device and back (measured: 1.63 MiB logged for an 8-expert tiny model, 1.625 predicted).
+        cpu.compute = max(cpu.compute, n_ubatch * (3 * n_ff * info.n_expert_used + 4 * info.n_embd) * 4)
+    # llama-context.cpp: with every layer on two or more devices split by layer, the scheduler
+    # pipelines micro-batches and keeps GGML_SCHED_MAX_COPIES (4) copies of each split's inputs
+    # (the mask and the rows passed between devices) instead of one; not with tensor overrides.
+    holding = [share for share in shares if share.layers or share.output]
+    if len(holding) > 1 and n_gpu_layers > L and settings.split_mode == "layer" and not cpu_experts:
+        copies = 3 * (mask + 2 * n_ubatch * info.n_embd * 4)
+        for side in (cpu, *(share.side for share in shares if share.side.compute)):
+            side.compute += copies
     cpu.output = info.n_vocab * 4 * settings.n_seq  # the logits kept for sampling
 
-    gpu_read, cpu_read = speed.bytes_read_per_token(info, on_gpu, output_on_gpu)
+    gpu = Side()
+    for share in shares:
+        gpu.add(share.side)
+    mapped_weights = ram_mapped_read + ram_mapped_cache
+    ram = RamTerms(cpu.total - mapped_weights, ram_mapped_read, ram_mapped_cache)
+    gpu_read, cpu_read = speed.bytes_read_per_token(info, on_gpu, output_on_gpu, cpu_experts)
     return Prediction(
         n_gpu_layers=n_gpu_layers,
         n_layer=L,
@@ -202,6 +340,9 @@ def predict(info: GGUFInfo, n_gpu_layers: int, settings: PlanSettings = PlanSett
         cpu=cpu,
         layers_on_gpu=sum(on_gpu),
         output_on_gpu=output_on_gpu,
+        cpu_expert_layers=cpu_experts,
+        ram=ram,
+        devices=shares,
         gpu_bytes_per_token=gpu_read,
         cpu_bytes_per_token=cpu_read,
     )
@@ -220,178 +361,17 @@ def _repacked(tensor: TensorInfo, types: frozenset[str]) -> bool:
 def plan_table(
     info: GGUFInfo,
     settings: PlanSettings = PlanSettings(),
+    devices: Sequence[OffloadDevice] = (),
     *,
     ram_bandwidth: float | None = None,
     gpu_bandwidth: float | None = None,
+    cpu: speed.CpuSpeed | None = None,
 ) -> list[Prediction]:
-    table = [predict(info, g, settings) for g in range(info.n_layer + 2)]
+    """The prediction for every layer count 0..n_layer+1; with `ram_bandwidth`, its expected tok/s."""
+    table = [predict(info, g, settings, devices) for g in range(info.n_layer + 2)]
     if ram_bandwidth:
         for row in table:
-            row.tokens_per_s = speed.estimate_tokens_per_second(row, ram_bandwidth, gpu_bandwidth or speed.DEFAULT_GPU_BANDWIDTH)
+            row.tokens_per_s = speed.estimate_tokens_per_second(
+                row, ram_bandwidth, gpu_bandwidth or speed.DEFAULT_GPU_BANDWIDTH, info=info, cpu=cpu, n_threads=settings.n_threads
+            )
     return table
-
-
-@dataclass
-class Fit:
-    n_gpu_layers: int
-    n_ctx: int
-    budget: int
-    prediction: Prediction
-    fits_all: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "prediction": self.prediction.to_dict()}
-
-
-def fit(info: GGUFInfo, vram_budget: int, settings: PlanSettings = PlanSettings(), *, fit_ctx: bool = False) -> Fit:
-    """The most GPU layers whose predicted VRAM is within `vram_budget` (0 if none fits).
-
-    With `fit_ctx`, first the largest n_ctx (up to the trained context, in steps of 256) at which
-    every layer fits, if any does; otherwise the layers are fitted at settings.n_ctx.
-    """
-    if fit_ctx:
-        best_ctx = None
-        for n_ctx in range(256, max(info.n_ctx_train, 256) + 1, 256):
-            if predict(info, info.n_layer + 1, replace(settings, n_ctx=n_ctx)).gpu.total <= vram_budget:
-                best_ctx = n_ctx
-            else:
-                break
-        if best_ctx is not None:
-            settings = replace(settings, n_ctx=best_ctx)
-    best = predict(info, 0, settings)
-    for layers in range(1, info.n_layer + 2):
-        candidate = predict(info, layers, settings)
-        if candidate.gpu.total > vram_budget:
-            break
-        best = candidate
-    return Fit(best.n_gpu_layers, best.n_ctx, vram_budget, best, best.n_gpu_layers == info.n_layer + 1)
-
-
-@dataclass(frozen=True)
-class Machine:
-    """The daemon's machine as a reload would find it: the engine being replaced gives its VRAM
-    and its anonymous RAM back before the new one loads."""
-
-    free_vram: int = 0
-    available_ram: int = 0
-    gpu_name: str | None = None
-    # Bytes/s; None: measure this machine's (speed.ram_bandwidth, cached after the first time).
-    ram_bandwidth: float | None = None
-
-    @property
-    def has_gpu(self) -> bool:
-        """A device to offload to: a GPU found, or VRAM given for a machine planned from afar."""
-        return self.gpu_name is not None or self.free_vram > 0
-
-    @classmethod
-    def from_sample(cls, sample: dict[str, Any] | None) -> Machine:
-        """From a telemetry sample (daemon/telemetry.py); an empty machine before the first one."""
-        if sample is None:
-            return cls()
-        gpus = sample["gpus"]
-        vram = sum((g.get("memory_free") or 0) + (g.get("engine_memory") or 0) for g in gpus)
-        ram = (sample["host"].get("ram_available") or 0) + ((sample.get("engine") or {}).get("anon_resident") or 0)
-        return cls(vram, ram, (gpus[0].get("name") or "unknown GPU") if gpus else None)
-
-
-@dataclass
-class SwapVerdict:
-    would_swap: bool
-    needed: int
-    available: int
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def swap_check(prediction: Prediction, available_ram: int) -> SwapVerdict:
-    """Will the CPU side (mmapped weights, their KV and compute buffers) fit in available RAM?"""
-    needed = prediction.cpu.total
-    if needed <= available_ram:
-        return SwapVerdict(False, needed, available_ram, "fits in RAM")
-    short = needed - available_ram
-    ways = [
-        f"lower the context: n_ctx {prediction.n_ctx} costs {format_bytes(prediction.cpu.kv)} of KV cache in RAM",
-        "pick a smaller quantization of this model",
-    ]
-    if prediction.n_gpu_layers <= prediction.n_layer:
-        ways.insert(0, "put more layers on the GPU (--gpu-layers, or auto)")
-    return SwapVerdict(
-        True,
-        needed,
-        available_ram,
-        f"this load needs {format_bytes(needed)} of RAM on the CPU side but only "
-        f"{format_bytes(available_ram)} is available ({format_bytes(short)} short): the system would swap "
-        f"and every token would wait on the disk. Ways out: {'; '.join(ways)}. Use --force to load anyway.",
-    )
-
-
-@dataclass
-class LoadPlan:
-    """Everything decided about a load before it happens: the daemon, the load dialog and
-    `vramchat plan` all build it with `plan_load`, so they cannot disagree."""
-
-    info: GGUFInfo
-    settings: PlanSettings
-    machine: Machine
-    budget: int  # VRAM the layers may fill
-    fitted: Fit  # the most layers within the budget
-    prediction: Prediction  # for the chosen layer count, with its tokens_per_s
-    swap: SwapVerdict
-    ram_bandwidth: float
-    gpu_bandwidth: float
-
-    @property
-    def n_gpu_layers(self) -> int:
-        return self.prediction.n_gpu_layers
-
-    def table(self) -> list[Prediction]:
-        """The prediction for every layer count 0..n_layer+1, at this plan's settings."""
-        return plan_table(self.info, self.settings, ram_bandwidth=self.ram_bandwidth, gpu_bandwidth=self.gpu_bandwidth)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The `plan` a `model` event carries (docs/protocol.md)."""
-        return {
-            "n_gpu_layers": self.n_gpu_layers,
-            "vram_budget": self.budget,
-            "prediction": self.prediction.to_dict(),
-            "swap": self.swap.to_dict(),
-        }
-
-
-def plan_load(
-    info: GGUFInfo,
-    machine: Machine,
-    n_gpu_layers: int | Literal["auto"],
-    settings: PlanSettings,
-    *,
-    vram_budget: int | None = None,
-    fit_ctx: bool = False,
-) -> LoadPlan:
-    """Plan a load of `info` on `machine`: resolve "auto" against the VRAM budget (by default the
-    free VRAM less a margin), predict every term, estimate the speed and judge the swap risk.
-
-    With `fit_ctx`, n_ctx is first raised to the largest at which every layer fits (see `fit`).
-    Raises PlanError with a message a person can act on for settings the model cannot take.
-    """
-    settings = replace(settings, has_gpu=settings.has_gpu or machine.has_gpu)
-    budget = max(0, machine.free_vram - DEFAULT_VRAM_MARGIN) if vram_budget is None else vram_budget
-    if budget < 0:
-        raise PlanError(f"the VRAM budget must not be negative, not {budget}")
-    fitted = fit(info, budget, settings, fit_ctx=fit_ctx)
-    if fit_ctx:
-        settings = replace(settings, n_ctx=fitted.n_ctx)
-    if n_gpu_layers != "auto" and not 0 <= n_gpu_layers <= info.n_layer + 1:
-        raise PlanError(
-            f"n_gpu_layers {n_gpu_layers} is outside what this model has: {info.n_layer} layers + the output layer; "
-            f'choose 0..{info.n_layer + 1}, or "auto" to fit the VRAM budget'
-        )
-    layers = fitted.n_gpu_layers if n_gpu_layers == "auto" else n_gpu_layers
-    prediction = fitted.prediction if layers == fitted.n_gpu_layers else predict(info, layers, settings)
-    ram_bw = machine.ram_bandwidth or speed.ram_bandwidth()
-    gpu_bw = speed.gpu_bandwidth_for(machine.gpu_name)
-    prediction.tokens_per_s = speed.estimate_tokens_per_second(prediction, ram_bw, gpu_bw)
-    return LoadPlan(
-        info, settings, machine, budget, fitted, prediction, swap_check(prediction, machine.available_ram), ram_bw, gpu_bw
-    )

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from vramchat.shared import paths
+from vramchat.shared.rpc_endpoints import unreachable
 
 from gguf_factory import TinyModelSpec, write_tiny_llama
-from helpers import DaemonFactory, DaemonProcess, IsolatedHome, isolate_home
+from helpers import DaemonFactory, DaemonProcess, IsolatedHome, RpcServer, free_port, isolate_home, wait_until
 
 USE_MY_CONFIG = "--use-my-config"
 
@@ -121,3 +124,34 @@ def tiny_daemon(daemon_factory: DaemonFactory, models_dir: Path) -> DaemonProces
 def demo_daemon(daemon_factory: DaemonFactory) -> DaemonProcess:
     """A daemon serving the SmolLM2 demo model (a real quantized decode)."""
     return daemon_factory()
+
+
+@pytest.fixture
+def rpc_server_factory() -> Iterator[Callable[..., RpcServer]]:
+    """Start `vramchat rpc-server` on a free loopback port; wait until it accepts connections."""
+    made: list[RpcServer] = []
+    root = Path(tempfile.mkdtemp(prefix="vc-rpc-"))
+
+    def make(*extra: str) -> RpcServer:
+        endpoint = f"127.0.0.1:{free_port()}"
+        log_path = root / f"rpc-{len(made)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "vramchat.tui.cli", "rpc-server", "--listen", endpoint, *extra],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        server = RpcServer(endpoint, process, log_path)
+        made.append(server)
+
+        def listening() -> bool:
+            assert process.poll() is None, f"vramchat rpc-server exited with {process.returncode}:\n{server.log()}"
+            return unreachable(endpoint, timeout=0.5) is None
+
+        wait_until(listening, timeout=30, what=lambda: f"rpc-server listening on {endpoint}:\n{server.log()}", interval=0.1)
+        return server
+
+    yield make
+    for server in made:
+        server.kill()
+    shutil.rmtree(root, ignore_errors=True)

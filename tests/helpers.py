@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -227,12 +228,15 @@ async def chat(
 async def collect_reply(
     events: AsyncIterator[Event], request_id: str, *, until_tokens: int | None = None
 ) -> tuple[list[str], dict[str, Any] | None]:
-    """Token texts of one request, and its final message (None if stopped at `until_tokens`)."""
+    """The texts of one request's `tok` events (each holds one or more tokens), and its final message
+    (None if stopped once `until_tokens` tokens came)."""
     tokens: list[str] = []
+    count = 0
     async for event in events:
         if event.topic == "tok" and event.body["request"] == request_id:
             tokens.append(event.body["text"])
-            if until_tokens is not None and len(tokens) >= until_tokens:
+            count += event.body["count"]
+            if until_tokens is not None and count >= until_tokens:
                 return tokens, None
         elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
             return tokens, event.body
@@ -377,3 +381,24 @@ def parse_unit(text: str) -> dict[str, list[str]]:
         key, _, value = line.partition("=")
         entries.setdefault(f"{section}.{key}", []).append(value)
     return entries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RpcServer:
+    endpoint: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)

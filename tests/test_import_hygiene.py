@@ -46,11 +46,25 @@ def test_only_the_engine_process_imports_llama_cpp() -> None:
     imports = {str(p.relative_to(ROOT)): imported_modules(p) for p in (ROOT / "daemon").rglob("*.py")}
     users = sorted(path for path, names in imports.items() if "llama_cpp" in {n.split(".")[0] for n in names})
     # daemon/build_probe.py runs alone too: `vramchat doctor` runs `python -m vramchat.daemon.build_probe`.
-    assert users == ["daemon/build_probe.py", "daemon/chat_model.py", "daemon/engine.py", "daemon/rpc.py"]
-    # daemon/rpc.py also runs as its own process: `vramchat rpc-server` execs `python -m vramchat.daemon.rpc`.
-    engine_modules = {"vramchat.daemon.engine", "vramchat.daemon.chat_model", "vramchat.daemon.rpc"}
+    assert users == [
+        "daemon/build_probe.py",
+        "daemon/chat_model.py",
+        "daemon/engine.py",
+        "daemon/llama_params.py",
+        "daemon/rpc.py",
+    ]
+    # daemon/rpc.py also runs as its own process: `vramchat rpc-server` execs `python -m vramchat.daemon.rpc`,
+    # and so does the daemon's probe of an RPC server's devices (daemon/rpc_probe.py).
+    engine_modules = {
+        "vramchat.daemon.engine",
+        "vramchat.daemon.chat_model",
+        "vramchat.daemon.llama_params",
+        "vramchat.daemon.rpc",
+    }
     # ... and `vramchat doctor`'s probe reads ggml's devices through daemon/rpc.py.
     assert sorted(path for path, names in imports.items() if names & engine_modules) == [
         "daemon/build_probe.py",
+        "daemon/chat_model.py",
         "daemon/engine.py",
+        "daemon/llama_params.py",
     ]

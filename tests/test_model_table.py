@@ -7,7 +7,8 @@ from pathlib import Path
 from conftest import LONG_MODEL_NAME
 
 from vramchat.shared.gguf import inspect_gguf, quant_name
-from vramchat.shared.planner import Machine
+from vramchat.shared.load_plan import Machine
+from vramchat.shared.speed import CpuSpeed
 from vramchat.tui import model_table
 from vramchat.tui.model_table import COLUMNS, cut, fit, text_table
 
@@ -50,7 +51,9 @@ def test_a_terminal_narrower_than_the_required_columns_keeps_the_most_needed() -
 
 def test_text_table_aligns_numbers_right_and_fits_the_width(named_models_dir: Path) -> None:
     model = {"name": LONG_MODEL_NAME, "path": str(named_models_dir / LONG_MODEL_NAME), "size_bytes": 5 * GIB, "source": "demo"}
-    described = model_table.describe({**model, "loaded": True}, Machine(available_ram=64 * GIB, ram_bandwidth=20e9), loaded="* ")
+    described = model_table.describe(
+        {**model, "loaded": True}, Machine(available_ram=64 * GIB, ram_bandwidth=20e9, cpu_speed=CpuSpeed(1e11, 2)), loaded="* "
+    )
     assert (described["model"], described["quant"], described["fits"]) == (f"* {LONG_MODEL_NAME}", "Q4_K_M", "CPU only")
     lines = text_table([described], COLUMNS, 60)
     assert all(len(line) <= 60 for line in lines) and lines[1].startswith("* DeepSeek")

@@ -45,6 +45,7 @@ def test_without_a_gpu_it_says_so_and_plans_for_the_cpu(models_dir: Path, monkey
 
     monkeypatch.setattr(plan_cmd, "this_machine_vram", lambda: (0, None))
     monkeypatch.setattr(speed, "ram_bandwidth", lambda: 20e9)
+    monkeypatch.setattr(speed, "cpu_speed", lambda: speed.CpuSpeed(1e11, 2))
     parser = argparse.ArgumentParser()
     plan_cmd.register(parser.add_subparsers())
     args = parser.parse_args(["plan", str(models_dir / "tiny.gguf"), "--ram", "8GiB"])
@@ -58,5 +59,5 @@ def test_detail_of_a_chosen_layer_count_and_a_refused_cache(models_dir: Path) ->
     result = plan(str(models_dir / "tiny.gguf"), "--vram", "12GiB", "--gpu-layers", "1")
     assert result.returncode == 0, result.stderr
     assert "1 GPU layers (0 of 2 repeating layers + output)" in result.stdout and "overhead 512.0 MiB" in result.stdout
-    refused = plan(str(models_dir / "tiny.gguf"), "--cache-type", "q8_0")
+    refused = plan(str(models_dir / "tiny.gguf"), "--cache-type-v", "q8_0")
     assert refused.returncode == 2 and "flash attention" in refused.stderr

@@ -13,19 +13,10 @@ import pytest
 
 from vramchat.shared import paths
 from vramchat.shared.gguf import GGUFInfo, inspect_gguf
-from vramchat.shared.planner import (
-    DEFAULT_VRAM_MARGIN,
-    GPU_OVERHEAD_BYTES,
-    Machine,
-    PlanError,
-    PlanSettings,
-    fit,
-    plan_load,
-    plan_table,
-    predict,
-    swap_check,
-)
-from vramchat.shared.speed import estimate_tokens_per_second, gpu_bandwidth_for, ram_bandwidth
+from vramchat.shared.load_plan import DEFAULT_VRAM_MARGIN, Machine, fit, plan_load, swap_check
+from vramchat.shared.placement import BACKEND_OVERHEAD_BYTES
+from vramchat.shared.planner import PlanError, PlanSettings, plan_table, predict
+from vramchat.shared.speed import CpuSpeed, estimate_tokens_per_second, gpu_bandwidth_for, ram_bandwidth
 
 from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
 
@@ -80,7 +71,7 @@ def test_fit_everything_nothing_and_at_a_layer_boundary(models: dict[str, GGUFIn
     boundary = rows[4].gpu.total
     assert fit(info, boundary).n_gpu_layers == 4
     assert fit(info, boundary - 1).n_gpu_layers == 3
-    assert fit(info, GPU_OVERHEAD_BYTES).n_gpu_layers == 0  # the CUDA context alone fills it
+    assert fit(info, BACKEND_OVERHEAD_BYTES["CUDA"]).n_gpu_layers == 0  # the CUDA context alone fills it
 
 
 def test_fit_can_choose_the_context_too(models: dict[str, GGUFInfo]) -> None:
@@ -96,15 +87,16 @@ def test_a_gpu_machine_keeps_compute_in_vram_even_with_no_layers(models: dict[st
     cpu_only = predict(info, 0, PlanSettings())
     gpu_build = predict(info, 0, PlanSettings(has_gpu=True))
     assert cpu_only.gpu.total == 0
-    assert gpu_build.gpu.compute == cpu_only.cpu.compute and gpu_build.gpu.overhead == GPU_OVERHEAD_BYTES
+    assert gpu_build.gpu.compute == cpu_only.cpu.compute and gpu_build.gpu.overhead == BACKEND_OVERHEAD_BYTES["CUDA"]
     assert gpu_build.gpu.weights == gpu_build.gpu.kv == 0
 
 
 def test_swap_guard_refuses_with_numbers_and_ways_out(models: dict[str, GGUFInfo]) -> None:
     prediction = predict(models["wide"], 2, PlanSettings(n_ctx=4096))
-    assert not swap_check(prediction, prediction.cpu.total).would_swap
-    verdict = swap_check(prediction, prediction.cpu.total - (3 << 20))
-    assert verdict.would_swap and verdict.needed == prediction.cpu.total
+    resident = prediction.ram.resident
+    assert not swap_check(prediction, resident).would_swap
+    verdict = swap_check(prediction, resident - (3 << 20))
+    assert verdict.would_swap and verdict.needed == resident
     assert "3.0 MiB short" in verdict.message
     for way in ("more layers on the GPU", "lower the context", "smaller quantization", "--force"):
         assert way in verdict.message
@@ -186,14 +178,20 @@ def test_plan_load_resolves_auto_to_the_fit_within_free_vram_less_the_margin(mod
     info = models["wide"]
     settings = replace(NO_REPACK, n_ctx=2048)
     three_layers = predict(info, 3, replace(settings, has_gpu=True)).gpu.total
+    cpu = CpuSpeed(1e11, 2)
     machine = Machine(
-        free_vram=three_layers + DEFAULT_VRAM_MARGIN, available_ram=1 << 40, gpu_name="NVIDIA RTX 4090", ram_bandwidth=20e9
+        free_vram=three_layers + DEFAULT_VRAM_MARGIN,
+        available_ram=1 << 40,
+        gpu_name="NVIDIA RTX 4090",
+        ram_bandwidth=20e9,
+        cpu_speed=cpu,
     )
     plan = plan_load(info, machine, "auto", settings)
     assert plan.budget == three_layers
     assert plan.n_gpu_layers == fit(info, three_layers, replace(settings, has_gpu=True)).n_gpu_layers == 3
-    assert plan.settings.has_gpu and plan.prediction.gpu.overhead == GPU_OVERHEAD_BYTES
-    assert plan.prediction.tokens_per_s == pytest.approx(estimate_tokens_per_second(plan.prediction, 20e9, 1.008e12))
+    assert plan.settings.has_gpu and plan.prediction.gpu.overhead == BACKEND_OVERHEAD_BYTES["CUDA"]
+    expected = estimate_tokens_per_second(plan.prediction, 20e9, 1.008e12, info=info, cpu=cpu)
+    assert plan.prediction.tokens_per_s == pytest.approx(expected)
     assert not plan.swap.would_swap
     assert plan.to_dict()["n_gpu_layers"] == 3 and plan.to_dict()["vram_budget"] == three_layers
     assert [row.n_gpu_layers for row in plan.table()] == list(range(info.n_layer + 2))
@@ -211,7 +209,7 @@ def test_plan_load_takes_an_explicit_layer_count_and_refuses_one_the_model_lacks
 
 def test_plan_load_judges_the_swap_risk_on_the_machines_ram(models: dict[str, GGUFInfo]) -> None:
     info = models["wide"]
-    need = predict(info, 0, NO_REPACK).cpu.total
+    need = predict(info, 0, NO_REPACK).ram.resident
     assert plan_load(info, Machine(available_ram=need, ram_bandwidth=20e9), 0, NO_REPACK).swap.would_swap is False
     short = plan_load(info, Machine(available_ram=need - (1 << 20), ram_bandwidth=20e9), 0, NO_REPACK)
     assert short.swap.would_swap and "would swap" in short.swap.message

@@ -12,13 +12,9 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +25,10 @@ from vramchat.shared.config import Config, ConfigError
 from vramchat.shared.gguf import inspect_gguf
 from vramchat.shared.llama_log import BufferSize, LoadReport, parse_load_log
 from vramchat.shared.planner import PlanSettings, predict
-from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint, unreachable
+from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint
 from vramchat.tui.commands import rpc_server as rpc_cmd
 
-from helpers import DaemonFactory, DaemonProcess, chat, collect_reply, parse_unit, until, wait_until
+from helpers import DaemonFactory, DaemonProcess, RpcServer, chat, collect_reply, free_port, parse_unit, until
 
 ROOT = Path(__file__).parent.parent
 UNIT = ROOT / "systemd" / "vramchat-rpc.service"
@@ -47,60 +43,10 @@ LONG_PROMPT = "Count from 1 to 1000, one number per line."
 CPU_SERVER = ("--device", "CPU", "--threads", "1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class RpcServer:
-    endpoint: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-
-@pytest.fixture
-def rpc_server_factory() -> Iterator[Callable[..., RpcServer]]:
-    """Start `vramchat rpc-server` on a free loopback port; wait until it accepts connections."""
-    made: list[RpcServer] = []
-    root = Path(tempfile.mkdtemp(prefix="vc-rpc-"))
-
-    def make(*extra: str) -> RpcServer:
-        endpoint = f"127.0.0.1:{free_port()}"
-        log_path = root / f"rpc-{len(made)}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [*VRAMCHAT, "rpc-server", "--listen", endpoint, *extra], stdout=log, stderr=subprocess.STDOUT
-            )
-        server = RpcServer(endpoint, process, log_path)
-        made.append(server)
-
-        def listening() -> bool:
-            assert process.poll() is None, f"vramchat rpc-server exited with {process.returncode}:\n{server.log()}"
-            return unreachable(endpoint, timeout=0.5) is None
-
-        wait_until(listening, timeout=30, what=lambda: f"rpc-server listening on {endpoint}:\n{server.log()}", interval=0.1)
-        return server
-
-    yield make
-    for server in made:
-        server.kill()
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def offloading_daemon(daemon_factory: DaemonFactory, *servers: str) -> DaemonProcess:
+def offloading_daemon(daemon_factory: DaemonFactory, *servers: str, extra: tuple[str, ...] = ()) -> DaemonProcess:
     """A daemon without a model whose only offload devices are the RPC servers': a local GPU is
-    hidden from its engines, so the RPC device is the planner's one "gpu" side."""
-    daemon = daemon_factory("--no-load", *(arg for server in servers for arg in ("--rpc", server)), start=False)
+    hidden from its engines, so the RPC devices are all the planner offloads to."""
+    daemon = daemon_factory("--no-load", *(arg for server in servers for arg in ("--rpc", server)), *extra, start=False)
     daemon.env["CUDA_VISIBLE_DEVICES"] = ""
     return daemon.start()
 

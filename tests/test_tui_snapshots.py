@@ -150,7 +150,8 @@ class FixedApp(VramchatApp):
 @pytest.fixture(autouse=True)
 def fixed_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VRAMCHAT_CONFIG", str(tmp_path / "none.toml"))  # no [keys] from the user's config
-    monkeypatch.setattr(speed, "ram_bandwidth", lambda: 20e9)  # measured per machine otherwise
+    monkeypatch.setattr(speed, "ram_bandwidth", lambda: 20e9)
+    monkeypatch.setattr(speed, "cpu_speed", lambda: speed.CpuSpeed(1e11, 2))  # measured per machine otherwise
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

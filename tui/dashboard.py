@@ -12,7 +12,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Label, Sparkline, Static
 
 from vramchat.shared.units import format_bytes
-from vramchat.tui.telemetry_view import rate, rpc_devices, rpc_used, swapping
+from vramchat.tui.telemetry_view import device_figures, rate, rpc_devices, rpc_used, swapping
 from vramchat.tui.widgets import MemoryBar, StateChanged, layer_split, vramchat_app
 
 # How much history the sparklines show: at one sample per 0.5 s, two minutes.
@@ -133,6 +133,19 @@ def split_text(model: dict[str, Any], latest: Sample | None) -> str:
     for label, side, key in (("VRAM", "gpu", "gpu_bytes"), ("RAM", "cpu", "cpu_bytes")):
         predicted = format_bytes((prediction.get(side) or {}).get("total"))
         lines.append(f"{label:<11} {predicted:>12} {format_bytes(split.get(key)):>12}")
+    for name, _layers, predicted_bytes, allocated in device_figures(model):
+        lines.append(f"{'  ' + name:<11} {format_bytes(predicted_bytes):>12} {format_bytes(allocated):>12}")
+    ram, engine = prediction.get("ram"), (latest or {}).get("engine")
+    if ram:
+        lines.append(f"{'':<11} {'predicted':>12} {'/proc':>12}")
+        lines.append(
+            f"{'RAM anon':<11} {format_bytes(ram['anonymous']):>12} {format_bytes((engine or {}).get('anon_resident')):>12}"
+        )
+        mapped = ram["mapped_read"] + ram["mapped_cache"]
+        file_pages = format_bytes((engine or {}).get("model_file_resident"))
+        lines.append(
+            f"{'RAM mapped':<11} {format_bytes(mapped):>12} {file_pages:>12}  ({format_bytes(ram['mapped_read'])} read per token)"
+        )
     engine_vram = sum(g.get("engine_memory") or 0 for g in (latest or {}).get("gpus", []))
     if engine_vram:
         lines.append(f"{'NVML sees':<11} {format_bytes(engine_vram):>25} of VRAM used by the engine")

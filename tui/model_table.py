@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramchat.shared.gguf import GGUFError, inspect_cached, quant_name
-from vramchat.shared.planner import Machine, PlanSettings, plan_load
+from vramchat.shared.load_plan import Machine, plan_load
+from vramchat.shared.planner import PlanSettings
 from vramchat.shared.units import format_bytes
 
 

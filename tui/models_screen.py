@@ -22,7 +22,9 @@ from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, 
 from vramchat.shared import speed
 from vramchat.shared.client import RequestFailed
 from vramchat.shared.gguf import GGUFError, GGUFInfo, inspect_cached, quant_name
-from vramchat.shared.planner import LoadPlan, Machine, PlanError, PlanSettings, plan_load
+from vramchat.shared.load_options import parse_flags, settings_from
+from vramchat.shared.load_plan import LoadPlan, Machine, plan_load
+from vramchat.shared.planner import PlanError
 from vramchat.shared.units import format_bytes, format_count, parse_size
 from vramchat.tui import model_table
 from vramchat.tui.state import ChatState
@@ -58,9 +60,23 @@ def describe_prediction(plan: LoadPlan, cpu_only: LoadPlan | None = None) -> str
             f"RAM  {format_bytes(cpu.total)} (weights {format_bytes(cpu.weights)}, KV {format_bytes(cpu.kv)}); "
             f"{format_bytes(actual.machine.available_ram)} available: "
             + ("[b red]would swap[/]" if actual.swap.would_swap else "fits"),
-            f"speed at most {actual.prediction.tokens_per_s or 0:.1f} tok/s (memory bandwidth bound)",
+            f"speed about {actual.prediction.tokens_per_s or 0:.1f} tok/s expected (memory bandwidth and compute)",
         ]
     )
+
+
+def budget_field(text: str) -> int | dict[str, int] | None:
+    """The VRAM budget typed: a size, or sizes by device ("RPC0=2GiB,CUDA0=10GiB"); None if empty."""
+    text = text.strip()
+    if not text:
+        return None
+    if "=" not in text:
+        return parse_size(text)
+    budgets = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        budgets[name.strip()] = parse_size(size.strip())
+    return budgets
 
 
 class LayerStepper(Static, can_focus=True):
@@ -123,7 +139,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         self.initial_ctx = n_ctx
         self.heading = title or f"Load {model['name']}"
         self.info: GGUFInfo | None = None
-        self.progress_seen: list[float] = []
+        self.progress_seen: list[float] = []  # what the progress bar was set to, in order
 
     def compose(self) -> ComposeResult:
         with Vertical(id="load-dialog", classes="dialog"):
@@ -135,7 +151,10 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
                 yield Input(str(self.initial_ctx), id="n-ctx", type="integer", compact=True)
             with Horizontal(classes="field", id="budget-field"):
                 yield Label("VRAM budget", classes="field-label")
-                yield Input(placeholder="free VRAM - 1 GiB", id="budget", compact=True)
+                yield Input(placeholder="free VRAM - 1 GiB; per device: RPC0=2GiB,CUDA0=10GiB", id="budget", compact=True)
+            with Horizontal(classes="field"):
+                yield Label("options", classes="field-label")
+                yield Input(placeholder="llama.cpp flags, e.g. -ctk q8_0 -fa on --tensor-split 3,1", id="options", compact=True)
             yield Static("", id="prediction")
             yield Checkbox("load even if it would swap", id="force", compact=True)
             yield ProgressBar(total=1.0, show_eta=False, id="progress")
@@ -180,9 +199,9 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
             stepper.refresh()
             return
         try:
-            settings = PlanSettings(n_ctx=int(self.query_one("#n-ctx", Input).value or 0))
-            budget_text = self.query_one("#budget", Input).value.strip()
-            budget = parse_size(budget_text) if budget_text else None
+            options = parse_flags(self.query_one("#options", Input).value)
+            settings = settings_from(options, {}, int(self.query_one("#n-ctx", Input).value or 0))
+            budget = budget_field(self.query_one("#budget", Input).value)
             layers: int | Literal["auto"] = "auto" if stepper.value == "auto" else int(stepper.value)
             host = machine(vramchat_app(self).state)
             plan = plan_load(self.info, host, layers, settings, vram_budget=budget)
@@ -213,25 +232,34 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
             "n_ctx": int(self.query_one("#n-ctx", Input).value or 0),
             "force": self.query_one("#force", Checkbox).value,
         }
-        if budget := self.query_one("#budget", Input).value.strip():
-            body["vram_budget"] = budget
+        try:
+            body.update(parse_flags(self.query_one("#options", Input).value))
+            if (budget := budget_field(self.query_one("#budget", Input).value)) is not None:
+                body["vram_budget"] = budget
+        except (PlanError, ValueError) as exc:
+            self.show_load_error(str(exc))
+            return
         try:
             reply = await vramchat_app(self).client.request("load", body, timeout=None, request_id=uuid.uuid4().hex)
         except (TimeoutError, RequestFailed) as exc:
-            error = self.query_one("#load-error", Label)
-            error.update(exc.message if isinstance(exc, RequestFailed) else "the daemon did not answer")
-            error.display = True
-            self.query_one("#progress").display = False
-            self.query_one("#load", Button).disabled = False
+            self.show_load_error(exc.message if isinstance(exc, RequestFailed) else "the daemon did not answer")
             return
         self.dismiss(reply["model"])
+
+    def show_load_error(self, text: str) -> None:
+        error = self.query_one("#load-error", Label)
+        error.update(text)
+        error.display = True
+        self.query_one("#progress").display = False
+        self.query_one("#load", Button).disabled = False
 
     def on_state_changed(self, _: StateChanged) -> None:
         """Loading progress comes from the daemon's `model` events."""
         model = vramchat_app(self).state.model
         if model.get("state") == "loading" and model.get("path") == self.model["path"] and model.get("progress") is not None:
-            self.progress_seen.append(model["progress"])
-            self.query_one("#progress", ProgressBar).update(progress=model["progress"])
+            bar = self.query_one("#progress", ProgressBar)
+            bar.update(progress=model["progress"])
+            self.progress_seen.append(bar.progress)
 
     @on(Button.Pressed, "#cancel")
     def action_close(self) -> None:

@@ -92,6 +92,48 @@ def gpu_lines(sample: dict[str, Any]) -> list[str]:
     return lines
 
 
+def device_figures(model: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+    """(device, its layers, predicted bytes, allocated bytes) for each offload device the loaded
+    model's plan uses, by llama.cpp's names: what the planner said next to what llama.cpp logged."""
+    prediction = (model.get("plan") or {}).get("prediction") or {}
+    buffers = (model.get("split") or {}).get("buffers") or []
+    return [
+        (
+            device["name"],
+            f"{device['layers']} layers{' + output' if device['output'] else ''}",
+            device["total"],
+            sum(b["bytes"] for b in buffers if b["device"] == device["log_name"]),
+        )
+        for device in prediction.get("devices") or []
+        if device["total"]
+    ]
+
+
+def ram_line(model: dict[str, Any], engine: dict[str, Any] | None) -> str | None:
+    """The plan's RAM as the kernel counts it, next to the engine's /proc figures."""
+    ram = ((model.get("plan") or {}).get("prediction") or {}).get("ram")
+    if not ram:
+        return None
+    measured = (
+        f"; engine: anonymous {format_bytes(engine.get('anon_resident'))}, model file resident "
+        f"{format_bytes(engine.get('model_file_resident'))}"
+        if engine
+        else ""
+    )
+    return (
+        f"RAM plan: resident {format_bytes(ram['anonymous'] + ram['mapped_read'])} = anonymous "
+        f"{format_bytes(ram['anonymous'])} + mapped read per token {format_bytes(ram['mapped_read'])}, "
+        f"page cache only {format_bytes(ram['mapped_cache'])}{measured}"
+    )
+
+
+def device_lines(model: dict[str, Any]) -> list[str]:
+    return [
+        f"{name:<6} {layers}: predicted {format_bytes(predicted)}, allocated {format_bytes(allocated)}"
+        for name, layers, predicted, allocated in device_figures(model)
+    ]
+
+
 def format_split(split: dict[str, Any] | None, n_gpu_layers: int | None) -> str:
     """What llama.cpp allocated at load, per kind and device."""
     if not split or not split.get("buffers"):
@@ -115,6 +157,9 @@ def format_status(
             f"model {model.get('name') or 'no model'} ({model.get('state') or 'idle'}), "
             + format_split(model.get("split"), model.get("n_gpu_layers"))
         )
+        lines += device_lines(model)
+        if line := ram_line(model, (sample or {}).get("engine")):
+            lines.append(line)
     if sample is None:
         return "\n".join([*lines, "memory: no sample yet"])
     host, engine = sample["host"], sample.get("engine")

@@ -9,7 +9,7 @@ from typing import Any
 
 from vramchat.shared.client import Client
 from vramchat.shared.units import format_bytes
-from vramchat.tui.telemetry_view import format_split
+from vramchat.tui.telemetry_view import device_lines, format_split
 
 
 def open_client(args: argparse.Namespace, name: str) -> Client:
@@ -43,8 +43,12 @@ def format_plan_against_split(model: dict[str, Any]) -> str:
     prediction = plan.get("prediction")
     if not prediction:
         return format_split(split, model.get("n_gpu_layers"))
-    speed = f", expected up to {prediction['tokens_per_s']:.0f} tok/s" if prediction.get("tokens_per_s") else ""
-    return (
-        f"predicted: VRAM {format_bytes(prediction['gpu']['total'])}, RAM {format_bytes(prediction['cpu']['total'])}{speed}\n"
-        f"allocated by llama.cpp: GPU {format_bytes(split.get('gpu_bytes'))}, CPU {format_bytes(split.get('cpu_bytes'))}"
+    speed = f", about {prediction['tokens_per_s']:.0f} tok/s expected" if prediction.get("tokens_per_s") else ""
+    return "\n".join(
+        [
+            f"predicted: VRAM {format_bytes(prediction['gpu']['total'])}, RAM {format_bytes(prediction['cpu']['total'])}{speed}",
+            f"allocated by llama.cpp: GPU {format_bytes(split.get('gpu_bytes'))}, CPU {format_bytes(split.get('cpu_bytes'))}",
+            *device_lines(model),
+            *([f"fit: {plan['fit']}"] if plan.get("fit") else []),
+        ]
     )

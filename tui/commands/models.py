@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vramchat.shared import load_options
 from vramchat.shared.client import Client
-from vramchat.shared.planner import Machine
+from vramchat.shared.load_plan import Machine
 from vramchat.tui import model_table
 from vramchat.tui.commands.common import describe_model, format_plan_against_split, open_client, print_json
 
@@ -32,6 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     load.add_argument("--ctx", type=int, help="context window in tokens")
     load.add_argument("--threads", type=int, help="CPU threads")
     load.add_argument("--json", action="store_true")
+    load_options.add_arguments(load)
     load.set_defaults(handler=cmd_load)
 
 
@@ -57,7 +59,7 @@ async def cmd_models(args: argparse.Namespace) -> int:
 
 
 async def cmd_load(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"model": args.model, "force": args.force}
+    body: dict[str, Any] = {"model": args.model, "force": args.force, **load_options.request_fields(args)}
     for name, value in (
         ("n_gpu_layers", args.gpu_layers),
         ("n_ctx", args.ctx),

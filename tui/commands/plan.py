@@ -9,8 +9,11 @@ from typing import Literal
 
 import psutil
 
+from vramchat.shared import load_options
 from vramchat.shared.gguf import GGUFError, inspect_cached, quant_name
-from vramchat.shared.planner import LoadPlan, Machine, PlanError, PlanSettings, plan_load, swap_check
+from vramchat.shared.load_options import settings_from
+from vramchat.shared.load_plan import LoadPlan, Machine, plan_load, swap_check
+from vramchat.shared.planner import PlanError
 from vramchat.shared.units import format_bytes, format_count, parse_size
 
 
@@ -21,12 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which = plan.add_mutually_exclusive_group()
     which.add_argument("--gpu-layers", type=int, help="detail this layer count instead of the fitted one")
     which.add_argument("--vram-budget", type=parse_size, help="fit this much VRAM, e.g. 11.5GiB (default: free VRAM - 1 GiB)")
-    plan.add_argument("--cache-type", default="f16", help="KV cache type for K and V: f16, q8_0, q4_0")
-    plan.add_argument("--flash-attn", action="store_true", help="plan with flash attention (needed for a quantized V cache)")
     plan.add_argument("--fit-ctx", action="store_true", help="also find the largest context at which every layer fits")
     plan.add_argument("--vram", type=parse_size, help="plan for a GPU with this much free VRAM instead of this machine's")
     plan.add_argument("--ram", type=parse_size, help="plan for this much available RAM instead of this machine's")
     plan.add_argument("--json", action="store_true", help="the whole table as JSON, in bytes")
+    load_options.add_arguments(plan)
     plan.set_defaults(handler=run)
 
 
@@ -48,10 +50,8 @@ def run(args: argparse.Namespace) -> int:
     free_vram, gpu_name = (args.vram, None) if args.vram is not None else this_machine_vram()
     available_ram = args.ram if args.ram is not None else psutil.virtual_memory().available
     layers: int | Literal["auto"] = "auto" if args.gpu_layers is None else args.gpu_layers
-    settings = PlanSettings(
-        n_ctx=args.ctx, cache_type_k=args.cache_type, cache_type_v=args.cache_type, flash_attn=args.flash_attn
-    )
     try:
+        settings = settings_from(load_options.request_fields(args), {}, args.ctx)
         info = inspect_cached(args.model)
         plan = plan_load(
             info,
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         return 0
     print(describe(plan, args.vram is not None))
-    print(f"\n{'GPU layers':>10} {'VRAM':>12} {'RAM':>12} {'swap risk':>10} {'tok/s (max)':>12}")
+    print(f"\n{'GPU layers':>10} {'VRAM':>12} {'RAM':>12} {'swap risk':>10} {'tok/s':>12}")
     for row in table:
         risk = "SWAP" if swap_check(row, available_ram).would_swap else "-"
         mark = "  <- fits the budget" if row.n_gpu_layers == plan.fitted.n_gpu_layers else ""
@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+FLASH_ATTN_WORDS = {True: "on", False: "off", "auto": "auto (planned as on)"}
+
+
 def describe(plan: LoadPlan, vram_given: bool) -> str:
     info, settings, host = plan.info, plan.settings, plan.machine
     no_gpu = " (no NVIDIA GPU found, so every layer stays on the CPU; use --vram to plan for a GPU)"
@@ -103,7 +106,7 @@ def describe(plan: LoadPlan, vram_given: bool) -> str:
         f"{info.name or info.path}: {info.architecture}, {format_count(info.parameters)} parameters, "
         f"{quant_name(info.file_type)}, {info.n_layer} layers + output, trained context {info.n_ctx_train}\n"
         f"n_ctx {settings.n_ctx}, KV {settings.cache_type_k}/{settings.cache_type_v}, flash attention "
-        f"{'on' if settings.flash_attn else 'off'}; {gpu}, budget {format_bytes(plan.budget)}; "
+        f"{FLASH_ATTN_WORDS[settings.flash_attn]}; {gpu}, budget {format_bytes(plan.budget)}; "
         f"{format_bytes(host.available_ram)} RAM available"
     )
 
@@ -114,7 +117,10 @@ def terms(plan: LoadPlan) -> str:
         f"\n{row.n_gpu_layers} GPU layers ({row.layers_on_gpu} of {row.n_layer} repeating layers"
         f"{' + output' if row.output_on_gpu else ''}), n_ctx {row.n_ctx}:"
     ]
-    for label, side in (("GPU", row.gpu), ("CPU", row.cpu)):
+    sides = [
+        (f"{share.device.name} ({share.layers} layers{' + output' if share.output else ''})", share.side) for share in row.devices
+    ]
+    for label, side in [*(sides if len(sides) > 1 else [("GPU", row.gpu)]), ("CPU", row.cpu)]:
         lines.append(
             f"  {label}: weights {format_bytes(side.weights)} + KV {format_bytes(side.kv)} + compute "
             f"{format_bytes(side.compute)} + output {format_bytes(side.output)} + overhead {format_bytes(side.overhead)}"
@@ -122,5 +128,5 @@ def terms(plan: LoadPlan) -> str:
         )
     if plan.swap.would_swap:
         lines.append("  " + plan.swap.message)
-    lines.append("  tok/s is an upper bound from memory bandwidth; small models are limited by compute instead.")
+    lines.append("  tok/s: expected from this machine's measured RAM bandwidth and matrix throughput (docs/planner.md).")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from typing import Any
 from vramchat.shared.client import Snapshot
 from vramchat.tui.commands.common import describe_model, format_plan_against_split, open_client, print_json
 from vramchat.tui.state import HISTORY_KEPT
-from vramchat.tui.telemetry_view import format_status, format_top
+from vramchat.tui.telemetry_view import format_status, format_top, ram_line
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +36,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print(describe_model(model))
     if model.get("state") == "ready":
         print(format_plan_against_split(model))
+        if line := ram_line(model, (status["telemetry"] or {}).get("engine")):
+            print(line)
     print(f"queue: {'1 running' if queue['running'] else 'idle'}, {len(queue['pending'])} waiting")
     for job in filter(None, [queue["running"], *queue["pending"]]):
         if job.get("label"):  # a request from outside vramchat, such as the HTTP API

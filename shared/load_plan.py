@@ -1,0 +1,385 @@
+"""A load decided before it happens: the fit to each device's budget, the machine, the swap guard.
+
+The daemon, the TUI's load dialog and `vramchat plan` all build a LoadPlan with `plan_load`, so
+they cannot disagree. The bytes themselves are shared/planner.py's `predict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from vramchat.shared import placement, speed
+from vramchat.shared.gguf import GGUFInfo
+from vramchat.shared.placement import OffloadDevice
+from vramchat.shared.planner import SOME_GPU, PlanError, PlanSettings, Prediction, plan_table, predict
+from vramchat.shared.units import format_bytes, parse_size
+
+DEFAULT_VRAM_MARGIN = 1 << 30  # left free on each device by default
+DEFAULT_SETTINGS = PlanSettings()
+
+
+@dataclass
+class Fit:
+    n_gpu_layers: int
+    n_ctx: int
+    budget: int  # over every device
+    budgets: dict[str, int]  # by device name
+    prediction: Prediction
+    fits_all: bool
+    # With several devices: the layers (output included) the fit gives each, as llama.cpp's tensor_split.
+    tensor_split: tuple[float, ...] | None = None
+    reason: str = ""  # the choice in one line, for a person
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prediction": self.prediction.to_dict()}
+
+
+def _within(prediction: Prediction, budgets: Sequence[int]) -> list[int]:
+    """The indexes of the devices whose predicted total exceeds their budget."""
+    return [i for i, share in enumerate(prediction.devices) if share.side.total > budgets[i]]
+
+
+def _fill(layers: int, caps: Sequence[int]) -> list[int] | None:
+    """`layers` shared out in device order, each device taking up to its cap; None if they don't fit."""
+    counts, left = [], layers
+    for cap in caps:
+        counts.append(min(cap, left))
+        left -= counts[-1]
+    return counts if left == 0 else None
+
+
+def _most_layers(info: GGUFInfo, budgets: Sequence[int], settings: PlanSettings, devices: Sequence[OffloadDevice]) -> Fit:
+    top = info.n_layer + 1
+    if len(budgets) < 2 or settings.tensor_split is not None or settings.split_mode != "layer":
+        # One device, or the shares are given: the most layers at which every device fits.
+        best = predict(info, 0, settings, devices)
+        for layers in range(1, top + 1):
+            candidate = predict(info, layers, settings, devices)
+            if not _within(candidate, budgets):
+                best = candidate
+        return Fit(best.n_gpu_layers, best.n_ctx, sum(budgets), {}, best, best.n_gpu_layers == top, settings.tensor_split)
+    # Several devices: choose the shares too. Fill the devices in llama.cpp's order, and whenever a
+    # device comes out over its budget, lower what it may take by one layer and try again. With
+    # every layer offloaded the scheduler pipelines (more compute memory on each device), so the
+    # limits found there do not hold below it.
+    caps = [top] * len(budgets)
+    for layers in range(top, 0, -1):
+        if layers == top - 1:
+            caps = [top] * len(budgets)
+        while (counts := _fill(layers, caps)) is not None:
+            split = tuple(float(c) for c in counts)
+            candidate = predict(info, layers, replace(settings, tensor_split=split), devices)
+            over = _within(candidate, budgets)
+            if not over:
+                return Fit(layers, candidate.n_ctx, sum(budgets), {}, candidate, layers == top, split)
+            for i in over:
+                caps[i] = max(0, counts[i] - 1)
+    best = predict(info, 0, settings, devices)
+    return Fit(0, best.n_ctx, sum(budgets), {}, best, False, None)
+
+
+def fit(
+    info: GGUFInfo,
+    budgets: int | Sequence[int],
+    settings: PlanSettings = DEFAULT_SETTINGS,
+    devices: Sequence[OffloadDevice] = (),
+    *,
+    fit_ctx: bool = False,
+) -> Fit:
+    """The most GPU layers at which each device's predicted total is within its budget (0 if none
+    fits); `budgets` follows the used devices' order (one number: one device).
+
+    With `fit_ctx`, first the largest n_ctx (up to the trained context, in steps of 256) at which
+    every layer fits, if any does; otherwise the layers are fitted at settings.n_ctx.
+    """
+    budget_list = [budgets] if isinstance(budgets, int) else list(budgets)
+    if fit_ctx:
+        best_ctx = None
+        for n_ctx in range(256, max(info.n_ctx_train, 256) + 1, 256):
+            if _most_layers(info, budget_list, replace(settings, n_ctx=n_ctx), devices).fits_all:
+                best_ctx = n_ctx
+            else:
+                break
+        if best_ctx is not None:
+            settings = replace(settings, n_ctx=best_ctx)
+    result = _most_layers(info, budget_list, settings, devices)
+    result.budgets = {share.device.name: b for share, b in zip(result.prediction.devices, budget_list, strict=True)}
+    return result
+
+
+def _experts_in_ram(
+    info: GGUFInfo, budgets: Sequence[int], settings: PlanSettings, devices: Sequence[OffloadDevice]
+) -> Fit | None:
+    """Every layer offloaded with the experts of as few leading layers as possible left in RAM (the
+    llama.cpp users' -ngl 99 --n-cpu-moe N); None if even all experts in RAM do not fit."""
+    top = info.n_layer + 1
+
+    def fits(layers_in_ram: int) -> bool:
+        with_experts = replace(settings, n_cpu_moe=layers_in_ram)
+        if len(budgets) == 1:  # one prediction decides; several devices need their split fitted
+            return not _within(predict(info, top, with_experts, devices), budgets)
+        return fit(info, budgets, with_experts, devices).fits_all
+
+    low, high = 0, info.n_layer
+    if not fits(high):
+        return None
+    while low < high:  # the fewest layers whose experts must stay in RAM
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return fit(info, budgets, replace(settings, n_cpu_moe=low), devices)
+
+
+def _reason(fitted: Fit, tokens_per_s: float) -> str:
+    """ "experts of layers 0-35 in RAM, everything else on CUDA0: 11.2 of 11.5 GiB, 18 tok/s predicted" """
+    row = fitted.prediction
+    used = [share for share in row.devices if share.layers or share.output]
+    where = ", ".join(share.device.name for share in used) or "the CPU"
+    held = " + ".join(format_bytes(share.side.total) for share in used) or "0 B"
+    of = f"{held} of {format_bytes(fitted.budget)}"
+    if row.cpu_expert_layers and row.n_gpu_layers == row.n_layer + 1:
+        layers = "layer 0" if row.cpu_expert_layers == 1 else f"layers 0-{row.cpu_expert_layers - 1}"
+        return f"experts of {layers} in RAM, everything else on {where}: {of}, {tokens_per_s:.0f} tok/s predicted"
+    if not used:
+        return f"every layer on the CPU (nothing fits {format_bytes(fitted.budget)}), {tokens_per_s:.0f} tok/s predicted"
+    return f"{row.n_gpu_layers} of {row.n_layer + 1} layers on {where}: {of}, {tokens_per_s:.0f} tok/s predicted"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The daemon's machine as a reload would find it: the engine being replaced gives its VRAM
+    and its anonymous RAM back before the new one loads."""
+
+    free_vram: int = 0  # a GPU planned from afar (`vramchat plan --vram`), when `devices` is empty
+    available_ram: int = 0
+    gpu_name: str | None = None
+    # Bytes/s; None: measure this machine's (speed.ram_bandwidth, cached after the first time).
+    ram_bandwidth: float | None = None
+    cpu_speed: speed.CpuSpeed | None = None  # None: measure this machine's (speed.cpu_speed, cached)
+    devices: tuple[OffloadDevice, ...] = ()  # what llama.cpp will offload to, in its order
+
+    @property
+    def offload_devices(self) -> tuple[OffloadDevice, ...]:
+        if self.devices or self.free_vram <= 0:
+            return self.devices
+        return (replace(SOME_GPU, free=self.free_vram, total=self.free_vram, description=self.gpu_name),)
+
+    @property
+    def has_gpu(self) -> bool:
+        """A local GPU: its CUDA context and a compute buffer are there even at n_gpu_layers 0. An
+        RPC device alone is none: at n_gpu_layers 0 llama.cpp gives it nothing."""
+        return self.gpu_name is not None or any(d.kind == "CUDA" for d in self.offload_devices)
+
+    @classmethod
+    def from_sample(cls, sample: dict[str, Any] | None, rpc_devices: Sequence[OffloadDevice] | None = None) -> Machine:
+        """From a telemetry sample (daemon/telemetry.py) and the RPC devices a load would use (which
+        come first in llama.cpp's order; by default the sample's, what the loaded model holds there
+        counted as free); an empty machine before the first sample."""
+        if sample is None:
+            return cls(devices=tuple(rpc_devices or ()))
+        if rpc_devices is None:
+            listed = [d for d in sample.get("devices") or [] if d["kind"] == "RPC"]
+            rpc_devices = [OffloadDevice.from_rpc(d, d.get("allocated") or 0) for d in listed]
+        gpus = [
+            OffloadDevice(
+                f"CUDA{g['index']}",
+                "CUDA",
+                free=(g.get("memory_free") or 0) + (g.get("engine_memory") or 0),
+                total=g.get("memory_total") or 0,
+                description=g.get("name"),
+            )
+            for g in sample["gpus"]
+        ]
+        ram = (sample["host"].get("ram_available") or 0) + ((sample.get("engine") or {}).get("anon_resident") or 0)
+        name = (sample["gpus"][0].get("name") or "unknown GPU") if sample["gpus"] else None
+        return cls(available_ram=ram, gpu_name=name, devices=(*rpc_devices, *gpus))
+
+
+@dataclass
+class SwapVerdict:
+    would_swap: bool
+    needed: int
+    available: int
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def swap_check(prediction: Prediction, available_ram: int) -> SwapVerdict:
+    """Will what must stay resident fit in available RAM: the anonymous memory (KV, compute,
+    repacked weights) and the mapped weights every token reads? The rest of the mapping is page
+    cache the kernel drops first (planner.RamTerms)."""
+    needed = prediction.ram.resident
+    if needed <= available_ram:
+        return SwapVerdict(False, needed, available_ram, "fits in RAM")
+    short = needed - available_ram
+    ways = [
+        f"lower the context: n_ctx {prediction.n_ctx} costs {format_bytes(prediction.cpu.kv)} of KV cache in RAM",
+        "pick a smaller quantization of this model",
+    ]
+    if prediction.n_gpu_layers <= prediction.n_layer:
+        ways.insert(0, "put more layers on the GPU (--gpu-layers, or auto)")
+    return SwapVerdict(
+        True,
+        needed,
+        available_ram,
+        f"this load needs {format_bytes(needed)} of RAM on the CPU side but only "
+        f"{format_bytes(available_ram)} is available ({format_bytes(short)} short): the system would swap "
+        f"and every token would wait on the disk. Ways out: {'; '.join(ways)}. Use --force to load anyway.",
+    )
+
+
+@dataclass
+class LoadPlan:
+    """Everything decided about a load before it happens."""
+
+    info: GGUFInfo
+    settings: PlanSettings  # as asked (tensor_split: the person's, if any)
+    machine: Machine
+    budget: int  # VRAM the layers may fill, over every device
+    fitted: Fit  # the most layers within the budgets
+    prediction: Prediction  # for the chosen layer count, with its tokens_per_s
+    swap: SwapVerdict
+    ram_bandwidth: float
+    gpu_bandwidth: float
+    cpu_speed: speed.CpuSpeed
+    devices: tuple[OffloadDevice, ...] = field(default_factory=tuple)  # the offload devices, in llama.cpp's order
+    # What the load passes to llama.cpp: with several devices, the layer count of each, so that
+    # llama.cpp places them as predicted even if free memory moved since.
+    tensor_split: tuple[float, ...] | None = None
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return self.prediction.n_gpu_layers
+
+    def table(self) -> list[Prediction]:
+        """The prediction for every layer count 0..n_layer+1, at this plan's settings."""
+        return plan_table(
+            self.info,
+            self.settings,
+            self.devices,
+            ram_bandwidth=self.ram_bandwidth,
+            gpu_bandwidth=self.gpu_bandwidth,
+            cpu=self.cpu_speed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `plan` a `model` event carries (docs/protocol.md)."""
+        return {
+            "n_gpu_layers": self.n_gpu_layers,
+            "vram_budget": self.budget,
+            "budgets": self.fitted.budgets,
+            "fit": self.fitted.reason,
+            "tensor_split": list(self.tensor_split) if self.tensor_split else None,
+            "split_mode": self.settings.split_mode,
+            "main_gpu": self.settings.main_gpu,
+            "prediction": self.prediction.to_dict(),
+            "swap": self.swap.to_dict(),
+        }
+
+
+def device_budgets(devices: Sequence[OffloadDevice], vram_budget: int | str | Mapping[str, int | str] | None) -> list[int]:
+    """Each used device's budget: by default its free memory less a margin; one size, shared out by
+    free memory; or sizes by device name ({"RPC0": "2GiB"}, others keeping the default)."""
+    default = [max(0, d.free - DEFAULT_VRAM_MARGIN) for d in devices]
+    if vram_budget is None:
+        return default
+    if isinstance(vram_budget, Mapping):
+        names = {d.name for d in devices}
+        if unknown := sorted(set(vram_budget) - names):
+            raise PlanError(
+                f"no offload device named {', '.join(unknown)}; this load's are: {', '.join(sorted(names)) or 'none'}"
+            )
+        sizes = {name: _size(value) for name, value in vram_budget.items()}
+        return [sizes.get(d.name, default[i]) for i, d in enumerate(devices)]
+    total = _size(vram_budget)
+    free = [d.free for d in devices]
+    if len(devices) < 2 or not sum(free):
+        return [total] + [0] * (len(devices) - 1)
+    return [int(total * f / sum(free)) for f in free]
+
+
+def _size(value: int | str) -> int:
+    size = parse_size(value) if isinstance(value, str) else value
+    if size < 0:
+        raise PlanError(f"a VRAM budget must not be negative, not {value}")
+    return size
+
+
+def plan_load(
+    info: GGUFInfo,
+    machine: Machine,
+    n_gpu_layers: int | Literal["auto"],
+    settings: PlanSettings,
+    *,
+    vram_budget: int | str | Mapping[str, int | str] | None = None,
+    fit_ctx: bool = False,
+) -> LoadPlan:
+    """Plan a load of `info` on `machine`: resolve "auto" against each device's budget (by default
+    its free memory less a margin), predict every term on every device, estimate the speed and
+    judge the swap risk. With several devices, the plan's settings carry the tensor_split that
+    makes llama.cpp place the layers as predicted (whole layer counts per device).
+
+    With `fit_ctx`, n_ctx is first raised to the largest at which every layer fits (see `fit`).
+    Raises PlanError with a message a person can act on for settings the model cannot take.
+    """
+    settings = replace(settings, has_gpu=settings.has_gpu or machine.has_gpu)
+    devices = machine.offload_devices
+    try:
+        used = placement.used_devices(devices or [SOME_GPU], settings.split_mode, settings.main_gpu)
+    except placement.PlacementError as exc:
+        raise PlanError(str(exc)) from None
+    budgets = device_budgets(used, vram_budget)
+    fitted = fit(info, budgets, settings, devices, fit_ctx=fit_ctx)
+    if fit_ctx:
+        settings = replace(settings, n_ctx=fitted.n_ctx)
+    if n_gpu_layers != "auto" and not 0 <= n_gpu_layers <= info.n_layer + 1:
+        raise PlanError(
+            f"n_gpu_layers {n_gpu_layers} is outside what this model has: {info.n_layer} layers + the output layer; "
+            f'choose 0..{info.n_layer + 1}, or "auto" to fit the VRAM budget'
+        )
+    ram_bw = machine.ram_bandwidth or speed.ram_bandwidth()
+    gpu_bw = speed.gpu_bandwidth_for(machine.gpu_name)
+    cpu = machine.cpu_speed or speed.cpu_speed()
+
+    def tokens_per_s(row: Prediction) -> float:
+        return speed.estimate_tokens_per_second(row, ram_bw, gpu_bw, info=info, cpu=cpu, n_threads=settings.n_threads)
+
+    fitted.reason = _reason(fitted, tokens_per_s(fitted.prediction))
+    if n_gpu_layers == "auto" and settings.n_cpu_moe is None and info.n_expert:
+        # The other way to fill the budget: every layer offloaded, the experts of the first ones in RAM.
+        experts = _experts_in_ram(info, budgets, settings, devices)
+        split_speed = tokens_per_s(fitted.prediction)
+        if (
+            experts is not None
+            and tokens_per_s(experts.prediction) > split_speed
+            and not swap_check(experts.prediction, machine.available_ram).would_swap
+        ):
+            experts.reason = f"{_reason(experts, tokens_per_s(experts.prediction))}; a layer split would give {split_speed:.0f}"
+            fitted = experts
+            settings = replace(settings, n_cpu_moe=experts.prediction.cpu_expert_layers)
+    prediction = fitted.prediction if n_gpu_layers == "auto" else predict(info, n_gpu_layers, settings, devices)
+    tensor_split = settings.tensor_split
+    if len(used) > 1 and settings.split_mode == "layer":
+        split = tuple(float(share.layers + share.output) for share in prediction.devices)
+        tensor_split = split if any(split) else None
+    prediction.tokens_per_s = tokens_per_s(prediction)
+    return LoadPlan(
+        info,
+        settings,
+        machine,
+        sum(budgets),
+        fitted,
+        prediction,
+        swap_check(prediction, machine.available_ram),
+        ram_bw,
+        gpu_bw,
+        cpu,
+        devices,
+        tensor_split,
+    )
