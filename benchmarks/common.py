@@ -112,7 +112,8 @@ async def wait_ready(client: Client, timeout: float = 120) -> dict[str, Any]:
 
 
 async def chat_and_collect(client: Client, events: Any, max_tokens: int, content: str = PROMPT, seed: int = 1) -> dict[str, Any]:
-    """Send one chat and follow it to its final `msg` event, stamping every `tok` on receipt."""
+    """Send one chat and follow it to its final `msg` event, stamping every token on receipt (the
+    tokens of one `tok` event share its stamp)."""
     request_id = uuid.uuid4().hex
     started = time.perf_counter()
     await client.request(
@@ -123,16 +124,20 @@ async def chat_and_collect(client: Client, events: Any, max_tokens: int, content
     received: list[float] = []
     latencies: list[float] = []
     texts: list[str] = []
+    events_received = 0
     async for event in events:
         if event.topic == "tok" and event.body["request"] == request_id:
-            received.append(time.perf_counter())
-            if event.body.get("t_engine") is not None:
-                latencies.append(time.time() - event.body["t_engine"])
+            now, wall = time.perf_counter(), time.time()
+            stamps = event.body["t_tokens"]
+            received += [now] * len(stamps)
+            latencies += [wall - t for t in stamps]
             texts.append(event.body["text"])
+            events_received += 1
         elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
             return {
                 "started": started,
                 "received": received,
+                "events": events_received,
                 "latencies": latencies,
                 "text": "".join(texts),
                 "message": event.body,

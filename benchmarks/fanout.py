@@ -4,8 +4,9 @@ The clients are `vramchat.shared.client.Client` objects (a DEALER and a SUB each
 process, each with its own receive task. That costs far less CPU than 16 Python processes, which
 on a 2-core machine would mostly measure the scheduler; the daemon's side (16 subscriptions on
 its XPUB) is the same either way. For each client: tok/s from its own receive stamps of the first
-and last token, and completeness: it got every `index` once, in order, and its text equals the
-stored reply. Rounds cycle 1, 4, 16 so each count sees the same load; medians over rounds.
+and last token, and completeness: it got every token once, in order (each event's `index` is the
+previous one's plus its `count`), and its text equals the stored reply. Rounds cycle 1, 4, 16 so
+each count sees the same load; medians over rounds.
 Also: the engine's own tok/s, and the CPU the daemon and the client process spend per token.
 Target: 16 clients >= 0.98 of 1 client's tok/s, every client complete.
 """
@@ -32,18 +33,19 @@ async def one_round(runtime_dir: Any, daemon_pid: int, subscribers: int, max_tok
     request_id = uuid.uuid4().hex
 
     async def receive(client: Client) -> dict[str, Any]:
-        stamps: list[float] = []
-        indexes: list[int] = []
+        stamps: list[float] = []  # one per token
+        in_order = True
         texts: list[str] = []
         async for event in client.raw_events():
             if event.topic == "tok" and event.body["request"] == request_id:
-                stamps.append(time.perf_counter())
-                indexes.append(event.body["index"])
+                in_order = in_order and event.body["index"] == len(stamps)
+                stamps += [time.perf_counter()] * event.body["count"]
                 texts.append(event.body["text"])
             elif event.topic == "msg" and event.body.get("request") == request_id and event.body["status"] != "generating":
                 return {
                     "stamps": stamps,
-                    "complete": indexes == list(range(len(indexes))) and "".join(texts) == event.body["content"],
+                    "events": len(texts),
+                    "complete": in_order and "".join(texts) == event.body["content"],
                     "stats": event.body.get("stats") or {},
                 }
         raise RuntimeError("the event stream ended")
@@ -63,6 +65,7 @@ async def one_round(runtime_dir: Any, daemon_pid: int, subscribers: int, max_tok
         "slowest_tok_s": min(rate(r["stamps"]) for r in results),
         "complete": all(r["complete"] and len(r["stamps"]) == tokens for r in results),
         "tokens": tokens,
+        "events": results[0]["events"],
         "engine_tok_s": results[0]["stats"]["tokens_per_s"],
         "daemon_cpu_ms_per_token": 1000 * cpu_daemon / max(1, tokens),
         "client_cpu_ms_per_token": 1000 * cpu_client / max(1, tokens),
@@ -102,13 +105,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         result[f"clients_{n}_daemon_cpu_ms_per_token"] = median([r["daemon_cpu_ms_per_token"] for r in rows])
         result[f"clients_{n}_client_process_cpu_ms_per_token"] = median([r["client_cpu_ms_per_token"] for r in rows])
     result["tokens_per_run"] = sorted({r["tokens"] for rows in measured.values() for r in rows})
+    result["tok_events_per_run"] = median([r["events"] for rows in measured.values() for r in rows])
     ratio = result["clients_16_tok_s"] / result["clients_1_tok_s"]
     engine_ratio = result["clients_16_engine_tok_s"] / result["clients_1_engine_tok_s"]
     result["ratio_16_vs_1"] = ratio
     result["engine_ratio_16_vs_1"] = engine_ratio
     result["load_average_after"] = loadavg()
     why = (
-        f"the engine itself slowed to {engine_ratio:.3f} of its 1-client rate: with 16 clients the client process spent "
+        f"the engine itself slowed to {engine_ratio:.3f} of its 1-client rate: with 16 clients, each receiving "
+        f"{result['tok_events_per_run']:.0f} events for {result['tokens_per_run'][-1]} tokens, the client process spent "
         f"{result['clients_16_client_process_cpu_ms_per_token']:.2f} ms and the daemon "
         f"{result['clients_16_daemon_cpu_ms_per_token']:.2f} ms of CPU per token (1 client: "
         f"{result['clients_1_client_process_cpu_ms_per_token']:.2f} and {result['clients_1_daemon_cpu_ms_per_token']:.2f} ms), "

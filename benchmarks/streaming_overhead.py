@@ -6,8 +6,8 @@ the direct one from the loop's own stamps, on the same tokens. Direct and daemon
 so both see the same machine load, and the medians are compared. Both must produce the same
 number of tokens and the same text. Also reported, to locate any loss: the engine's own tok/s
 (its `stats`), and the CPU time the daemon, the engine and the client spend per token.
-A second, diagnostic pass repeats the comparison with 1 engine thread, which leaves a core
-free for the daemon and the client. Target: ratio >= 0.99.
+A second pass repeats the comparison with 1 engine thread, which leaves a core free for the
+daemon and the client. Targets: ratio >= 0.99 with 2 engine threads on 2 cores and with 1.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def compare(runs: int, max_tokens: int, n_threads: int) -> dict[str, Any]:
         "engine_own_tok_s": engine_rate,
         "ratio": daemon_rate / direct_rate,
         "engine_vs_direct": engine_rate / direct_rate,
-        "tok_events_per_run": sorted({len(r["received"]) for r in through}),
+        "tok_events_per_run": median([r["events"] for r in through]),
+        "tokens_per_run": sorted({len(r["received"]) for r in through}),
         "direct_tokens_per_run": sorted({len(r["produced"]) for r in direct}),
         "same_tokens": all(len(t["received"]) == len(d["produced"]) for t, d in zip(through, direct, strict=True)),
         "same_text": all(t["text"] == d["text"] for t, d in zip(through, direct, strict=True)),
@@ -115,22 +116,23 @@ def run(quick: bool = False) -> dict[str, Any]:
     if not quick:
         single = compare(5, max_tokens, 1)
         result.update(
-            {f"threads1_{k}": single[k] for k in ("direct_tok_s", "daemon_tok_s", "engine_own_tok_s", "ratio", "same_tokens")}
+            {
+                f"threads1_{k}": single[k]
+                for k in ("direct_tok_s", "daemon_tok_s", "engine_own_tok_s", "ratio", "engine_vs_direct", "same_tokens")
+            }
         )
     result["load_average_after"] = loadavg()
-    ok = main["ratio"] >= 0.99
     why = (
         f"the engine itself ran at {main['engine_vs_direct']:.3f} of direct ({main['engine_own_tok_s']:.1f} against "
-        f"{main['direct_tok_s']:.1f} tok/s), so the loss is in generation, not in the relay (the client received at "
-        f"{main['daemon_tok_s'] / main['engine_own_tok_s']:.3f} of the engine's rate). With {CPUS} cores and {CPUS} llama "
-        f"threads, every token also costs {main['daemon_cpu_ms_per_token']:.2f} ms of daemon CPU and "
-        f"{main['client_cpu_ms_per_token']:.2f} ms of client CPU out of a {main['ms_per_token']:.1f} ms token, and those "
-        "preempt a llama thread that the others then wait for"
+        f"{main['direct_tok_s']:.1f} tok/s; the client received at {main['daemon_tok_s'] / main['engine_own_tok_s']:.3f} "
+        f"of the engine's rate). The {main['tokens']} tokens came in {main['tok_events_per_run']:.0f} events; per token "
+        f"the daemon spent {main['daemon_cpu_ms_per_token']:.2f} ms of CPU and the client "
+        f"{main['client_cpu_ms_per_token']:.2f} ms, out of a {main['ms_per_token']:.1f} ms token, on a machine whose "
+        f"{CPUS} cores both run a llama thread. The single ratios ranged {min(main['all_ratios']):.3f} to "
+        f"{max(main['all_ratios']):.3f}"
     )
-    if "threads1_ratio" in result:
-        why += f"; with 1 engine thread (a core left free) the ratio is {result['threads1_ratio']:.3f}"
     result["targets"] = [
-        target("ratio", ">= 0.99", ok, why),
+        target("ratio", ">= 0.99", main["ratio"] >= 0.99, why),
         target(
             "same_tokens",
             "both generate the same tokens",
@@ -138,6 +140,16 @@ def run(quick: bool = False) -> dict[str, Any]:
             "the daemon and the direct loop produced different tokens or text: the comparison is not like for like",
         ),
     ]
+    if "threads1_ratio" in result:
+        result["targets"].append(
+            target(
+                "threads1_ratio",
+                ">= 0.99",
+                result["threads1_ratio"] >= 0.99,
+                f"the engine on 1 thread ran at {result['threads1_engine_vs_direct']:.3f} of direct "
+                f"({result['threads1_engine_own_tok_s']:.1f} against {result['threads1_direct_tok_s']:.1f} tok/s)",
+            )
+        )
     return result
 
 

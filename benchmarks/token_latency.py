@@ -1,14 +1,15 @@
 """Token latency: from the engine producing a token to a client receiving it, over ipc and TCP.
 
-The engine stamps each `tok` with `time.time()` just before sending it to the daemon
-(`t_engine` in the event); the client, a plain blocking ZeroMQ SUB in this process, stamps
-`time.time()` as soon as `recv` returns. Same machine, same clock. So the figure is the whole
-relay: engine -> daemon (ipc), the daemon's loop and msgpack, the daemon's XPUB -> the client.
+The engine stamps each token with `time.time()` when the token loop yields its text (`t_tokens`
+in the `tok` event); the client, a plain blocking ZeroMQ SUB in this process, stamps `time.time()`
+as soon as `recv` returns. Same machine, same clock. So the figure is the whole relay, coalescing
+included (a token may wait in the engine for the next ones, docs/protocol.md `tok`): engine ->
+daemon (ipc), the daemon's loop and msgpack, the daemon's XPUB -> the client.
 TCP is loopback plain TCP (`--insecure-tcp`, for benchmarks only). Rounds alternate between
 ipc and TCP on one daemon. A diagnostic pass repeats ipc on a daemon whose telemetry sampler is
 practically off (`--telemetry-interval 3600`), to show what the sampler does to the tail, and
 another on a daemon whose engine runs one llama thread (`--threads 1`), which leaves a core free
-for the daemon and the client. Target: p99 < 1 ms on ipc.
+for the daemon and the client. Target: p99 < 20 ms on ipc, under the TUI's 33 ms frame.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def one_round(control: str, events: str, max_tokens: int) -> list[float]:
             body = event["body"]
             if body.get("request") != request_id:
                 continue
-            if event["topic"] == "tok" and body.get("t_engine") is not None:
-                latencies.append(now - body["t_engine"])
+            if event["topic"] == "tok":
+                latencies += [now - t for t in body["t_tokens"]]
             elif event["topic"] == "msg" and body["status"] != "generating":
                 return latencies
     finally:
@@ -92,6 +93,7 @@ def summary(latencies: list[float]) -> dict[str, float]:
         "max_ms": 1000 * max(latencies),
         "samples": len(latencies),
         "over_1ms_percent": 100 * sum(x > 0.001 for x in latencies) / len(latencies),
+        "over_15ms_percent": 100 * sum(x > 0.015 for x in latencies) / len(latencies),
     }
 
 
@@ -145,8 +147,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         )
     result["load_average_after"] = loadavg()
     why = (
-        f"the median is {result['ipc_p50_ms']:.2f} ms but {result['ipc_over_1ms_percent']:.1f}% of tokens took over 1 ms "
-        f"(worst {result['ipc_max_ms']:.1f} ms)"
+        f"the median is {result['ipc_p50_ms']:.2f} ms but {result['ipc_over_15ms_percent']:.1f}% of tokens took over "
+        f"15 ms, the most a token waits in the engine for a steady stream (worst {result['ipc_max_ms']:.1f} ms)"
     )
     if "ipc_no_telemetry_p99_ms" in result:
         why += (
@@ -155,10 +157,10 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"{result['ipc_one_engine_thread_p99_ms']:.2f} ms and p50 {result['ipc_one_engine_thread_p50_ms']:.2f} ms"
         )
     why += (
-        "; the tail is scheduling: when a token is out, both cores go straight back to the engine's "
-        "llama threads, and the daemon and the client must wait to be scheduled"
+        "; beyond the coalescing, the tail is scheduling: when a frame is out, both cores go straight back to the "
+        "engine's llama threads, and the daemon and the client must wait to be scheduled"
     )
-    result["targets"] = [target("ipc_p99_ms", "< 1 ms", result["ipc_p99_ms"] < 1.0, why)]
+    result["targets"] = [target("ipc_p99_ms", "< 20 ms", result["ipc_p99_ms"] < 20.0, why)]
     return result
 
 

@@ -1,8 +1,8 @@
 """How far behind the engine the TUI's screen is at the end of a long reply.
 
 The real app (`VramchatApp`, headless through Textual's `run_test`) attaches to a private daemon
-and asks for one long reply. For every `tok` event the engine stamps the time it produced the
-token (`t_engine`). The end lag is the time from the engine producing the reply's last token to
+and asks for one long reply. For every token the engine stamps the time it produced it
+(`t_tokens` in the `tok` event that carries it). The end lag is the time from the engine producing the reply's last token to
 that token's text being in the chat log's Markdown widget: painted by the app's frame loop, or
 drawn whole from the stored message when the final `msg` event comes first. Textual composes the
 screen from the widgets at most one frame (1/60 s) later, which is not counted.
@@ -39,14 +39,16 @@ class TimedApp(VramchatApp):
 
     def __init__(self, runtime_dir: str) -> None:
         super().__init__(Client(runtime_dir, name="vramchat tui"))
-        self.t_engine: dict[str, list[float]] = {}  # message -> t_engine of each tok event, in order
+        self.t_engine: dict[str, list[float]] = {}  # message -> when the engine made each tok event's last token
+        self.tokens: dict[str, int] = {}  # message -> tokens received
         self.painted_count: dict[str, int] = {}  # message -> tok events whose text is in the log
         self.lags: dict[str, list[float]] = {}  # message -> at each frame, now - t_engine of the newest painted token
         self.shown_all_at: dict[str, float] = {}  # message -> when its whole text was in the log
 
     async def apply_event(self, topic: str, body: dict[str, Any]) -> None:
         if topic == "tok":
-            self.t_engine.setdefault(body["message"], []).append(body["t_engine"])
+            self.t_engine.setdefault(body["message"], []).append(body["t_tokens"][-1])
+            self.tokens[body["message"]] = self.tokens.get(body["message"], 0) + body["count"]
         await super().apply_event(topic, body)
         if topic == "msg" and body["role"] == "assistant" and body["status"] != "generating":
             self.shown_all_at.setdefault(body["id"], time.time())
@@ -85,8 +87,9 @@ async def one_reply(runtime_dir: Path, max_tokens: int) -> dict[str, Any]:
         if app.painted_count.get(message_id) == len(stamps):
             shown_at = min(shown_at, stamps[-1] + app.lags[message_id][-1])
         return {
-            "tokens": len(stamps),
-            "rate": (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9),
+            "tokens": app.tokens[message_id],
+            "events": len(stamps),
+            "rate": (app.tokens[message_id] - 1) / max(stamps[-1] - stamps[0], 1e-9),
             "end_lag_s": shown_at - stamps[-1],
             "frame_lags": app.lags.get(message_id, []),
         }
@@ -101,6 +104,7 @@ def summary(stream: str, results: list[dict[str, Any]]) -> dict[str, float]:
     lags = [lag for r in results for lag in r["frame_lags"]]
     return {
         f"{stream}_tokens_per_reply": median([r["tokens"] for r in results]),
+        f"{stream}_tok_events_per_reply": median([r["events"] for r in results]),
         f"{stream}_tok_s": median([r["rate"] for r in results]),
         f"{stream}_end_lag_ms": 1000 * median([r["end_lag_s"] for r in results]),
         f"{stream}_worst_end_lag_ms": 1000 * max(r["end_lag_s"] for r in results),

@@ -32,7 +32,7 @@ class InFlight:
     job: Job
     message_id: str | None  # None: not stored
     text: str = ""
-    tokens: int = 0
+    tokens: int = 0  # with text, so far: the `index` of the next `tok` event
     first_token_at: float | None = None
     cancel_requested: bool = False
     cancel_reason: str | None = None
@@ -221,15 +221,16 @@ class GenerationQueue:
 
         status, error, stats, code, finish_reason = "complete", None, None, None, None
         last_flush = time.monotonic()
-        index = 0
         while True:
             event = await engine.events.get()
             kind = event.get("ev")
             if kind == "tok" and event["request"] == job.request_id:
-                flight.text += event["text"]
-                flight.tokens += 1
+                # One frame of one or more tokens (the engine's TokenFrames), passed on as one event.
+                text, stamps = event["text"], event["t"]
+                flight.text += text
+                flight.tokens += len(stamps)
                 flight.first_token_at = flight.first_token_at or time.monotonic()
-                job.emit(event["text"])
+                job.emit(text)
                 if message is None:
                     continue
                 self.bus.publish(
@@ -238,12 +239,13 @@ class GenerationQueue:
                         "request": job.request_id,
                         "conversation": job.conversation_id,
                         "message": message["id"],
-                        "index": index,
-                        "text": event["text"],
-                        "t_engine": event.get("t"),
+                        "index": flight.tokens - len(stamps),
+                        "count": len(stamps),
+                        "text": text,
+                        "t_engine": stamps[0],
+                        "t_tokens": stamps,
                     },
                 )
-                index += 1
                 if time.monotonic() - last_flush > REPLY_FLUSH_INTERVAL_S:
                     self.store.update_message(message["id"], content=flight.text)
                     last_flush = time.monotonic()

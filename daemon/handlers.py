@@ -126,6 +126,7 @@ class Handlers:
                 "conversation": flight.job.conversation_id,
                 "message": flight.message_id,
                 "text": flight.text,
+                "tokens": flight.tokens,
             }
         history = self.monitor.sampler.history()  # once: the sampler thread may add one meanwhile
         return {

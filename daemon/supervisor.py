@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import zmq
@@ -42,18 +42,24 @@ class EngineProcess:
 
     Every message from the engine lands in `events`; when the process ends, a final
     ``{"ev": "exited", "returncode": N}`` follows, so whoever waits on the queue learns of a crash.
+
+    The socket is a plain one, read by a callback on its file descriptor rather than through
+    zmq.asyncio, which costs a third more CPU per message (docs/benchmarks.md, issue 15): a
+    message arrives for every frame of tokens. The descriptor only signals that the socket's
+    state changed, so each callback, and each send, reads everything there is.
     """
 
-    def __init__(self, process: asyncio.subprocess.Process, socket: zmq.asyncio.Socket, socket_path: Path) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, socket: zmq.Socket[bytes], socket_path: Path) -> None:
         self.process = process
         self.socket = socket
         self.socket_path = socket_path
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = self._loop.create_future()
         self.stopping = False
         # The engine's latest reading of its devices' memory ({"op": "devices"}), RPC ones included.
         self.devices: list[dict[str, Any]] | None = None
-        self._reader = asyncio.create_task(self._read())
+        self._loop.add_reader(socket.FD, self._read)
         self._waiter = asyncio.create_task(self._wait())
 
     @property
@@ -63,7 +69,7 @@ class EngineProcess:
     @classmethod
     async def spawn(cls, context: zmq.asyncio.Context, runtime_dir: Path) -> EngineProcess:
         socket_path = runtime_dir / f"engine-{next(_engine_numbers)}.sock"
-        socket = context.socket(zmq.PAIR)
+        socket: zmq.Socket[bytes] = zmq.Socket(context, zmq.PAIR)  # a plain socket in the daemon's context
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(f"ipc://{socket_path}")
         process = await asyncio.create_subprocess_exec(
@@ -81,10 +87,11 @@ class EngineProcess:
     def send(self, message: dict[str, Any]) -> None:
         if not self.exited.done():
             self.socket.send(msgpack.packb(message, use_bin_type=True), flags=zmq.NOBLOCK)
+            self._loop.call_soon(self._read)  # a send can take the descriptor's signal of a message in
 
-    async def _read(self) -> None:
-        while True:
-            message = msgpack.unpackb(await self.socket.recv(), raw=False)
+    def _read(self) -> None:
+        while not self.socket.closed and cast(int, self.socket.get(zmq.EVENTS)) & zmq.POLLIN:
+            message = msgpack.unpackb(self.socket.recv(zmq.NOBLOCK), raw=False)
             if message.get("ev") == "devices":  # telemetry's, not the reply's: kept aside, newest only
                 self.devices = message["devices"]
             else:
@@ -93,7 +100,8 @@ class EngineProcess:
     async def _wait(self) -> None:
         returncode = await self.process.wait()
         await asyncio.sleep(0.05)  # let the reader take what the engine sent before it ended
-        self._reader.cancel()
+        self._read()
+        self._loop.remove_reader(self.socket.FD)
         self.socket.close()
         self.socket_path.unlink(missing_ok=True)
         if not self.stopping:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -25,6 +25,8 @@ from vramchat.shared import paths, protocol
 from vramchat.shared.config import load_config
 from vramchat.shared.curve_client import apply_client_curve, client_keys, load_public_key
 from vramchat.shared.protocol import Event
+
+SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
 
 
 class DaemonNotRunning(Exception):
@@ -73,7 +75,9 @@ class Client:
         self.timeout = timeout
         self.context = zmq.asyncio.Context.instance()
         self.control: zmq.asyncio.Socket | None = None
-        self.events_socket: zmq.asyncio.Socket | None = None
+        self.events_socket: zmq.Socket[bytes] | None = None
+        self._events_loop: asyncio.AbstractEventLoop | None = None  # watches the events socket's descriptor
+        self._events_ready: asyncio.Event | None = None  # it signalled: try to read
         self.server: dict[str, Any] = {}
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -96,7 +100,9 @@ class Client:
         return (f"ipc://{self.runtime_dir / protocol.CONTROL_SOCKET}", f"ipc://{self.runtime_dir / protocol.EVENTS_SOCKET}")
 
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
-        socket = self.context.socket(kind)
+        return self._secured(self.context.socket(kind))
+
+    def _secured(self, socket: SocketT) -> SocketT:
         socket.setsockopt(zmq.LINGER, 0)
         if self.server_address:
             if not self.server_public_key:
@@ -186,21 +192,44 @@ class Client:
 
         A subscription travels to the daemon asynchronously; the daemon publishes a `clients`
         event on every new one, so the first event we receive proves ours is active.
+
+        The socket is a plain one whose descriptor wakes `_next_frames`: zmq.asyncio costs a third
+        more CPU per event (docs/benchmarks.md, issue 15), and an event comes with every frame of
+        tokens, to every client.
         """
         if self.events_socket is not None:
             return
-        socket = self._socket(zmq.SUB)
+        socket: zmq.Socket[bytes] = self._secured(zmq.Socket(self.context, zmq.SUB))
         socket.setsockopt(zmq.RCVHWM, 100_000)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.connect(self._endpoints()[1])
         self.events_socket = socket
+        self._events_ready = asyncio.Event()
+        self._events_loop = asyncio.get_running_loop()
+        self._events_loop.add_reader(socket.FD, self._events_signalled)
         self._first_events: list[Event] = []
         try:
-            frames = await asyncio.wait_for(socket.recv_multipart(), self.timeout)
+            frames = await asyncio.wait_for(self._next_frames(), self.timeout)
         except TimeoutError:
             raise DaemonNotRunning(f"no events from vramchatd at {self._endpoints()[1]}") from None
         if event := protocol.decode_event(frames):
             self._first_events.append(event)
+
+    def _events_signalled(self) -> None:
+        # Reading ZMQ_EVENTS also resets the descriptor, which would otherwise stay readable.
+        if self.events_socket is not None and self._events_ready and cast(int, self.events_socket.get(zmq.EVENTS)) & zmq.POLLIN:
+            self._events_ready.set()
+
+    async def _next_frames(self) -> list[bytes]:
+        """The next event's frames. Messages already queued do not signal the descriptor again,
+        so read until there are none before waiting for it."""
+        assert self.events_socket is not None and self._events_ready is not None
+        while True:
+            try:
+                return self.events_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                self._events_ready.clear()
+                await self._events_ready.wait()
 
     async def raw_events(self) -> AsyncIterator[Event]:
         """Every event as it arrives, with no snapshot and no gap handling (for `ask`)."""
@@ -209,7 +238,7 @@ class Client:
         while self._first_events:
             yield self._first_events.pop(0)
         while True:
-            event = protocol.decode_event(await self.events_socket.recv_multipart())
+            event = protocol.decode_event(await self._next_frames())
             if event is not None:
                 yield event
 
@@ -245,7 +274,10 @@ class Client:
         if self._reader:
             self._reader.cancel()
             self._reader = None
-        for socket in (self.control, self.events_socket):
-            if socket is not None:
-                socket.close()
+        if self.events_socket is not None:
+            if self._events_loop is not None and not self._events_loop.is_closed():
+                self._events_loop.remove_reader(self.events_socket.FD)
+            self.events_socket.close()
+        if self.control is not None:
+            self.control.close()
         self.control = self.events_socket = None

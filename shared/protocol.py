@@ -66,7 +66,7 @@ REQUEST_TYPES: dict[str, str] = {
 
 # --- event topics ---------------------------------------------------------------------------
 EVENT_TOPICS: dict[str, str] = {
-    "tok": "text generated for a request, as it is produced",
+    "tok": "text of one or more tokens of a reply, as they are produced (those within 15 ms share one event)",
     "msg": "a message was created, or changed status (generating, complete, ...)",
     "conversation": "a conversation was created, updated or deleted",
     "model": "model state: loading progress, ready with its split, failed, engine crashed",
