@@ -402,3 +402,9 @@ class RpcServer:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
+
+
+def vramchat_status(daemon: DaemonProcess) -> str:
+    """What `vramchat status` prints for `daemon`."""
+    command = [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), "status"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout

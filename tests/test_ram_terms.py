@@ -9,8 +9,6 @@ the engine's /proc says, and the swap guard judges that figure.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from vramchat.shared.planner import PlanSettings, _repacked, cpu_repack_types, p
 from vramchat.shared.units import format_bytes
 
 from gguf_factory import RandomLlamaSpec, random_llama
-from helpers import DaemonFactory, IsolatedHome
+from helpers import DaemonFactory, IsolatedHome, vramchat_status
 
 MIB = 1 << 20
 N_CTX = 1024
@@ -83,10 +81,7 @@ async def test_resident_prediction_matches_the_engine_and_progress_moves(daemon_
             f"old figure {format_bytes(model['plan']['prediction']['cpu']['total'])}"
         )
         assert abs(predicted - measured) <= 0.10 * measured
-        status = subprocess.run(
-            [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), "status"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
+        status = vramchat_status(daemon)
         assert f"RAM plan: resident {format_bytes(predicted)}" in status and "engine: anonymous" in status
 
 

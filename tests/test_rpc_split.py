@@ -7,8 +7,6 @@ logged buffers to the prediction for that device.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +25,7 @@ from vramchat.shared.planner import PlanError, PlanSettings, Prediction, predict
 from vramchat.shared.units import format_bytes
 
 from gguf_factory import TinyModelSpec, write_tiny_llama
-from helpers import DaemonFactory, RpcServer
+from helpers import DaemonFactory, RpcServer, vramchat_status
 
 GIB, MIB = 1 << 30, 1 << 20
 NO_REPACK = PlanSettings(cpu_repack=frozenset())
@@ -205,10 +203,7 @@ async def test_two_rpc_devices_hold_the_shares_predicted(
             assert report.offloaded_layers == layers
             assert await greedy(client) == cpu_reply
         # `status` puts each device's predicted and allocated bytes side by side.
-        status = subprocess.run(
-            [sys.executable, "-m", "vramchat.tui.cli", "--runtime-dir", str(daemon.runtime_dir), "status"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
+        status = vramchat_status(daemon)
         for share in predicted.devices:
             allocated = format_bytes(report.total(device=share.device.log_name))
             line = f"{share.device.name:<6} {share.layers} layers"
