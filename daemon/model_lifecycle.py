@@ -259,14 +259,15 @@ class ModelLifecycle:
         engine, held = self.engine, self._last_load.rpc_servers if self._last_load else ()
         connected = engine is not None and not engine.exited.done()
         known = (engine.devices if engine and engine.devices else None) or self.state.rpc_devices or []
-        allocated = {b["device"]: b["bytes"] for b in (self.state.split or {}).get("buffers", [])}
+        buffers = (self.state.split or {}).get("buffers", [])
+
+        def held_there(device: dict[str, Any]) -> int:
+            return sum(b["bytes"] for b in buffers if b["device"] == device.get("buffer_name"))
+
         devices: list[OffloadDevice] = []
         for server in servers:
             if connected and server in held:
-                mine = [d for d in known if d.get("endpoint") == server]
-                devices += [
-                    OffloadDevice.from_rpc(d, sum(v for k, v in allocated.items() if k == d.get("buffer_name"))) for d in mine
-                ]
+                devices += [OffloadDevice.from_rpc(d, held_there(d)) for d in known if d.get("endpoint") == server]
             else:
                 devices += [OffloadDevice.from_rpc(d) for d in probe_rpc_devices(server)]
         # The engine numbers them RPC0, RPC1, ... in the order it registers the servers.
