@@ -75,8 +75,8 @@ def settings_from(body: Mapping[str, Any], defaults: Mapping[str, Any], n_ctx: i
     cache_types = {}
     for name in ("cache_type_k", "cache_type_v"):
         cache_types[name] = get(name, "f16")
-        if cache_types[name] not in GGML_TYPE_IDS:
-            raise PlanError(f"{name} must be one of {', '.join(GGML_TYPE_IDS)}, not {cache_types[name]!r}")
+        if cache_types[name] not in (*GGML_TYPE_IDS, "auto"):
+            raise PlanError(f"{name} must be one of {', '.join(GGML_TYPE_IDS)} or auto, not {cache_types[name]!r}")
     n_cpu_moe = get("n_cpu_moe")
     for flag in ("use_mmap", "use_mlock"):
         if not isinstance(get(flag, False), bool):

@@ -134,6 +134,46 @@ def _experts_in_ram(
     return fit(info, budgets, replace(settings, n_cpu_moe=low), devices)
 
 
+AUTO = "auto"  # a KV cache type for the fit to choose
+
+
+def _choose_kv_types(
+    info: GGUFInfo, budgets: Sequence[int], settings: PlanSettings, devices: Sequence[OffloadDevice], *, fit_ctx: bool
+) -> tuple[PlanSettings, str]:
+    """The most precise KV cache types at which every layer fits (with `fit_ctx`: the ones giving
+    the longest context), else those giving the most layers; and why, for the fit's line.
+
+    Quantized V needs flash attention: without it only K is quantized (llama.cpp allows that).
+    """
+    quantize_v = bool(settings.flash_attn)
+    candidates = [(k, k if quantize_v else "f16") for k in ("f16", "q8_0", "q4_0")]
+
+    def typed(k: str, v: str) -> PlanSettings:
+        return replace(
+            settings,
+            cache_type_k=k if settings.cache_type_k == AUTO else settings.cache_type_k,
+            cache_type_v=v if settings.cache_type_v == AUTO else settings.cache_type_v,
+        )
+
+    options = [typed(k, v) for k, v in dict.fromkeys(candidates)]
+    fits = [fit(info, budgets, option, devices, fit_ctx=fit_ctx) for option in options]
+    if fit_ctx:
+        best = max(range(len(options)), key=lambda i: (fits[i].fits_all, fits[i].n_ctx, -i))
+    else:
+        best = next(
+            (i for i, f in enumerate(fits) if f.fits_all), max(range(len(options)), key=lambda i: (fits[i].n_gpu_layers, -i))
+        )
+    chosen = options[best]
+    why = "every layer fits" if fits[best].fits_all else f"{fits[best].n_gpu_layers} layers fit"
+    if fit_ctx:
+        why += f" at n_ctx {fits[best].n_ctx}"
+    if best > 0:
+        why += f"; at {options[0].cache_type_k}/{options[0].cache_type_v}, " + (
+            f"n_ctx {fits[0].n_ctx}" if fit_ctx else f"{fits[0].n_gpu_layers} layers"
+        )
+    return chosen, f"; KV cache {chosen.cache_type_k}/{chosen.cache_type_v}: {why}"
+
+
 def _reason(fitted: Fit, tokens_per_s: float) -> str:
     """ "experts of layers 0-35 in RAM, everything else on CUDA0: 11.2 of 11.5 GiB, 18 tok/s predicted" """
     row = fitted.prediction
@@ -335,6 +375,9 @@ def plan_load(
     except placement.PlacementError as exc:
         raise PlanError(str(exc)) from None
     budgets = device_budgets(used, vram_budget)
+    kv_choice = ""
+    if AUTO in (settings.cache_type_k, settings.cache_type_v):
+        settings, kv_choice = _choose_kv_types(info, budgets, settings, devices, fit_ctx=fit_ctx)
     fitted = fit(info, budgets, settings, devices, fit_ctx=fit_ctx)
     if fit_ctx:
         settings = replace(settings, n_ctx=fitted.n_ctx)
@@ -350,7 +393,7 @@ def plan_load(
     def tokens_per_s(row: Prediction) -> float:
         return speed.estimate_tokens_per_second(row, ram_bw, gpu_bw, info=info, cpu=cpu, n_threads=settings.n_threads)
 
-    fitted.reason = _reason(fitted, tokens_per_s(fitted.prediction))
+    fitted.reason = _reason(fitted, tokens_per_s(fitted.prediction)) + kv_choice
     if n_gpu_layers == "auto" and settings.n_cpu_moe is None and info.n_expert:
         # The other way to fill the budget: every layer offloaded, the experts of the first ones in RAM.
         experts = _experts_in_ram(info, budgets, settings, devices)
@@ -360,7 +403,9 @@ def plan_load(
             and tokens_per_s(experts.prediction) > split_speed
             and not swap_check(experts.prediction, machine.available_ram).would_swap
         ):
-            experts.reason = f"{_reason(experts, tokens_per_s(experts.prediction))}; a layer split would give {split_speed:.0f}"
+            experts.reason = (
+                f"{_reason(experts, tokens_per_s(experts.prediction))}; a layer split would give {split_speed:.0f}{kv_choice}"
+            )
             fitted = experts
             settings = replace(settings, n_cpu_moe=experts.prediction.cpu_expert_layers)
     prediction = fitted.prediction if n_gpu_layers == "auto" else predict(info, n_gpu_layers, settings, devices)

@@ -80,10 +80,11 @@ class PlanSettings:
     use_mlock: bool = False  # lock the weights in RAM (--mlock)
 
     def check(self) -> None:
+        """Refuse what llama.cpp would refuse. A KV cache type may be "auto": plan_load chooses it."""
         for name in (self.cache_type_k, self.cache_type_v):
-            if name not in KV_TYPE_BYTES:
+            if name not in KV_TYPE_BYTES and name != "auto":
                 raise PlanError(f"unknown KV cache type {name!r}; use one of {', '.join(KV_TYPE_BYTES)}")
-        if self.cache_type_v not in ("f32", "f16", "bf16") and not self.flash_attn:
+        if self.cache_type_v not in ("f32", "f16", "bf16", "auto") and not self.flash_attn:
             raise PlanError(
                 f"a quantized V cache ({self.cache_type_v}) needs flash attention, and llama.cpp refuses to load "
                 "without it: add --flash-attn on, or keep V at f16"
@@ -192,6 +193,8 @@ def predict(
     """Every term on every device for `n_gpu_layers`, with `devices` in llama.cpp's order (RPC
     devices, then local GPUs); without them, one CUDA GPU."""
     settings.check()
+    if "auto" in (settings.cache_type_k, settings.cache_type_v):
+        raise PlanError('a KV cache type of "auto" is chosen by plan_load, not predicted')
     for name, dim in ((settings.cache_type_k, info.head_dim_k), (settings.cache_type_v, info.head_dim_v)):
         if name in ("q8_0", "q4_0") and dim % 32:
             raise PlanError(f"a {name} KV cache needs a head size that divides by 32, and this model's is {dim}: keep f16")

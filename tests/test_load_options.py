@@ -113,6 +113,8 @@ async def test_a_q8_0_cache_with_flash_attention_is_the_size_predicted(daemon_fa
             sizes[bool(options)] = logged
         assert sizes[True] / sizes[False] == pytest.approx(34 / 64, abs=0.01)  # q8_0: 34 bytes per 32 against 64
         print(f"\nKV at n_ctx 2048: f16 {sizes[False] / MIB:.2f} MiB, q8_0 {sizes[True] / MIB:.2f} MiB")
+        chosen = await load(client, {"model": str(demo_model), "n_ctx": 2048, "cache_type_k": "auto", "flash_attn": "on"})
+        assert report_of(chosen).total("kv") == sizes[False]  # nothing to fit on this machine: f16 stays
         with pytest.raises(RequestFailed, match="needs flash attention"):
             await client.request("load", {"model": str(demo_model), "cache_type_v": "q4_0"})
         assert (await client.request("status"))["model"]["state"] == "ready"
@@ -159,3 +161,25 @@ async def test_flash_attention_auto_is_llama_cpps_choice(daemon_factory: DaemonF
         on = predict(info, 0, PlanSettings(n_ctx=1024, flash_attn=True)).cpu.compute
         off = predict(info, 0, PlanSettings(n_ctx=1024)).cpu.compute
         assert abs(logged["auto"] - on) <= 0.10 * logged["auto"] and abs(logged["off"] - off) <= 0.10 * logged["off"], logged
+
+
+def test_the_fit_chooses_the_most_precise_kv_cache_that_lets_every_layer_fit(tmp_path: Path) -> None:
+    info = inspect_gguf(write_tiny_llama(tmp_path / "m.gguf", TinyModelSpec(n_layer=8, n_embd=128, n_ctx_train=32768)))
+    device = OffloadDevice("RPC0", "RPC", free=64 << 30, total=64 << 30, endpoint="127.0.0.1:1", buffer_name="RPC0[127.0.0.1:1]")
+    machine = Machine(available_ram=64 << 30, ram_bandwidth=20e9, cpu_speed=CpuSpeed(1e11, 2), devices=(device,))
+    base = PlanSettings(n_ctx=16384, flash_attn=True, cpu_repack=frozenset())
+    at = {
+        kv: predict(info, info.n_layer + 1, replace(base, cache_type_k=kv, cache_type_v=kv), [device]).gpu.total
+        for kv in ("f16", "q8_0")
+    }
+    budget = (at["f16"] + at["q8_0"]) // 2  # q8_0 fits every layer, f16 does not
+    plan = plan_load(info, machine, "auto", replace(base, cache_type_k="auto", cache_type_v="auto"), vram_budget=budget)
+    assert (plan.settings.cache_type_k, plan.settings.cache_type_v) == ("q8_0", "q8_0")
+    assert plan.n_gpu_layers == info.n_layer + 1 and plan.prediction.gpu.total <= budget
+    assert "KV cache q8_0/q8_0: every layer fits; at f16/f16, " in plan.to_dict()["fit"]
+    # With room for f16, f16 it is; without flash attention only K is quantized.
+    roomy = plan_load(info, machine, "auto", replace(base, cache_type_k="auto", cache_type_v="auto"), vram_budget=at["f16"])
+    assert roomy.settings.cache_type_k == "f16"
+    no_fa = replace(base, flash_attn=False, cache_type_k="auto", cache_type_v="auto")
+    assert plan_load(info, machine, "auto", no_fa, vram_budget=budget).settings.cache_type_v == "f16"
+    assert settings_from({"cache_type_k": "auto"}, {}, 512).cache_type_k == "auto"
