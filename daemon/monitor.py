@@ -107,7 +107,7 @@ def devices_view(sample: dict[str, Any], model: ModelState, engine_devices: list
             "description": d.get("description"),
             "memory_total": d.get("memory_total"),
             "memory_free": d.get("memory_free"),
-            "allocated": allocated(d.get("buffer_name") or f"{d['name']}["),  # RPC0[host:port] in the load log
+            "allocated": allocated(d["buffer_name"]),  # RPC0[host:port] in the load log
             "endpoint": d["endpoint"],
             "buffer_name": d.get("buffer_name"),
         }

@@ -325,9 +325,12 @@ class LoadPlan:
 
 def device_budgets(devices: Sequence[OffloadDevice], vram_budget: int | str | Mapping[str, int | str] | None) -> list[int]:
     """Each used device's budget: by default its free memory less a margin; one size, shared out by
-    free memory; or sizes by device name ({"RPC0": "2GiB"}, others keeping the default)."""
+    free memory; or sizes by device name ({"RPC0": "2GiB"}, or as typed: "RPC0=2GiB,CUDA0=10GiB"),
+    others keeping the default."""
     default = [max(0, d.free - DEFAULT_VRAM_MARGIN) for d in devices]
-    if vram_budget is None:
+    if isinstance(vram_budget, str) and "=" in vram_budget:
+        vram_budget = dict(_named_size(part) for part in vram_budget.split(","))
+    if vram_budget is None or vram_budget == "":
         return default
     if isinstance(vram_budget, Mapping):
         names = {d.name for d in devices}
@@ -344,8 +347,18 @@ def device_budgets(devices: Sequence[OffloadDevice], vram_budget: int | str | Ma
     return [int(total * f / sum(free)) for f in free]
 
 
+def _named_size(text: str) -> tuple[str, str]:
+    name, equals, size = text.partition("=")
+    if not equals or not name.strip():
+        raise PlanError(f"a budget per device is NAME=SIZE, e.g. RPC0=2GiB; not {text!r}")
+    return name.strip(), size.strip()
+
+
 def _size(value: int | str) -> int:
-    size = parse_size(value) if isinstance(value, str) else value
+    try:
+        size = parse_size(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise PlanError(f"VRAM budget: {exc}") from None
     if size < 0:
         raise PlanError(f"a VRAM budget must not be negative, not {value}")
     return size

@@ -171,7 +171,7 @@ def estimate_tokens_per_second(
     experts = prediction.cpu_expert_layers
     work = cpu_work_per_token(info, on_gpu, prediction.output_on_gpu, experts)
     compute = work / (cpu.flops_per_thread * min(threads, cpu.cores))
-    cpu_layers = first_gpu_layer + max(0, min(experts, prediction.n_layer) - first_gpu_layer)  # layers with work in RAM
+    cpu_layers = max(first_gpu_layer, min(experts, prediction.n_layer))  # layers with work in RAM
     fixed = TOKEN_S + LAYER_S * prediction.n_layer + VOCAB_S * info.n_vocab + SYNC_S * cpu_layers * (threads - 1)
     return 1 / (math.hypot(compute, memory) + gpu + fixed)
 

@@ -72,6 +72,19 @@ def _add_tokenizer(writer: GGUFWriter, n_vocab: int) -> None:
     writer.add_unk_token_id(0)
 
 
+def _add_llama_shape(writer: GGUFWriter, spec: TinyModelSpec | RandomLlamaSpec) -> None:
+    """The llama hyperparameters both writers set, from the spec's fields of the same names."""
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(spec.n_vocab)
+
+
 def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Write a llama GGUF for `spec` to `path` and return the path."""
     if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
@@ -103,15 +116,7 @@ def write_tiny_llama(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(f"tiny-llama-{spec.n_layer}L-{spec.n_embd}d-kv{spec.n_head_kv}")
     writer.add_file_type(file_type)
-    writer.add_context_length(spec.n_ctx_train)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(spec.n_vocab)
+    _add_llama_shape(writer, spec)
     if spec.n_expert:
         writer.add_expert_count(spec.n_expert)
         writer.add_expert_used_count(spec.n_expert_used)
@@ -282,15 +287,7 @@ def write_random_llama(path: Path, spec: RandomLlamaSpec = RandomLlamaSpec()) ->
         spec.quant, f"MOSTLY_{spec.quant}"
     )
     writer.add_file_type(LlamaFileType[file_type])
-    writer.add_context_length(spec.n_ctx_train)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(spec.n_vocab)
+    _add_llama_shape(writer, spec)
     _add_tokenizer(writer, spec.n_vocab)
     writer.add_chat_template(CHATML_TEMPLATE)
 

@@ -72,8 +72,9 @@ def test_a_broken_config_in_the_home_changes_no_test_outcome(broken: str, tmp_pa
 
 
 def test_every_test_sees_its_own_empty_config(isolated_home: IsolatedHome | None) -> None:
-    if isolated_home is None:
-        pytest.skip("--use-my-config: the tests see your own home")
+    if isolated_home is None:  # --use-my-config: no per-test home; the config is the developer's own
+        assert "vc-home-" not in str(Path.home()) and "vc-home-" not in str(paths.config_path())
+        return
     assert paths.config_path() == isolated_home.config_file and isolated_home.config_file.read_text() == ""
     assert Path.home() == isolated_home.home and paths.runtime_dir() == isolated_home.runtime_dir
     assert paths.data_dir() == isolated_home.data_dir and paths.cache_dir() == isolated_home.cache_dir

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_rpc import CPU_SERVER, QUESTION, greedy_reply, load, offloading_daemon, report_of
+from test_rpc import CPU_SERVER, QUESTION, greedy_reply, load, offloading_daemon, report_of, rpc_device
 
 from vramchat.shared.client import Client, RequestFailed
 from vramchat.shared.gguf import inspect_gguf
@@ -120,6 +120,9 @@ def test_budgets_per_device(tmp_path: Path) -> None:
     assert device_budgets(devices, None) == [2 * GIB, 8 * GIB]
     assert device_budgets(devices, "4GiB") == [1 * GIB, 3 * GIB]  # shared out by free memory
     assert device_budgets(devices, {"RPC1": "1GiB"}) == [2 * GIB, 1 * GIB]
+    assert device_budgets(devices, "RPC1=1GiB") == [2 * GIB, 1 * GIB]  # as `--vram-budget` and the dialog take it
+    with pytest.raises(PlanError, match="NAME=SIZE"):
+        device_budgets(devices, "RPC1=1GiB,4GiB")
     with pytest.raises(PlanError, match="no offload device named CUDA7"):
         device_budgets(devices, {"CUDA7": 1})
     info = inspect_gguf(write_tiny_llama(tmp_path / "m.gguf", TinyModelSpec(n_layer=4)))
@@ -217,7 +220,7 @@ async def test_auto_fills_an_rpc_device_to_its_budget_and_no_further(
 ) -> None:
     server = rpc_server_factory(*CPU_SERVER)
     daemon = offloading_daemon(daemon_factory, server.endpoint)
-    device = f"RPC0[{server.endpoint}]"
+    device = rpc_device(server.endpoint)
     budget = 150 * MIB  # the compute buffer (~100 MiB at n_ctx 2048) and part of the layers
     async with Client(daemon.runtime_dir) as client:
         model = await load(client, {"model": str(demo_model), "n_gpu_layers": "auto", "n_ctx": 2048, "vram_budget": budget})

@@ -25,7 +25,7 @@ from vramchat.shared.gguf import GGUFError, GGUFInfo, inspect_cached, quant_name
 from vramchat.shared.load_options import parse_flags, settings_from
 from vramchat.shared.load_plan import LoadPlan, Machine, plan_load
 from vramchat.shared.planner import PlanError
-from vramchat.shared.units import format_bytes, format_count, parse_size
+from vramchat.shared.units import format_bytes, format_count
 from vramchat.tui import model_table
 from vramchat.tui.state import ChatState
 from vramchat.tui.telemetry_view import NO_GPU
@@ -63,20 +63,6 @@ def describe_prediction(plan: LoadPlan, cpu_only: LoadPlan | None = None) -> str
             f"speed about {actual.prediction.tokens_per_s or 0:.1f} tok/s expected (memory bandwidth and compute)",
         ]
     )
-
-
-def budget_field(text: str) -> int | dict[str, int] | None:
-    """The VRAM budget typed: a size, or sizes by device ("RPC0=2GiB,CUDA0=10GiB"); None if empty."""
-    text = text.strip()
-    if not text:
-        return None
-    if "=" not in text:
-        return parse_size(text)
-    budgets = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        budgets[name.strip()] = parse_size(size.strip())
-    return budgets
 
 
 class LayerStepper(Static, can_focus=True):
@@ -201,7 +187,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         try:
             options = parse_flags(self.query_one("#options", Input).value)
             settings = settings_from(options, {}, int(self.query_one("#n-ctx", Input).value or 0))
-            budget = budget_field(self.query_one("#budget", Input).value)
+            budget = self.query_one("#budget", Input).value.strip() or None
             layers: int | Literal["auto"] = "auto" if stepper.value == "auto" else int(stepper.value)
             host = machine(vramchat_app(self).state)
             plan = plan_load(self.info, host, layers, settings, vram_budget=budget)
@@ -234,7 +220,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         }
         try:
             body.update(parse_flags(self.query_one("#options", Input).value))
-            if (budget := budget_field(self.query_one("#budget", Input).value)) is not None:
+            if budget := self.query_one("#budget", Input).value.strip():
                 body["vram_budget"] = budget
         except (PlanError, ValueError) as exc:
             self.show_load_error(str(exc))

@@ -28,7 +28,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=_gpu_layers,
         help='layers to put in VRAM (0 .. the model\'s layers + 1), or "auto" to fit --vram-budget',
     )
-    load.add_argument("--vram-budget", help="with --gpu-layers auto: VRAM to fill, e.g. 11.5GiB (default: free VRAM - 1 GiB)")
+    load.add_argument(
+        "--vram-budget",
+        help="with --gpu-layers auto: VRAM to fill, e.g. 11.5GiB or RPC0=2GiB,CUDA0=10GiB (default: free - 1 GiB each)",
+    )
     load.add_argument("--force", action="store_true", help="load even if the planner predicts the system would swap")
     load.add_argument("--ctx", type=int, help="context window in tokens")
     load.add_argument("--threads", type=int, help="CPU threads")

@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--ctx", type=int, default=4096, help="context window in tokens (default 4096)")
     which = plan.add_mutually_exclusive_group()
     which.add_argument("--gpu-layers", type=int, help="detail this layer count instead of the fitted one")
-    which.add_argument("--vram-budget", type=parse_size, help="fit this much VRAM, e.g. 11.5GiB (default: free VRAM - 1 GiB)")
+    which.add_argument(
+        "--vram-budget", help="fit this much VRAM, e.g. 11.5GiB, or RPC0=2GiB,CUDA0=10GiB (default: free VRAM - 1 GiB each)"
+    )
     plan.add_argument("--fit-ctx", action="store_true", help="also find the largest context at which every layer fits")
     plan.add_argument("--vram", type=parse_size, help="plan for a GPU with this much free VRAM instead of this machine's")
     plan.add_argument("--ram", type=parse_size, help="plan for this much available RAM instead of this machine's")
