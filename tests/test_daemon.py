@@ -37,7 +37,7 @@ def run_cli(daemon: DaemonProcess, *args: str, input: str | None = None, timeout
 @pytest.mark.demo
 def test_ask_streams_an_answer_from_the_quantized_demo_model(demo_daemon: DaemonProcess) -> None:
     """Decodes SmolLM2 Q4_1: a llama.cpp build with broken quantized kernels fails here."""
-    result = run_cli(demo_daemon, "ask", "What is the capital of France?")  # the defaults a new user gets
+    result = run_cli(demo_daemon, "ask", "What is the capital of France? Answer in English.")  # the defaults a new user gets
     assert result.returncode == 0, result.stderr + demo_daemon.log()
     assert "Paris" in result.stdout
 

@@ -25,7 +25,7 @@ from vramchat.tui.widgets import ChatMessage, PromptInput
 
 from helpers import DaemonFactory, DaemonProcess, collect_reply, wait_ready, wait_until
 
-QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France? Answer in English."}]
 LONG_STORY: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}
 ]
@@ -276,7 +276,7 @@ async def test_an_http_stream_and_a_tui_chat_share_the_queue_in_order(demo_http:
         chunks = aiter(stream)
         await anext(chunks)  # the role chunk: the job is queued or running
         prompt = app.query_one(PromptInput)
-        prompt.insert("What is the capital of France?")
+        prompt.insert("What is the capital of France? Answer in English.")
         prompt.post_message(PromptInput.Submitted(prompt.text))
         queue = app.query_one("#queue", Label)
         named = re.compile(r"queued: 1 request\(s\) ahead of yours, a reply for http 127\.0\.0\.1:\d+ is generating")

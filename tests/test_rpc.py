@@ -34,7 +34,7 @@ ROOT = Path(__file__).parent.parent
 UNIT = ROOT / "systemd" / "vramchat-rpc.service"
 VRAMCHAT = [sys.executable, "-m", "vramchat.tui.cli"]
 GREEDY = {"temperature": 0.0, "max_tokens": 24, "seed": 1}
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of France? Answer in English."
 # A reply long enough to kill the server under it; it stops at max_tokens or end of generation.
 LONG_REPLY = {"temperature": 0.0, "max_tokens": 1500, "seed": 1}
 LONG_PROMPT = "Count from 1 to 1000, one number per line."

@@ -53,7 +53,7 @@ def test_ask_the_demo_model_in_tmux(demo_daemon: Any, term: str, tmp_path: Path)
     tmux(session, "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command)
     try:
         wait_for(session, lambda s: "connected" in s and "(ready" in s)
-        tmux(session, "send-keys", "-t", session, "-l", "What is the capital of France?")
+        tmux(session, "send-keys", "-t", session, "-l", "What is the capital of France? Answer in English.")
         tmux(session, "send-keys", "-t", session, "Enter")
         answer = wait_for(session, lambda s: "tokens," in s and "tok/s" in s)
         assert "Paris" in answer
