@@ -7,6 +7,11 @@ that token's text being in the chat log's Markdown widget: painted by the app's 
 drawn whole from the stored message when the final `msg` event comes first. Textual composes the
 screen from the widgets at most one frame (1/60 s) later, which is not counted.
 
+Also measured, because on a machine whose cores the engine fills the app's CPU is taken from
+generation: the share of a core the app uses while a reply streams (its CPU time from the first
+`tok` event to the final `msg`, over that time), and the engine's tok/s for the same reply asked
+by a plain `Client` with no app attached, in the same round.
+
 Two streams: the tiny random-weights model, the fastest this machine produces (thousands of
 tokens per second), and the demo model at its real speed. The app, the daemon and the engine all
 run on this machine, as they do when the TUI is used over SSH on the GPU box.
@@ -21,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PROMPT, daemon, demo_model, loadavg, median, percentile, target
+from benchmarks.common import PROMPT, chat_and_collect, daemon, demo_model, loadavg, median, percentile, target
 from vramchat.shared.client import Client
 from vramchat.tui.app import VramchatApp
 from vramchat.tui.chat import FRAME_S
@@ -44,14 +49,20 @@ class TimedApp(VramchatApp):
         self.painted_count: dict[str, int] = {}  # message -> tok events whose text is in the log
         self.lags: dict[str, list[float]] = {}  # message -> at each frame, now - t_engine of the newest painted token
         self.shown_all_at: dict[str, float] = {}  # message -> when its whole text was in the log
+        self.streaming_since: tuple[float, float] | None = None  # (time.time(), process CPU) at the first tok
+        self.streaming_cpu_share = float("nan")  # of a core, from the first tok to the final msg
 
     async def apply_event(self, topic: str, body: dict[str, Any]) -> None:
         if topic == "tok":
+            self.streaming_since = self.streaming_since or (time.time(), time.process_time())
             self.t_engine.setdefault(body["message"], []).append(body["t_tokens"][-1])
             self.tokens[body["message"]] = self.tokens.get(body["message"], 0) + body["count"]
         await super().apply_event(topic, body)
         if topic == "msg" and body["role"] == "assistant" and body["status"] != "generating":
             self.shown_all_at.setdefault(body["id"], time.time())
+            if self.streaming_since is not None:
+                wall, cpu = self.streaming_since
+                self.streaming_cpu_share = (time.process_time() - cpu) / max(time.time() - wall, 1e-9)
 
     def painted(self, texts: dict[str, list[str]]) -> None:
         now = time.time()
@@ -92,12 +103,26 @@ async def one_reply(runtime_dir: Path, max_tokens: int) -> dict[str, Any]:
             "rate": (app.tokens[message_id] - 1) / max(stamps[-1] - stamps[0], 1e-9),
             "end_lag_s": shown_at - stamps[-1],
             "frame_lags": app.lags.get(message_id, []),
+            "app_cpu_share": app.streaming_cpu_share,
         }
 
 
+async def reply_without_app(runtime_dir: Path, max_tokens: int) -> float:
+    """The engine's tok/s for the same reply with no app attached."""
+    async with Client(runtime_dir, timeout=120) as client:
+        await client.subscribe()
+        result = await chat_and_collect(client, client.raw_events(), max_tokens)
+        return float(result["stats"]["tokens_per_s"])
+
+
 def measure(model: str, max_tokens: int, rounds: int) -> list[dict[str, Any]]:
+    results = []
     with daemon("--model", model) as d:
-        return [asyncio.run(one_reply(d.runtime_dir, max_tokens)) for _ in range(rounds)]
+        for _ in range(rounds):
+            result = asyncio.run(one_reply(d.runtime_dir, max_tokens))
+            result["rate_without_app"] = asyncio.run(reply_without_app(d.runtime_dir, max_tokens))
+            results.append(result)
+    return results
 
 
 def summary(stream: str, results: list[dict[str, Any]]) -> dict[str, float]:
@@ -106,6 +131,8 @@ def summary(stream: str, results: list[dict[str, Any]]) -> dict[str, float]:
         f"{stream}_tokens_per_reply": median([r["tokens"] for r in results]),
         f"{stream}_tok_events_per_reply": median([r["events"] for r in results]),
         f"{stream}_tok_s": median([r["rate"] for r in results]),
+        f"{stream}_tok_s_without_app": median([r["rate_without_app"] for r in results]),
+        f"{stream}_app_cpu_share_while_streaming": median([r["app_cpu_share"] for r in results]),
         f"{stream}_end_lag_ms": 1000 * median([r["end_lag_s"] for r in results]),
         f"{stream}_worst_end_lag_ms": 1000 * max(r["end_lag_s"] for r in results),
         f"{stream}_frame_lag_p50_ms": 1000 * percentile(lags, 0.5),

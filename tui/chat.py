@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,13 @@ from vramchat.tui.widgets import ChatMessage, PromptInput
 # Streamed text reaches the screen at most this often. A small model on a GPU makes hundreds of
 # tokens a second; drawing each one would put the screen further behind with every token.
 FRAME_S = 1 / 30
+# A frame costs far more than its Markdown append: Textual then lays out and renders the screen,
+# about 20 ms of CPU on a 2-core VM. Where the engine's threads fill every core, that CPU is taken
+# from generation (the demo model made 55 tok/s alone and 27 to 33 with the TUI painting at
+# 30 frames a second, docs/benchmarks.md), so frames are spaced to keep what the app spends while
+# streaming under this share of a core. The end of a reply is drawn when it arrives, unpaced.
+PAINT_CPU_SHARE = 0.1
+MAX_FRAME_S = 0.5
 
 Fetch = Callable[[str], Awaitable[list[dict[str, Any]]]]
 Painted = Callable[[dict[str, list[str]]], None]
@@ -113,10 +121,15 @@ class ChatView(Vertical):
             await self.message_log.mount(Static(view_marker(view["dropped"]), classes="view-start"), before=first)
 
     async def paint_tokens(self) -> None:
-        """Draw what arrived since the last frame, in one Markdown append per message, forever."""
+        """Draw what arrived since the last frame, in one Markdown append per message, forever.
+
+        After a frame, the wait for the next is the app's CPU time over the frame (the append, the
+        layout and rendering Textual does after it, the events read meanwhile) over
+        `PAINT_CPU_SHARE`, between `FRAME_S` and `MAX_FRAME_S`."""
         while True:
             await self.paint_wanted.wait()
             self.paint_wanted.clear()
+            started, cpu_started = time.monotonic(), time.process_time()
             async with self.drawing:
                 pending = self.state.take_unpainted()
                 for message_id, parts in pending.items():
@@ -125,7 +138,9 @@ class ChatView(Vertical):
                         await widget.append("".join(parts))
             if self.painted is not None:
                 self.painted(pending)
-            await asyncio.sleep(FRAME_S)
+            await asyncio.sleep(FRAME_S)  # Textual lays out and renders the frame meanwhile
+            paced = min(MAX_FRAME_S, (time.process_time() - cpu_started) / PAINT_CPU_SHARE)
+            await asyncio.sleep(max(0.0, paced - (time.monotonic() - started)))
 
     def message_widget(self, message_id: str) -> ChatMessage | None:
         for widget in self.query(ChatMessage):
