@@ -21,6 +21,7 @@ from benchmarks.common import loadavg, machine
 BENCHMARKS = [
     "streaming_overhead",
     "token_latency",
+    "token_hops",
     "fanout",
     "ttft",
     "model_switch",
