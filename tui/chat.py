@@ -20,9 +20,9 @@ from vramchat.tui.widgets import ChatMessage, PromptInput
 FRAME_S = 1 / 30
 # A frame costs far more than its Markdown append: Textual then lays out and renders the screen,
 # about 20 ms of CPU on a 2-core VM. Where the engine's threads fill every core, that CPU is taken
-# from generation (the demo model made 55 tok/s alone and 27 to 33 with the TUI painting at
-# 30 frames a second, docs/benchmarks.md), so frames are spaced to keep what the app spends while
-# streaming under this share of a core. The end of a reply is drawn when it arrives, unpaced.
+# from generation (the demo model made 44 to 46 tok/s with no TUI attached and 23 to 25 with the
+# TUI painting 30 frames a second, docs/benchmarks.md), so frames are spaced to keep what the app
+# spends on them under this share of a core. The end of a reply is drawn when it arrives, unpaced.
 PAINT_CPU_SHARE = 0.1
 MAX_FRAME_S = 0.5
 
