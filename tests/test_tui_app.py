@@ -243,7 +243,9 @@ async def test_dashboard_and_memory_bar(tiny_daemon: Any) -> None:
         assert "GPU: no NVIDIA GPU" in text_of(app.screen.query_one(".gpu-name"))
         ram_gauge = text_of(app.screen.query_one("#gauge-ram"))
         assert ram_gauge.startswith("RAM") and re.search("[▏▎▍▌▋▊▉█]", ram_gauge), ram_gauge
-        assert len(app.screen.query_one("#spark-ram", Sparkline).data or []) == len(app.state.history)
+        # The dashboard redraws on a message posted after each sample: it follows the history.
+        spark = app.screen.query_one("#spark-ram", Sparkline)
+        await until(pilot, lambda: len(spark.data or []) == len(app.state.history))
         assert "predicted" in text_of(app.screen.query_one("#split"))
         assert "tiny.gguf" in text_of(app.screen.query_one(MemoryBar))
         await pilot.press("escape")
