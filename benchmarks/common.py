@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +168,10 @@ class DirectModel:
         self.llm = self.model.llm
         self.load_seconds = time.perf_counter() - started
 
-    def generate(self, messages: list[dict[str, str]], max_tokens: int, seed: int = 1) -> dict[str, Any]:
+    def generate(
+        self, messages: list[dict[str, str]], max_tokens: int, seed: int = 1, each: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """`each` gets every token's text as the engine's loop would hand it on ("" included)."""
         started = time.perf_counter()
         prompt = self.model.prompt(messages)
         reply = self.model.reply(prompt, {"temperature": 0.0, "seed": seed, "max_tokens": max_tokens})
@@ -176,6 +179,8 @@ class DirectModel:
         produced: list[float] = []
         pieces: list[str] = []
         for text in reply:
+            if each is not None:
+                each(text)
             if text:
                 produced.append(time.perf_counter())
                 pieces.append(text)

@@ -1,6 +1,6 @@
 """What each hop of the token path costs generation, measured before choosing a design (issue 15).
 
-The engine's own loop (ChatModel, greedy, 2 llama threads on this machine's cores, the engine's
+The engine's own loop (`DirectModel`: ChatModel, greedy, 2 llama threads on this machine's cores, the engine's
 `TokenFrames` coalescing) runs in this process and hands each frame to one of these paths, in a
 shuffled order every round so that all of them see the same machine:
 
@@ -37,8 +37,7 @@ from typing import Any, cast
 import msgpack
 import zmq
 
-from benchmarks.common import PROMPT, cpu_seconds, demo_model, loadavg, median
-from vramchat.daemon.chat_model import ChatModel
+from benchmarks.common import PROMPT, DirectModel, cpu_seconds, demo_model, loadavg, median, rate
 from vramchat.daemon.engine import TokenFrames
 from vramchat.shared import protocol
 
@@ -151,7 +150,7 @@ class Paths:
             process.wait()
 
 
-def generate(model: ChatModel, send: Send, max_tokens: int) -> tuple[float, int]:
+def generate(model: DirectModel, send: Send, max_tokens: int) -> tuple[float, int]:
     """tok/s of one greedy reply, between its first and last token, and the frames it made."""
     frames_sent = 0
 
@@ -160,28 +159,20 @@ def generate(model: ChatModel, send: Send, max_tokens: int) -> tuple[float, int]
         frames_sent += 1
         send(frame)
 
-    reply = model.reply(
-        model.prompt([{"role": "user", "content": PROMPT}]), {"temperature": 0.0, "seed": 1, "max_tokens": max_tokens}
-    )
-    model.llm.set_seed(1)
     frames = TokenFrames(counted, "bench")
-    stamps: list[float] = []
-    for text in reply:
-        frames.add(text)
-        if text:
-            stamps.append(time.perf_counter())
+    result = model.generate([{"role": "user", "content": PROMPT}], max_tokens, each=frames.add)
     frames.flush()
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), frames_sent
+    return rate(result["produced"]), frames_sent
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     rounds, max_tokens = (1, 40) if quick else (15, 200)
     n_threads = os.cpu_count() or 1
-    model = ChatModel.load(str(demo_model()), n_gpu_layers=0, n_ctx=4096, n_threads=n_threads)
+    model = DirectModel(str(demo_model()), n_threads=n_threads)
     paths = Paths(Path(mkdtemp(prefix="vcb-hops-")))
     rates: dict[str, list[float]] = {name: [] for name in paths.sends}
     cpu_ms: dict[str, list[float]] = {name: [] for name in paths.sends}
-    frames: dict[str, list[int]] = {name: [] for name in paths.sends}
+    direct_frames: list[float] = []
     try:
         generate(model, paths.sends["direct"], 16)  # warm up
         for _ in range(rounds):
@@ -192,7 +183,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 rate, sent = generate(model, paths.sends[name], max_tokens)
                 cpu_ms[name].append(1000 * (paths.helper_cpu(name) - before) / max_tokens)
                 rates[name].append(rate)
-                frames[name].append(sent)
+                if name == "direct":
+                    direct_frames.append(sent)
     finally:
         paths.close()
         model.llm.close()
@@ -201,7 +193,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         if name != "direct":
             figures[f"{name}_ratio"] = median([a / b for a, b in zip(rates[name], rates["direct"], strict=True)])
             figures[f"{name}_helper_cpu_ms_per_token"] = median(cpu_ms[name])
-    figures["frames_per_reply"] = median([float(n) for n in frames["direct"]])
+    figures["frames_per_reply"] = median(direct_frames)
     return {
         "name": "token path hops",
         "settings": {
