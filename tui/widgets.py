@@ -98,9 +98,9 @@ class ChatMessage(Vertical):
     async def finish(self, message: dict[str, Any]) -> None:
         """The stored message is the truth. It usually extends what was streamed, so only the rest is
         appended; re-parsing a whole long reply would hold the screen back by tens of milliseconds.
-        `settle` then checks, off that path, that appending left no block behind."""
+        `settle` then checks, off that path, that appending left no block behind. The stats line
+        changes last, so a screen that shows them shows the whole reply."""
         self.message = message
-        self.meta.update(describe_reply(message))
         content = message["content"] or ""
         if self.shown and content.startswith(self.shown):
             if rest := content[len(self.shown) :]:
@@ -109,6 +109,7 @@ class ChatMessage(Vertical):
         else:
             self.shown = content
             await self.body.update(content)
+        self.meta.update(describe_reply(message))
 
     @work(exclusive=True, group="settle", exit_on_error=False)
     async def settle(self) -> None:
