@@ -3,6 +3,8 @@ off the screen, open the dashboard, quit."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from vramchat.shared.client import Client
 
 VRAMCHAT = Path(sys.executable).parent / "vramchat"
 
@@ -42,6 +46,33 @@ def wait_for(session: str, condition: Callable[[str], bool], timeout: float = 60
         time.sleep(0.2)
 
 
+async def greedy_conversation(runtime_dir: Path) -> str:
+    """A new conversation sampled greedily, so the answer is the same on every run; the TUI opens
+    the newest conversation."""
+    async with Client(runtime_dir) as client:
+        conversation: str = (await client.request("conversation.create", {}))["conversation"]["id"]
+        await client.request("conversation.update", {"id": conversation, "settings": {"temperature": 0.0}})
+    return conversation
+
+
+async def stored_reply(runtime_dir: Path, conversation: str) -> str:
+    """The conversation's last message, as the daemon stored it."""
+    async with Client(runtime_dir) as client:
+        last = (await client.request("conversation.get", {"id": conversation}))["messages"][-1]
+    assert last["role"] == "assistant" and last["status"] == "complete", last
+    return str(last["content"])
+
+
+def words(text: str) -> list[str]:
+    """The words of a text, without the Markdown marks, box lines and wrapping the screen adds."""
+    return re.findall(r"[A-Za-z0-9]+", text)
+
+
+def has_run(screen_words: list[str], tail: list[str]) -> bool:
+    """Whether the words of `tail` appear one after another among the screen's."""
+    return any(screen_words[i : i + len(tail)] == tail for i in range(len(screen_words)))
+
+
 @pytest.mark.parametrize("term", ["xterm-256color", "screen"])
 def test_ask_the_demo_model_in_tmux(demo_daemon: Any, term: str, tmp_path: Path) -> None:
     session = f"vc-{tmp_path.name[-12:]}"
@@ -50,17 +81,21 @@ def test_ask_the_demo_model_in_tmux(demo_daemon: Any, term: str, tmp_path: Path)
         f"env -u COLORTERM TERM={term} VRAMCHAT_CONFIG={tmp_path / 'none.toml'} "
         f"{VRAMCHAT} --runtime-dir {demo_daemon.runtime_dir}"
     )
+    conversation = asyncio.run(greedy_conversation(demo_daemon.runtime_dir))
     tmux(session, "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command)
     try:
         wait_for(session, lambda s: "connected" in s and "(ready" in s)
         tmux(session, "send-keys", "-t", session, "-l", "What is the capital of France? Answer in English.")
         tmux(session, "send-keys", "-t", session, "Enter")
         answer = wait_for(session, lambda s: "tokens," in s and "tok/s" in s)
-        assert "Paris" in answer
+        reply = asyncio.run(stored_reply(demo_daemon.runtime_dir, conversation))
+        assert "Paris" in reply, f"the stored reply:\n{reply}"
+        # The log scrolls to the reply's end, so its last words are on screen however long it is.
+        assert has_run(words(answer), words(reply)[-4:]), f"the screen:\n{answer}\nthe stored reply:\n{reply}"
         tmux(session, "send-keys", "-t", session, "F2")
         wait_for(session, lambda s: "predicted" in s and "RAM" in s and "Back to chat" in s)
         tmux(session, "send-keys", "-t", session, "Escape")
-        wait_for(session, lambda s: "Paris" in s)
+        wait_for(session, lambda s: has_run(words(s), words(reply)[-4:]))
         tmux(session, "send-keys", "-t", session, "C-q")
         deadline = time.monotonic() + 10
         while tmux(session, "has-session", "-t", session, check=False).returncode == 0:
