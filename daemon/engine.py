@@ -13,7 +13,8 @@ daemon -> engine: {"op": "load", "model_path", "llama": {Llama() arguments}, "cp
 daemon -> engine, between tokens too: {"op": "devices"}, answered by {"ev": "devices", "devices": [...]}
 engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev": "ready", ...}, {"ev": "load_failed",
                   "error"}, {"ev": "tok", "request", "text", "t": [...]}, {"ev": "done", "request",
-                  "finish_reason", "stats"}, {"ev": "failed", "request", "code", "error"}
+                  "finish_reason", "stats"}, {"ev": "failed", "request", "code", "error"},
+                  {"ev": "state_cache", "bytes", "entries"} (after a reply's state is kept, between requests)
 
 Everything runs on the main thread: a Llama object is not safe across threads. Cancellation is
 checked between tokens by polling the socket, so it takes effect within one token. A `tok` frame
@@ -48,6 +49,9 @@ DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
 # is expected within this of the frame's first: under the TUI's 1/30 s frame, and under the 20 ms
 # that docs/benchmarks.md allows the relay.
 FRAME_WINDOW_S = 0.015
+# After a reply, the engine keeps its conversation's KV state once no request has come for this
+# long: a request the daemon had queued arrives sooner, and the state is then kept at the switch.
+IDLE_BEFORE_SAVE_MS = 50
 
 
 class Engine:
@@ -58,6 +62,7 @@ class Engine:
         self.shutdown_requested = False
         self.states = ConversationStates(0)
         self.conversation: str | None = None  # whose tokens the context holds
+        self.context_saved = False  # the context is in `states` as it is now
         self.rpc_devices: dict[str, dict[str, Any]] = {}  # RPC device name -> as registered at load
         self._last_progress = -1.0
 
@@ -171,10 +176,11 @@ class Engine:
         llm = model.llm
         conversation = request.get("conversation")
         if conversation != self.conversation:
-            if self.conversation is not None:
+            if self.conversation is not None and not self.context_saved:
                 self.states.save(self.conversation, llm, self.llama_cpp)
             self.conversation = conversation
         cached = self.states.restore(conversation, llm, self.llama_cpp, prompt.tokens)
+        self.context_saved = False
         seed = reply.sampling["seed"]
         llm.set_seed(seed if seed is not None else random.randrange(2**31))
 
@@ -241,8 +247,21 @@ class Engine:
             devices = []
         self.send({"ev": "devices", "devices": devices})
 
+    def save_while_idle(self) -> None:
+        """Keep the conversation's KV state while the user reads its reply, not when a request for
+        another conversation comes: copying it takes tens of milliseconds for a long conversation
+        (34 ms for 46 MB on a 2-core VM), which would delay that request's first token."""
+        if self.model is None or self.conversation is None or self.context_saved or not self.states.budget_bytes:
+            return
+        if self.socket.poll(IDLE_BEFORE_SAVE_MS):
+            return  # a request is here: it goes first
+        self.states.save(self.conversation, self.model.llm, self.llama_cpp)
+        self.context_saved = True
+        self.send({"ev": "state_cache", "bytes": self.states.used_bytes, "entries": len(self.states.entries)})
+
     def serve(self) -> None:
         while not self.shutdown_requested:
+            self.save_while_idle()
             message = msgpack.unpackb(self.socket.recv(), raw=False)
             op = message.get("op")
             if op == "generate":

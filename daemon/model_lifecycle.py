@@ -154,6 +154,10 @@ class ModelLifecycle:
         if self.state.state != previous:
             self.notifier.status(self.state.status_line())
 
+    def _state_cache_changed(self, used_bytes: int) -> None:
+        if used_bytes != self.state.state_cache_bytes:
+            self.update(state_cache_bytes=used_bytes)
+
     def known_models(self) -> list[dict[str, Any]]:
         """The model files it can load (model_files.discover), each saying whether it is the one loaded."""
         loaded = self.state.path if self.state.state == "ready" else None
@@ -318,6 +322,7 @@ class ModelLifecycle:
                 self.update(state="error", error=str(exc), progress=None)
                 raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {exc}") from None
             self.engine = engine
+            engine.on_state_cache = self._state_cache_changed
             self._last_load = params
             self.spawn(self._watch(engine))
             self.update(

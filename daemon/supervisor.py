@@ -59,6 +59,8 @@ class EngineProcess:
         self.stopping = False
         # The engine's latest reading of its devices' memory ({"op": "devices"}), RPC ones included.
         self.devices: list[dict[str, Any]] | None = None
+        # Told the bytes of KV state the engine keeps, when it keeps a reply's state after it ended.
+        self.on_state_cache: Callable[[int], None] = lambda used_bytes: None
         self._loop.add_reader(socket.FD, self._read)
         self._waiter = asyncio.create_task(self._wait())
 
@@ -94,6 +96,8 @@ class EngineProcess:
             message = msgpack.unpackb(self.socket.recv(zmq.NOBLOCK), raw=False)
             if message.get("ev") == "devices":  # telemetry's, not the reply's: kept aside, newest only
                 self.devices = message["devices"]
+            elif message.get("ev") == "state_cache":  # between replies: nobody waits on the queue for it
+                self.on_state_cache(int(message["bytes"]))
             else:
                 self.events.put_nowait(message)
 

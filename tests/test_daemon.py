@@ -353,3 +353,24 @@ async def test_switching_back_to_a_conversation_reuses_its_saved_kv_state(tiny_d
         # Everything up to the previous reply is restored, not evaluated again.
         assert resumed["stats"]["prompt_cached_tokens"] >= history, resumed["stats"]
         assert resumed["stats"]["state_cache_entries"] >= 1 and resumed["stats"]["state_cache_bytes"] > 0
+
+
+async def test_a_replys_kv_state_is_kept_while_idle_not_when_another_conversation_asks(tiny_daemon: DaemonProcess) -> None:
+    """Copying a long conversation's state takes tens of milliseconds: done after the reply, it
+    is off the next conversation's time to first token."""
+    async with Client(tiny_daemon.runtime_dir) as client:
+        await wait_ready(client)
+        await client.subscribe()
+        events = client.raw_events()
+        request_id, _ = await chat(client, "gamma " * 200, {"temperature": 0.0, "max_tokens": 8}, None)
+        _, final = await collect_reply(events, request_id)
+        assert final is not None and final["status"] == "complete"
+        at_done = final["stats"]["state_cache_bytes"]  # what the cache held before this reply's state
+
+        async def kept() -> int | None:
+            event = await asyncio.wait_for(anext(events), 10)
+            grown = event.topic == "model" and (event.body.get("state_cache_bytes") or 0) > at_done
+            return event.body["state_cache_bytes"] if grown else None
+
+        # No other request comes: the engine keeps the state by itself and the daemon says so.
+        await until(kept, timeout=10, what="a model event with more state cache bytes", interval=0)
