@@ -180,9 +180,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             random.shuffle(order)
             for name in order:
                 before = paths.helper_cpu(name)
-                rate, sent = generate(model, paths.sends[name], max_tokens)
+                tok_s, sent = generate(model, paths.sends[name], max_tokens)
                 cpu_ms[name].append(1000 * (paths.helper_cpu(name) - before) / max_tokens)
-                rates[name].append(rate)
+                rates[name].append(tok_s)
                 if name == "direct":
                     direct_frames.append(sent)
     finally:

@@ -14,7 +14,7 @@ daemon -> engine, between tokens too: {"op": "devices"}, answered by {"ev": "dev
 engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev": "ready", ...}, {"ev": "load_failed",
                   "error"}, {"ev": "tok", "request", "text", "t": [...]}, {"ev": "done", "request",
                   "finish_reason", "stats"}, {"ev": "failed", "request", "code", "error"},
-                  {"ev": "state_cache", "bytes", "entries"} (after a reply's state is kept, between requests)
+                  {"ev": "state_cache", "bytes"} (after a reply's state is kept, between requests)
 
 Everything runs on the main thread: a Llama object is not safe across threads. Cancellation is
 checked between tokens by polling the socket, so it takes effect within one token. A `tok` frame
@@ -257,7 +257,7 @@ class Engine:
             return  # a request is here: it goes first
         self.states.save(self.conversation, self.model.llm, self.llama_cpp)
         self.context_saved = True
-        self.send({"ev": "state_cache", "bytes": self.states.used_bytes, "entries": len(self.states.entries)})
+        self.send({"ev": "state_cache", "bytes": self.states.used_bytes})
 
     def serve(self) -> None:
         while not self.shutdown_requested:

@@ -254,8 +254,7 @@ class GenerationQueue:
                 stats = {**event["stats"], "finish_reason": finish_reason}
                 stats["context"] = turn.context(stats.pop("dropped_messages", 0))
                 self.last_stats = stats
-                if stats["state_cache_bytes"] != self.model.state.state_cache_bytes:
-                    self.model.update(state_cache_bytes=stats["state_cache_bytes"])
+                self.model.state_cache_changed(stats["state_cache_bytes"])
                 if event["finish_reason"] == "cancelled":
                     status, error = "cancelled", flight.cancel_reason
                 break

@@ -154,7 +154,8 @@ class ModelLifecycle:
         if self.state.state != previous:
             self.notifier.status(self.state.status_line())
 
-    def _state_cache_changed(self, used_bytes: int) -> None:
+    def state_cache_changed(self, used_bytes: int) -> None:
+        """The engine's state cache now holds `used_bytes`: tell the clients if that is news."""
         if used_bytes != self.state.state_cache_bytes:
             self.update(state_cache_bytes=used_bytes)
 
@@ -322,7 +323,7 @@ class ModelLifecycle:
                 self.update(state="error", error=str(exc), progress=None)
                 raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {exc}") from None
             self.engine = engine
-            engine.on_state_cache = self._state_cache_changed
+            engine.on_state_cache = self.state_cache_changed
             self._last_load = params
             self.spawn(self._watch(engine))
             self.update(

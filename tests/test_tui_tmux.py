@@ -91,11 +91,12 @@ def test_ask_the_demo_model_in_tmux(demo_daemon: Any, term: str, tmp_path: Path)
         reply = asyncio.run(stored_reply(demo_daemon.runtime_dir, conversation))
         assert "Paris" in reply, f"the stored reply:\n{reply}"
         # The log scrolls to the reply's end, so its last words are on screen however long it is.
-        assert has_run(words(answer), words(reply)[-4:]), f"the screen:\n{answer}\nthe stored reply:\n{reply}"
+        last_words = words(reply)[-4:]
+        assert has_run(words(answer), last_words), f"the screen:\n{answer}\nthe stored reply:\n{reply}"
         tmux(session, "send-keys", "-t", session, "F2")
         wait_for(session, lambda s: "predicted" in s and "RAM" in s and "Back to chat" in s)
         tmux(session, "send-keys", "-t", session, "Escape")
-        wait_for(session, lambda s: has_run(words(s), words(reply)[-4:]))
+        wait_for(session, lambda s: has_run(words(s), last_words))
         tmux(session, "send-keys", "-t", session, "C-q")
         deadline = time.monotonic() + 10
         while tmux(session, "has-session", "-t", session, check=False).returncode == 0:
