@@ -234,8 +234,9 @@ async def test_dashboard_and_memory_bar(tiny_daemon: Any) -> None:
     app = attach(tiny_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: len(app.state.history) >= 2 and app.state.model.get("state") == "ready")
-        bar = text_of(app.query_one(MemoryBar))
-        assert "RAM" in bar and "tiny.gguf (ready" in bar
+        # The bar is drawn after the chat log, which the snapshot's redraw awaits first.
+        await until(pilot, lambda: "tiny.gguf (ready" in text_of(app.query_one(MemoryBar)))
+        assert "RAM" in text_of(app.query_one(MemoryBar))
         await pilot.press("f2")
         assert isinstance(app.screen, DashboardScreen)
         samples = len(app.state.history)
