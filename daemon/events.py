@@ -35,7 +35,7 @@ class EventBus:
         frames = Event(topic=topic, epoch=self.epoch, seq=self.seq, body=body).frames()
         for listener in self.listeners:
             try:
-                listener.events.send_multipart(frames, flags=zmq.NOBLOCK)
+                listener.publisher.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # a subscriber over its high-water mark; it will see the gap
                 log.debug("event %d not sent on %s: %s", self.seq, listener.name, exc)
 
