@@ -8,11 +8,12 @@ shuffled order every round so that all of them see the same machine:
 - `one_hop`: a PUB socket in this process, read by a subscriber process: the engine publishing
   to clients itself.
 - `two_hops`: a PAIR socket to a relay process that decodes the frame, numbers it and publishes it
-  to the subscriber: the shape of today's daemon.
+  to the subscriber: the daemon's shape until the engine's channel became a socketpair.
 - `two_hops_relay_nice`: the same, with the relay at nice 10: would a lower-priority daemon stay
   out of the llama threads' way?
 - `two_hops_pipe`: the relay reads the frames from a pipe instead of ZeroMQ, so the engine wakes
-  no I/O thread of its own and the relay one fewer: is ZeroMQ the cost?
+  no I/O thread of its own and the relay one fewer: is ZeroMQ the cost? (The daemon's shape now,
+  daemon/engine_channel.py.)
 
 The subscriber reads its SUB socket as `Client` does (a descriptor callback on an asyncio loop,
 `protocol.decode_event`); the relay publishes with `protocol.Event`, as the daemon's bus does.

@@ -4,7 +4,8 @@ It is a separate process for two reasons. A native crash (a segfault, a CUDA out
 kills only the engine, never the daemon. And loading another model, or the same model with other
 `n_gpu_layers`, starts a new process, which is the only way to be sure the VRAM is released.
 
-It talks to the daemon over a private ZeroMQ PAIR socket, one msgpack map per frame:
+It talks to the daemon over its end of a private Unix socketpair, one msgpack map per message
+(daemon/engine_channel.py):
 
 daemon -> engine: {"op": "load", "model_path", "llama": {Llama() arguments}, "cpu_tensors", "flash_attn_auto",
                   "devices", "rpc_servers", "state_cache_bytes"}, {"op": "generate", "request", "conversation",
@@ -17,7 +18,7 @@ engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev
                   {"ev": "state_cache", "bytes"} (after a reply's state is kept, between requests)
 
 Everything runs on the main thread: a Llama object is not safe across threads. Cancellation is
-checked between tokens by polling the socket, so it takes effect within one token. A `tok` frame
+checked between tokens by polling the channel, so it takes effect within one token. A `tok` frame
 carries one token, or several produced within a few milliseconds (`TokenFrames`), with the
 `time.time()` of each in `t`.
 """
@@ -31,17 +32,16 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-import zmq
-
 from vramchat.daemon import rpc
 from vramchat.daemon.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
+from vramchat.daemon.engine_channel import ChannelClosed, EngineEnd
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).
 DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
@@ -55,8 +55,8 @@ IDLE_BEFORE_SAVE_MS = 50
 
 
 class Engine:
-    def __init__(self, socket: zmq.Socket) -> None:
-        self.socket = socket
+    def __init__(self, channel: EngineEnd) -> None:
+        self.channel = channel
         self.model: ChatModel | None = None
         self.log_lines: list[str] = []
         self.shutdown_requested = False
@@ -67,7 +67,7 @@ class Engine:
         self._last_progress = -1.0
 
     def send(self, message: dict[str, Any]) -> None:
-        self.socket.send(msgpack.packb(message, use_bin_type=True))
+        self.channel.send(message)
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -224,8 +224,8 @@ class Engine:
         )
 
     def _cancel_requested(self, request_id: str) -> bool:
-        while self.socket.poll(0):
-            message = msgpack.unpackb(self.socket.recv(), raw=False)
+        while self.channel.poll(0):
+            message = self.channel.recv()
             if message.get("op") == "shutdown":
                 self.shutdown_requested = True
                 return True
@@ -253,7 +253,7 @@ class Engine:
         (34 ms for 46 MB on a 2-core VM), which would delay that request's first token."""
         if self.model is None or self.conversation is None or self.context_saved or not self.states.budget_bytes:
             return
-        if self.socket.poll(IDLE_BEFORE_SAVE_MS):
+        if self.channel.poll(IDLE_BEFORE_SAVE_MS):
             return  # a request is here: it goes first
         self.states.save(self.conversation, self.model.llm, self.llama_cpp)
         self.context_saved = True
@@ -262,7 +262,7 @@ class Engine:
     def serve(self) -> None:
         while not self.shutdown_requested:
             self.save_while_idle()
-            message = msgpack.unpackb(self.socket.recv(), raw=False)
+            message = self.channel.recv()
             op = message.get("op")
             if op == "generate":
                 self.generate(message)
@@ -276,8 +276,7 @@ class Engine:
 class TokenFrames:
     """Coalesces a reply's tokens into `tok` frames for the daemon.
 
-    Every frame wakes the engine's ZeroMQ I/O thread, then the daemon's I/O thread and loop, then
-    each client's: threads that preempt a llama thread on a machine with no core to spare, which
+    Every frame wakes the daemon's loop, then its ZeroMQ I/O thread, then each client's: threads that preempt a llama thread on a machine with no core to spare, which
     the other llama threads then wait for. So a token joins the next frame when the one after it
     is expected (at the last interval between tokens) before the frame's oldest token has waited
     `window_s`; otherwise the frame goes at once. The first token of a reply, and every token of a
@@ -398,22 +397,21 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     parser = argparse.ArgumentParser(description="vramchat engine (started by vramchatd)")
-    parser.add_argument("--endpoint", required=True, help="the daemon's private PAIR endpoint")
+    parser.add_argument("--fd", type=int, required=True, help="this engine's end of the daemon's socketpair")
     args = parser.parse_args(argv)
-    context = zmq.Context()
-    socket = context.socket(zmq.PAIR)
-    socket.setsockopt(zmq.LINGER, 2000)
-    socket.connect(args.endpoint)
-    engine = Engine(socket)
-    engine.send({"ev": "started", "pid": os.getpid()})  # the daemon sends nothing before this
-    load = msgpack.unpackb(socket.recv(), raw=False)
+    channel = EngineEnd(socket.socket(fileno=args.fd))
+    engine = Engine(channel)
     code = 0
-    if load.get("op") == "load" and engine.load(load):
-        engine.serve()
-    else:
-        code = 1
-    socket.close()
-    context.term()
+    try:
+        engine.send({"ev": "started", "pid": os.getpid()})  # the daemon sends nothing before this
+        load = channel.recv()
+        if load.get("op") == "load" and engine.load(load):
+            engine.serve()
+        else:
+            code = 1
+    except ChannelClosed:
+        code = 1  # the daemon went away without a shutdown
+    channel.close()
     return code
 
 

@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import zmq.asyncio
-
 from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.notify import Notifier
@@ -124,8 +122,6 @@ class ModelLifecycle:
     def __init__(
         self,
         *,
-        context: zmq.asyncio.Context,
-        runtime_dir: Path,
         config: Config,
         bus: EventBus,
         telemetry: TelemetrySampler,
@@ -133,7 +129,7 @@ class ModelLifecycle:
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
         stopping: asyncio.Event,
     ) -> None:
-        self.context, self.runtime_dir, self.config = context, runtime_dir, config
+        self.config = config
         self.bus, self.telemetry, self.notifier = bus, telemetry, notifier
         self.spawn, self.stopping = spawn, stopping
         self.state = ModelState()
@@ -316,9 +312,7 @@ class ModelLifecycle:
                 await self.engine.stop()
                 self.engine = None
             try:
-                engine, ready = await launch(
-                    self.context, self.runtime_dir, params.for_engine(), lambda fraction: self.update(progress=round(fraction, 3))
-                )
+                engine, ready = await launch(params.for_engine(), lambda fraction: self.update(progress=round(fraction, 3)))
             except LoadFailed as exc:
                 self.update(state="error", error=str(exc), progress=None)
                 raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {exc}") from None

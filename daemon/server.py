@@ -68,8 +68,6 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         sampler = TelemetrySampler(interval_s=settings.telemetry_interval_s)
         self.model = ModelLifecycle(
-            context=self.context,
-            runtime_dir=settings.runtime_dir,
             config=settings.config,
             bus=self.bus,
             telemetry=sampler,

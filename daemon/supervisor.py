@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import msgpack
-import zmq
-import zmq.asyncio
+from vramchat.daemon.engine_channel import DaemonEnd
 
 log = logging.getLogger(__name__)
-
-_engine_numbers = itertools.count(1)
 
 
 class LoadFailed(Exception):
@@ -38,21 +33,15 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class EngineProcess:
-    """One running engine: the child process and the PAIR socket to it.
+    """One running engine: the child process and the channel to it (daemon/engine_channel.py).
 
     Every message from the engine lands in `events`; when the process ends, a final
     ``{"ev": "exited", "returncode": N}`` follows, so whoever waits on the queue learns of a crash.
-
-    The socket is a plain one, read by a callback on its file descriptor rather than through
-    zmq.asyncio, which costs a third more CPU per message (docs/benchmarks.md, issue 15): a
-    message arrives for every frame of tokens. The descriptor only signals that the socket's
-    state changed, so each callback, and each send, reads everything there is.
     """
 
-    def __init__(self, process: asyncio.subprocess.Process, socket: zmq.Socket[bytes], socket_path: Path) -> None:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
-        self.socket = socket
-        self.socket_path = socket_path
+        self.channel: DaemonEnd | None = None
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = self._loop.create_future()
@@ -61,53 +50,49 @@ class EngineProcess:
         self.devices: list[dict[str, Any]] | None = None
         # Told the bytes of KV state the engine keeps, when it keeps a reply's state after it ended.
         self.on_state_cache: Callable[[int], None] = lambda used_bytes: None
-        self._loop.add_reader(socket.FD, self._read)
-        self._waiter = asyncio.create_task(self._wait())
+        self._waiter: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     @classmethod
-    async def spawn(cls, context: zmq.asyncio.Context, runtime_dir: Path) -> EngineProcess:
-        socket_path = runtime_dir / f"engine-{next(_engine_numbers)}.sock"
-        socket: zmq.Socket[bytes] = zmq.Socket(context, zmq.PAIR)  # a plain socket in the daemon's context
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(f"ipc://{socket_path}")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "vramchat.daemon.engine",
-            "--endpoint",
-            f"ipc://{socket_path}",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sys.stderr,  # llama.cpp may print; keep the daemon's stdout clean
-        )
+    async def spawn(cls) -> EngineProcess:
+        daemon_side, engine_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with engine_side:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "vramchat.daemon.engine",
+                "--fd",
+                str(engine_side.fileno()),
+                pass_fds=(engine_side.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sys.stderr,  # llama.cpp may print; keep the daemon's stdout clean
+            )
         log.info("engine pid %d started", process.pid)
-        return cls(process, socket, socket_path)
+        engine = cls(process)
+        engine.channel = await DaemonEnd.open(daemon_side, engine._received)
+        engine._waiter = asyncio.create_task(engine._wait())
+        return engine
 
     def send(self, message: dict[str, Any]) -> None:
-        if not self.exited.done():
-            self.socket.send(msgpack.packb(message, use_bin_type=True), flags=zmq.NOBLOCK)
-            self._loop.call_soon(self._read)  # a send can take the descriptor's signal of a message in
+        if self.channel is not None and not self.exited.done():
+            self.channel.send(message)
 
-    def _read(self) -> None:
-        while not self.socket.closed and cast(int, self.socket.get(zmq.EVENTS)) & zmq.POLLIN:
-            message = msgpack.unpackb(self.socket.recv(zmq.NOBLOCK), raw=False)
-            if message.get("ev") == "devices":  # telemetry's, not the reply's: kept aside, newest only
-                self.devices = message["devices"]
-            elif message.get("ev") == "state_cache":  # between replies: nobody waits on the queue for it
-                self.on_state_cache(int(message["bytes"]))
-            else:
-                self.events.put_nowait(message)
+    def _received(self, message: dict[str, Any]) -> None:
+        if message.get("ev") == "devices":  # telemetry's, not the reply's: kept aside, newest only
+            self.devices = message["devices"]
+        elif message.get("ev") == "state_cache":  # between replies: nobody waits on the queue for it
+            self.on_state_cache(int(message["bytes"]))
+        else:
+            self.events.put_nowait(message)
 
     async def _wait(self) -> None:
         returncode = await self.process.wait()
-        await asyncio.sleep(0.05)  # let the reader take what the engine sent before it ended
-        self._read()
-        self._loop.remove_reader(self.socket.FD)
-        self.socket.close()
-        self.socket_path.unlink(missing_ok=True)
+        await asyncio.sleep(0.05)  # let the channel take what the engine sent before it ended
+        if self.channel is not None:
+            self.channel.close()
         if not self.stopping:
             log.warning("engine pid %d %s", self.pid, describe_exit(returncode))
         self.events.put_nowait({"ev": "exited", "returncode": returncode})
@@ -127,14 +112,9 @@ class EngineProcess:
             await self.exited
 
 
-async def launch(
-    context: zmq.asyncio.Context,
-    runtime_dir: Path,
-    params: dict[str, Any],
-    on_progress: Callable[[float], None],
-) -> tuple[EngineProcess, dict[str, Any]]:
+async def launch(params: dict[str, Any], on_progress: Callable[[float], None]) -> tuple[EngineProcess, dict[str, Any]]:
     """Start an engine and load a model in it; returns the engine and its `ready` message."""
-    engine = await EngineProcess.spawn(context, runtime_dir)
+    engine = await EngineProcess.spawn()
     while True:
         event = await engine.events.get()
         kind = event.get("ev")

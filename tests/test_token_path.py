@@ -6,16 +6,17 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-import zmq
 
 from vramchat.daemon.chat_model import ChatModel
 from vramchat.daemon.engine import Engine, TokenFrames
+from vramchat.daemon.engine_channel import EngineEnd
 from vramchat.shared.client import Client, Snapshot
 from vramchat.shared.protocol import Event
 
@@ -63,29 +64,29 @@ def test_a_token_without_text_can_end_a_frame() -> None:
 
 @pytest.fixture
 def engine(models_dir: Path) -> Any:
-    """An Engine holding the tiny model, on an inproc PAIR whose other end the test holds."""
+    """An Engine holding the tiny model, on a socketpair whose other end the test holds."""
     import llama_cpp
 
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    daemon_side, engine_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
-    endpoint = f"inproc://engine-{uuid.uuid4().hex}"
-    daemon_side.bind(endpoint)
-    engine_side.connect(endpoint)
-    engine = Engine(engine_side)
+    daemon_side, engine_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    engine = Engine(EngineEnd(engine_side))
     engine.model = ChatModel.load(str(models_dir / "tiny.gguf"), n_gpu_layers=0, n_ctx=1024, n_threads=1)
     engine.llama_cpp = llama_cpp
     yield engine, daemon_side
     engine.model.llm.close()
     daemon_side.close()
     engine_side.close()
-    context.term()
 
 
-def received(socket: zmq.Socket[bytes]) -> list[dict[str, Any]]:
-    messages = []
-    while socket.poll(0):
-        messages.append(msgpack.unpackb(socket.recv(), raw=False))
-    return messages
+def received(daemon_side: socket.socket) -> list[dict[str, Any]]:
+    """Every message the engine has sent so far."""
+    unpacker = msgpack.Unpacker(raw=False)
+    daemon_side.setblocking(False)
+    try:
+        while data := daemon_side.recv(1 << 20):
+            unpacker.feed(data)
+    except BlockingIOError:
+        pass
+    return list(unpacker)
 
 
 def generate(engine: Engine, max_tokens: int) -> None:
