@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import loadavg, machine
+from vramchat.shared import scheduling
 
 BENCHMARKS = [
     "streaming_overhead",
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if unknown := set(args.only) - set(BENCHMARKS):
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    scheduling.use_short_slice()  # this process is the daemon's client, as the TUI is
     started = time.time()
     where = machine()
     print(f"==> machine: {json.dumps(where)}", flush=True)

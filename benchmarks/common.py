@@ -30,7 +30,7 @@ import psutil
 import zmq
 
 from vramchat.daemon.chat_model import ChatModel
-from vramchat.shared import protocol
+from vramchat.shared import protocol, scheduling
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path
 
@@ -157,6 +157,18 @@ def demo_model() -> Path:
 # --- the engine's loop, in this process --------------------------------------------------------
 
 
+@contextlib.contextmanager
+def engine_slice() -> Iterator[None]:
+    """The scheduler slice the engine runs with, for the loop run in this process, which otherwise
+    has the short one of a client (`python -m benchmarks` asks for it, as the TUI does): llama.cpp's
+    threads start from the thread that first computes, and keep its slice (shared/scheduling.py)."""
+    scheduling.use_default_slice()
+    try:
+        yield
+    finally:
+        scheduling.use_short_slice()
+
+
 class DirectModel:
     """The demo model loaded and run in this process through the engine's own ChatModel (format
     with the GGUF template, tokenize, Llama.generate(), incremental detokenization, the stop-string
@@ -164,7 +176,8 @@ class DirectModel:
 
     def __init__(self, model_path: str, n_threads: int = CPUS, n_ctx: int = 4096) -> None:
         started = time.perf_counter()
-        self.model = ChatModel.load(model_path, n_gpu_layers=0, n_ctx=n_ctx, n_threads=n_threads)
+        with engine_slice():
+            self.model = ChatModel.load(model_path, n_gpu_layers=0, n_ctx=n_ctx, n_threads=n_threads)
         self.llm = self.model.llm
         self.load_seconds = time.perf_counter() - started
 
@@ -178,12 +191,13 @@ class DirectModel:
         self.llm.set_seed(seed)
         produced: list[float] = []
         pieces: list[str] = []
-        for text in reply:
-            if each is not None:
-                each(text)
-            if text:
-                produced.append(time.perf_counter())
-                pieces.append(text)
+        with engine_slice():
+            for text in reply:
+                if each is not None:
+                    each(text)
+                if text:
+                    produced.append(time.perf_counter())
+                    pieces.append(text)
         return {
             "started": started,
             "produced": produced,

@@ -11,7 +11,7 @@ from pathlib import Path
 from vramchat.daemon import curve
 from vramchat.daemon.server import Daemon, DaemonSettings
 from vramchat.daemon.store import Store, StoreError
-from vramchat.shared import __version__, paths
+from vramchat.shared import __version__, paths, scheduling
 from vramchat.shared.config import ConfigError, load_config
 from vramchat.shared.paths import UnsafeDirectoryError
 from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         telemetry_interval_s=args.telemetry_interval,
         unwatched_telemetry_interval_s=args.unwatched_telemetry_interval,
     )
+    scheduling.use_short_slice()  # before any thread starts: they inherit it
     try:
         store = Store(settings.data_dir / "conversations.sqlite3")
         return asyncio.run(Daemon(settings, store).run())

@@ -42,6 +42,7 @@ from typing import Any
 from vramchat.daemon import rpc
 from vramchat.daemon.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
 from vramchat.daemon.engine_channel import ChannelClosed, EngineEnd
+from vramchat.shared import scheduling
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).
 DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
@@ -397,6 +398,7 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
+    scheduling.use_default_slice()  # the daemon's short one is inherited; llama threads start from this one
     parser = argparse.ArgumentParser(description="vramchat engine (started by vramchatd)")
     parser.add_argument("--fd", type=int, required=True, help="this engine's end of the daemon's socketpair")
     args = parser.parse_args(argv)
