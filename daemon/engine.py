@@ -279,10 +279,10 @@ class TokenFrames:
 
     Every frame wakes the daemon's loop, then its ZeroMQ I/O thread, then each client's: threads
     that preempt a llama thread on a machine with no core to spare, which the other llama threads
-    then wait for. So a token joins the next frame when the one after it
-    is expected (at the last interval between tokens) before the frame's oldest token has waited
-    `window_s`; otherwise the frame goes at once. The first token of a reply, and every token of a
-    model slower than one per `window_s`, go at once; a fast model costs one frame per `window_s`.
+    then wait for. So a token joins the next frame when the one after it is expected (at the last
+    interval between tokens) before the frame's oldest token has waited `window_s`; otherwise the
+    frame goes at once. The first token of a reply, and every token of a model slower than one
+    per `window_s`, go at once; a fast model costs one frame per `window_s`.
     """
 
     def __init__(self, send: Callable[[dict[str, Any]], None], request_id: str, window_s: float = FRAME_WINDOW_S) -> None:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from vramchat.shared.client import Client
 from vramchat.shared.scheduling import SHORT_SLICE_NS
 
 from helpers import chat, collect_reply, wait_ready
 
+KERNEL = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
+pytestmark = pytest.mark.skipif(
+    KERNEL < (6, 12) or platform.machine() not in ("x86_64", "aarch64"),
+    reason="a task's own scheduler slice needs Linux 6.12 or later (and a known syscall number)",
+)
 DEFAULT_SLICE_NS = int(Path("/proc/self/sched").read_text().split("se.slice")[1].split()[1])
 
 
