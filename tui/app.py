@@ -23,6 +23,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Header, ListView
 from textual.worker import Worker, WorkerState
 
+from vramchat.shared import scheduling
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.shared.text import title_from
 from vramchat.tui import keys
@@ -311,5 +312,6 @@ class VramchatApp(App[None]):
 
 
 def run_app(runtime_dir: str | None) -> int:
+    scheduling.use_short_slice()  # the app wakes for every frame of a reply's tokens
     VramchatApp(Client(runtime_dir, name="vramchat tui")).run()
     return 0

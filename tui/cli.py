@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from vramchat.shared import __version__, scheduling
+from vramchat.shared import __version__
 from vramchat.shared.client import DaemonNotRunning, RequestFailed
 from vramchat.tui.commands import api_key, ask, conversations, doctor, models, plan, rpc_server, service, status
 
@@ -22,8 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], Any] = getattr(args, "handler", None) or open_tui
-    if handler is not rpc_server.run:  # a client wakes for every frame of tokens; the RPC server computes
-        scheduling.use_short_slice()
     try:
         result = handler(args)
         return asyncio.run(result) if asyncio.iscoroutine(result) else int(result)

@@ -8,6 +8,7 @@ import sys
 import uuid
 from typing import Any
 
+from vramchat.shared import scheduling
 from vramchat.shared.client import Client
 from vramchat.tui.commands.common import describe_model, open_client, print_json
 
@@ -34,6 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 async def cmd_ask(args: argparse.Namespace) -> int:
+    scheduling.use_short_slice()  # it wakes for every frame of the reply's tokens
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         print("vramchat: the prompt is empty; give one as an argument or on stdin", file=sys.stderr)
@@ -104,6 +106,7 @@ def _print_ending(message: dict[str, Any]) -> None:
 
 async def run_interactive(args: argparse.Namespace) -> int:
     """A line-by-line chat: each line is a message in one conversation. /new starts another."""
+    scheduling.use_short_slice()  # it wakes for every frame of a reply's tokens
     async with open_client(args, "chat") as client:
         status = await client.request("status")
         print(describe_model(status["model"]))
