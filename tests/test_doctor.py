@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,11 +12,12 @@ from typing import Any
 import pytest
 
 from vramchat.shared import __version__, protocol
+from vramchat.shared.client import Client
 from vramchat.tui import cli
 from vramchat.tui.commands import doctor
 from vramchat.tui.telemetry_view import NO_GPU
 
-from helpers import DaemonProcess
+from helpers import DaemonProcess, wait_ready
 
 CPU_FLAGS = doctor.cpu_flags()
 HAS_NVIDIA_GPU = Path("/dev/nvidiactl").exists()
@@ -30,12 +32,18 @@ def run_doctor(runtime_dir: Path, *args: str) -> subprocess.CompletedProcess[str
     )
 
 
+async def model_loaded(runtime_dir: Path) -> None:
+    async with Client(runtime_dir) as client:
+        await wait_ready(client)
+
+
 def by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {check["name"]: check for check in report["checks"]}
 
 
 @pytest.mark.demo
 def test_doctor_reports_this_machines_build_devices_and_daemon(tiny_daemon: DaemonProcess) -> None:
+    asyncio.run(model_loaded(tiny_daemon.runtime_dir))  # the report names the loaded model
     result = run_doctor(tiny_daemon.runtime_dir, "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
