@@ -26,7 +26,6 @@ carries one token, or several produced within a few milliseconds (`TokenFrames`)
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
 import math
 import os
@@ -36,12 +35,12 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from vramchat.daemon import rpc
 from vramchat.daemon.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
 from vramchat.daemon.engine_channel import ChannelClosed, EngineEnd
+from vramchat.daemon.state_cache import ConversationStates
 from vramchat.shared import scheduling
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).
@@ -152,6 +151,17 @@ class Engine:
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, request: dict[str, Any]) -> None:
+        """One reply. Whatever fails ends this request with `failed`, never the engine: the model
+        stays loaded for the requests after it."""
+        try:
+            self._generate(request)
+        except (ChannelClosed, OSError):
+            raise  # the daemon is gone: nobody to answer
+        except Exception as exc:
+            error = f"the engine failed on this request ({type(exc).__name__}: {exc})"
+            self.send({"ev": "failed", "request": request.get("request"), "code": "internal", "error": error})
+
+    def _generate(self, request: dict[str, Any]) -> None:
         request_id = request["request"]
         model = self.model
         assert model is not None, "generate before a successful load"
@@ -187,10 +197,12 @@ class Engine:
 
         frames = TokenFrames(self.send, request_id)
         started = time.monotonic()
+        cancel_seen_at: int | None = None  # tokens generated when the engine saw the cancel
         try:
             for text in reply:
                 frames.add(text)
-                if self._cancel_requested(request_id):
+                if cancel_seen_at is None and self._cancel_requested(request_id):
+                    cancel_seen_at = reply.generated
                     reply.stop()
         except Exception as exc:
             frames.flush()
@@ -220,6 +232,8 @@ class Engine:
                     "state_cache_bytes": self.states.used_bytes,
                     "state_cache_entries": len(self.states.entries),
                     "dropped_messages": prompt.dropped,
+                    # The engine's cancel point: tokens it generated after it saw the cancel.
+                    "tokens_after_cancel": None if cancel_seen_at is None else generated - cancel_seen_at,
                 },
             }
         )
@@ -305,75 +319,6 @@ class TokenFrames:
         if self.texts:
             self.send({"ev": "tok", "request": self.request_id, "text": "".join(self.texts), "t": self.stamps})
             self.texts, self.stamps = [], []
-
-
-@dataclass
-class SavedState:
-    tokens: list[int]
-    kv: Any  # ctypes uint8 array from llama_state_seq_get_data
-
-    @property
-    def size(self) -> int:
-        return len(self.kv)
-
-
-class ConversationStates:
-    """The KV cache of recently used conversations, kept in RAM within a byte budget.
-
-    The context holds one conversation at a time. Without this, switching back to a
-    conversation re-evaluates its whole history, which takes minutes on a CPU-bound 70B model.
-    Least recently used entries are dropped first.
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self.entries: collections.OrderedDict[str, SavedState] = collections.OrderedDict()
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(entry.size for entry in self.entries.values())
-
-    def save(self, key: str, llm: Any, llama_cpp: Any) -> None:
-        if llm.n_tokens == 0:
-            return
-        ctx = llm._ctx.ctx
-        size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
-        if size > self.budget_bytes:
-            return
-        self.entries.pop(key, None)
-        while self.entries and self.used_bytes + size > self.budget_bytes:
-            self.entries.popitem(last=False)
-        kv = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(ctx, kv, size, 0) != size:
-            return
-        self.entries[key] = SavedState(tokens=llm.input_ids[: llm.n_tokens].tolist(), kv=kv)
-
-    def restore(self, key: str | None, llm: Any, llama_cpp: Any, prompt: list[int]) -> int:
-        """Put a saved conversation back in the context if it shares more of `prompt` than the
-        context does now; returns the number of prompt tokens that need no evaluation."""
-        current = _common_prefix(prompt, llm.input_ids[: llm.n_tokens].tolist())
-        entry = self.entries.get(key) if key else None
-        if key is None or entry is None or _common_prefix(prompt, entry.tokens) <= current:
-            return current
-        self.entries.move_to_end(key)
-        ctx = llm._ctx.ctx
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        if llama_cpp.llama_state_seq_set_data(ctx, entry.kv, entry.size, 0) == 0:
-            llm.n_tokens = 0  # the context is empty now; generate() evaluates everything
-            return 0
-        llm.input_ids[: len(entry.tokens)] = entry.tokens
-        llm.n_tokens = len(entry.tokens)
-        llm._requires_eval = True  # the restored KV carries no logits: evaluate at least one token
-        return _common_prefix(prompt, entry.tokens)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _load_error_text(exc: Exception, log_lines: list[str]) -> str:
