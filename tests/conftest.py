@@ -17,7 +17,7 @@ from vramchat.shared import paths
 from vramchat.shared.rpc_endpoints import unreachable
 
 from gguf_factory import TinyModelSpec, write_tiny_llama
-from helpers import DaemonFactory, DaemonProcess, IsolatedHome, RpcServer, free_port, isolate_home, wait_until
+from helpers import BIG_CONTEXT, DaemonFactory, DaemonProcess, IsolatedHome, RpcServer, free_port, isolate_home, wait_until
 
 USE_MY_CONFIG = "--use-my-config"
 
@@ -95,7 +95,7 @@ def daemon_factory(models_dir: Path) -> Iterator[DaemonFactory]:
     made: list[DaemonProcess] = []
     roots: list[Path] = []
 
-    def make(*args: str, start: bool = True) -> DaemonProcess:
+    def make(*args: str, start: bool = True, command: list[str] | None = None) -> DaemonProcess:
         root = Path(tempfile.mkdtemp(prefix="vc-"))
         roots.append(root)
         daemon = DaemonProcess(
@@ -104,6 +104,8 @@ def daemon_factory(models_dir: Path) -> Iterator[DaemonFactory]:
             args=["--models-dir", str(models_dir), *args],
             log_path=root / "vramchatd.log",
         )
+        if command is not None:
+            daemon.command = command
         made.append(daemon)
         return daemon.start() if start else daemon
 
@@ -118,6 +120,12 @@ def daemon_factory(models_dir: Path) -> Iterator[DaemonFactory]:
 def tiny_daemon(daemon_factory: DaemonFactory, models_dir: Path) -> DaemonProcess:
     """A daemon serving the tiny random-weights model (fast, meaningless tokens)."""
     return daemon_factory("--model", str(models_dir / "tiny.gguf"))
+
+
+@pytest.fixture
+def big_context_daemon(daemon_factory: DaemonFactory, models_dir: Path) -> DaemonProcess:
+    """The tiny model with BIG_CONTEXT: an UNBOUNDED reply is still generating after any test step."""
+    return daemon_factory("--model", str(models_dir / "tiny.gguf"), *BIG_CONTEXT)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: a vramchatd child process, a private home for each test,
-chatting through a Client, waiting for a condition with a deadline, llama.cpp's load log, and a
-fake pynvml. Fixtures live in conftest.py; test modules import from here, never from each other.
+chatting through a Client, pausing an engine, waiting for a condition with a deadline, llama.cpp's
+load log, and systemd units. Fixtures live in conftest.py; test modules import from here (and from
+http_daemon.py and fake_pynvml.py), never from each other.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
-import pynvml
 import pytest
 
 from vramchat.shared.client import Client
@@ -29,9 +29,12 @@ T = TypeVar("T")
 
 VRAMCHATD = [sys.executable, "-m", "vramchat.daemon.cli"]
 
-# Greedy decoding of the tiny random model never emits end-of-generation, so replies run to
-# max_tokens: long enough to interrupt, and the same text every time.
-LONG = {"temperature": 0.0, "max_tokens": 3000}
+# Greedy decoding of the tiny random model never emits end-of-generation, so an UNBOUNDED reply
+# runs until the context is full: with BIG_CONTEXT, ~65,000 tokens (over 20 s at 3,000 tok/s).
+# A test that cancels it, or kills the engine or the daemon, lands mid-reply at any speed, and
+# ends it itself rather than waiting for it.
+UNBOUNDED: dict[str, Any] = {"temperature": 0.0, "max_tokens": (1 << 31) - 1}
+BIG_CONTEXT = ("--ctx", "65536")  # vramchatd arguments; the tiny model's KV cache is then 32 MiB
 
 # --- waiting for a condition -------------------------------------------------------------------
 
@@ -141,6 +144,7 @@ class DaemonProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=lambda: list(VRAMCHATD))  # another for a patched daemon
 
     @property
     def pid(self) -> int:
@@ -150,7 +154,7 @@ class DaemonProcess:
     def start(self, *extra: str, wait: bool = True) -> DaemonProcess:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [*VRAMCHATD, "--runtime-dir", str(self.runtime_dir), "--data-dir", str(self.data_dir), *self.args, *extra],
+                [*self.command, "--runtime-dir", str(self.runtime_dir), "--data-dir", str(self.data_dir), *self.args, *extra],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
@@ -246,14 +250,36 @@ async def collect_reply(
 async def start_long_reply(
     client: Client, first_tokens: int, sampling: dict[str, Any] | None = None
 ) -> tuple[AsyncIterator[Event], str, dict[str, Any], list[str]]:
-    """Subscribe, ask for a long reply (LONG unless `sampling`), and return once its first tokens
-    have arrived: the event stream, the request id, the accepted reply, and those tokens."""
+    """Subscribe, ask for a long reply (UNBOUNDED unless `sampling`), and return once its first
+    tokens have arrived: the event stream, the request id, the accepted reply, and those tokens."""
     await wait_ready(client)
     await client.subscribe()
     events = client.raw_events()
-    request_id, accepted = await chat(client, "hello", sampling or LONG)
+    request_id, accepted = await chat(client, "hello", sampling or UNBOUNDED)
     tokens, _ = await collect_reply(events, request_id, until_tokens=first_tokens)
     return events, request_id, accepted, tokens
+
+
+async def wait_running(client: Client, request_id: str, timeout: float = 30.0) -> None:
+    """Return once the daemon runs `request_id`: taken off the queue and sent to the engine (which
+    need not have started it: it may be `paused`)."""
+
+    async def running() -> bool:
+        queue = (await client.request("status"))["queue"]
+        return queue["running"] is not None and queue["running"]["request"] == request_id
+
+    await until(running, timeout=timeout, what=f"request {request_id} is running")
+
+
+@contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """SIGSTOP `pid` (an engine) meanwhile: whatever it was doing is still under way at the end,
+    however fast it runs. It is resumed on the way out, even when the block fails."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 # --- llama.cpp --------------------------------------------------------------------------------
@@ -271,97 +297,6 @@ def load_log(path: Path, **params: Any) -> str:
     model = llama_cpp.Llama(str(path), n_gpu_layers=0, verbose=False, **params)
     del model
     return "".join(lines)
-
-
-# --- NVML -------------------------------------------------------------------------------------
-
-
-class FakePynvml:
-    """Two GPUs that act like pynvml: its constants and NVMLError classes are the real ones, so
-    each failure is raised exactly as the binding raises it. Fields can fail; devices can vanish."""
-
-    def __init__(self) -> None:
-        self.init_calls = 0
-        self.init_error: int | None = None
-        self.count = 2
-        self.failing: dict[str, int] = {}  # field -> NVML error code it raises
-        self.lost: dict[int, int] = {}  # index -> error code of nvmlDeviceGetHandleByIndex
-        self.compute = [
-            SimpleNamespace(pid=100, usedGpuMemory=3 << 30),
-            SimpleNamespace(pid=200, usedGpuMemory=1 << 30),
-            SimpleNamespace(pid=300, usedGpuMemory=None),
-        ]  # NVML_VALUE_NOT_AVAILABLE, as pynvml gives it
-        self.graphics = [SimpleNamespace(pid=400, usedGpuMemory=256 << 20)]
-        self.missing_symbols: set[str] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith(("NVML_", "NVMLError")):
-            return getattr(pynvml, name)
-        raise AttributeError(name)
-
-    def _call(self, field: str) -> None:
-        if field in self.missing_symbols:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
-        if field in self.failing:
-            raise pynvml.NVMLError(self.failing[field])
-
-    def nvmlInit(self) -> None:
-        self.init_calls += 1
-        if self.init_error is not None:
-            raise pynvml.NVMLError(self.init_error)
-
-    def nvmlDeviceGetCount(self) -> int:
-        return self.count
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
-        if index in self.lost:
-            raise pynvml.NVMLError(self.lost[index])
-        return index
-
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
-        return SimpleNamespace(total=12 << 30, used=(4 + handle) << 30, free=(8 - handle) << 30)
-
-    def nvmlDeviceGetName(self, handle: int) -> str:
-        self._call("name")
-        return f"NVIDIA GeForce RTX 30{handle}0"
-
-    def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
-        self._call("utilization")
-        return SimpleNamespace(gpu=50 + handle, memory=10)
-
-    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
-        assert sensor == pynvml.NVML_TEMPERATURE_GPU
-        self._call("temperature")
-        return 60
-
-    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
-        self._call("power")
-        return 150_500
-
-    def nvmlDeviceGetMemoryBusWidth(self, handle: int) -> int:
-        self._call("bandwidth")
-        return 384
-
-    def nvmlDeviceGetMaxClockInfo(self, handle: int, clock: int) -> int:
-        assert clock == pynvml.NVML_CLOCK_MEM
-        return 9751
-
-    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: int) -> list[Any]:
-        self._call("compute_v3")
-        self._call("processes")
-        return self.compute
-
-    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: int) -> list[Any]:
-        self._call("processes")
-        return self.compute[:1]
-
-    def nvmlDeviceGetGraphicsRunningProcesses_v3(self, handle: int) -> list[Any]:
-        self._call("processes")
-        return self.graphics
-
-    def nvmlDeviceGetGraphicsRunningProcesses_v2(self, handle: int) -> list[Any]:
-        self._call("processes")
-        return self.graphics
 
 
 # --- systemd units ------------------------------------------------------------------------------

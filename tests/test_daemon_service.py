@@ -50,13 +50,14 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(
     received(notify_socket, "STOPPING=1")
 
 
-async def test_sigterm_mid_reply_stores_the_reply_and_exits_cleanly(tiny_daemon: DaemonProcess) -> None:
-    async with Client(tiny_daemon.runtime_dir) as client:
-        _, _, accepted, tokens = await start_long_reply(client, 10)
-        assert tiny_daemon.stop() == 0
-    assert not (tiny_daemon.runtime_dir / "control.sock").exists()
-    tiny_daemon.start("--no-load")
-    async with Client(tiny_daemon.runtime_dir) as client:
+async def test_sigterm_mid_reply_stores_the_reply_and_exits_cleanly(big_context_daemon: DaemonProcess) -> None:
+    daemon = big_context_daemon
+    async with Client(daemon.runtime_dir) as client:
+        _, _, accepted, tokens = await start_long_reply(client, 10)  # UNBOUNDED: stopped mid-reply at any speed
+        assert daemon.stop() == 0
+    assert not (daemon.runtime_dir / "control.sock").exists()
+    daemon.start("--no-load")
+    async with Client(daemon.runtime_dir) as client:
         stored = await client.request("conversation.get", {"id": accepted["conversation"]})
     reply = stored["messages"][-1]
     assert reply["status"] == "cancelled" and reply["error"] == "the daemon was stopped"

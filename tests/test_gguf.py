@@ -85,11 +85,14 @@ def test_reading_a_vocabulary_is_fast_and_matches_the_gguf_package(demo_model: P
     started = time.perf_counter()
     info = inspect_gguf(demo_model)
     elapsed = time.perf_counter() - started
+    started = time.perf_counter()
     reference = GGUFReader(str(demo_model))
+    reference_elapsed = time.perf_counter() - started
     assert info.n_vocab == len(reference.fields["tokenizer.ggml.tokens"].data) == 49152
     assert info.n_ctx_train == reference.fields["llama.context_length"].contents()
     assert info.parameters == sum(int(t.n_elements) for t in reference.tensors)
-    assert elapsed < 0.5, f"inspecting SmolLM2 took {elapsed:.2f} s; GGUFReader alone takes about 2 s"
+    # Against GGUFReader on the same machine, not a wall-clock bound: ~70 times faster here.
+    assert elapsed < reference_elapsed / 10, f"inspecting SmolLM2 took {elapsed:.2f} s, GGUFReader {reference_elapsed:.2f} s"
     assert info.file_type == "MOSTLY_Q4_1" and info.tied_embeddings and 134e6 < info.parameters < 136e6
 
 

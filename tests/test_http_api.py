@@ -5,25 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from http_daemon import HttpDaemon, model_ready, start_http_daemon
 from openai.types.chat import ChatCompletionMessageParam
 from textual.widgets import Label
 
 from vramchat.shared.client import Client
+from vramchat.shared.protocol import Event
 from vramchat.tui.app import VramchatApp
 from vramchat.tui.widgets import ChatMessage, PromptInput
 
-from helpers import DaemonFactory, DaemonProcess, collect_reply, wait_ready, wait_until
+from helpers import DaemonFactory, collect_reply, free_port, paused
 
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France? Answer in English."}]
 LONG_STORY: list[ChatCompletionMessageParam] = [
@@ -31,52 +32,9 @@ LONG_STORY: list[ChatCompletionMessageParam] = [
 ]
 
 
-@dataclass
-class HttpDaemon:
-    daemon: DaemonProcess
-    url: str  # ends in /v1
-    key: str
-
-    def client(self, key: str | None = None) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url, api_key=key or self.key, max_retries=0, timeout=120)
-
-    def post(self, path: str, body: bytes, key: str | None = None) -> tuple[int, dict[str, Any]]:
-        """A raw request, for what the openai package would not send."""
-        request = urllib.request.Request(
-            self.url.removesuffix("/v1") + path, data=body, method="POST",
-            headers={"Authorization": f"Bearer {key or self.key}", "Content-Type": "application/json"},
-        )  # fmt: skip
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_http_daemon(daemon_factory: DaemonFactory, *args: str) -> HttpDaemon:
-    port = free_port()
-    daemon = daemon_factory("--http", f"127.0.0.1:{port}", *args)
-    key_file = daemon.data_dir / "api-key"
-    wait_until(key_file.exists, timeout=20, what=lambda: f"the daemon made no API key:\n{daemon.log()}")
-    served = HttpDaemon(daemon, f"http://127.0.0.1:{port}/v1", key_file.read_text().strip())
-    wait_until(lambda: f"HTTP API on http://127.0.0.1:{port}" in daemon.log(), timeout=20, what=daemon.log)
-    return served
-
-
 @pytest.fixture
 def demo_http(daemon_factory: DaemonFactory) -> HttpDaemon:
     return start_http_daemon(daemon_factory)
-
-
-async def model_ready(served: HttpDaemon) -> None:
-    async with Client(served.daemon.runtime_dir) as client:
-        await wait_ready(client, timeout=60)
 
 
 async def streamed(
@@ -159,7 +117,7 @@ async def test_bad_requests_say_what_to_change_and_a_5_mb_body_gets_413(daemon_f
         (json.dumps({"messages": []}).encode(), "non-empty list"),
         (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), "role of system, user, assistant"),
         (json.dumps({"messages": QUESTION, "temperature": 9}).encode(), "temperature must be between 0"),
-        (json.dumps({"messages": QUESTION, "max_tokens": 0}).encode(), "max_tokens must be at least 1"),
+        (json.dumps({"messages": QUESTION, "max_tokens": 0}).encode(), "max_tokens must be between 1 and"),
         (json.dumps({"messages": QUESTION, "stop": [""]}).encode(), "stop must be"),
     ]
     for raw, message in cases:
@@ -265,42 +223,62 @@ def test_curl_streams_a_reply(demo_http: HttpDaemon) -> None:
 async def test_an_http_stream_and_a_tui_chat_share_the_queue_in_order(demo_http: HttpDaemon) -> None:
     await model_ready(demo_http)
     app = VramchatApp(Client(demo_http.daemon.runtime_dir, name="vramchat tui"))
-    async with demo_http.client() as client, app.run_test(size=(120, 40)) as pilot:
+    watcher = Client(demo_http.daemon.runtime_dir, name="watcher")
+    async with demo_http.client() as client, app.run_test(size=(120, 40)) as pilot, watcher:
         deadline = time.monotonic() + 30
         while not (app.connected and app.state.model.get("state") == "ready"):
             assert time.monotonic() < deadline
             await pilot.pause(0.05)
+        await watcher.subscribe()
+        ran: list[str] = []
+        watching = asyncio.create_task(queue_events(watcher.raw_events(), ran))
         stream = await client.chat.completions.create(
             model="any", messages=LONG_STORY, stream=True, max_tokens=150, temperature=0.0
         )
         chunks = aiter(stream)
-        await anext(chunks)  # the role chunk: the job is queued or running
-        prompt = app.query_one(PromptInput)
-        prompt.insert("What is the capital of France? Answer in English.")
-        prompt.post_message(PromptInput.Submitted(prompt.text))
-        queue = app.query_one("#queue", Label)
-        named = re.compile(r"queued: 1 request\(s\) ahead of yours, a reply for http 127\.0\.0\.1:\d+ is generating")
-        deadline = time.monotonic() + 30
-        while not named.fullmatch(str(queue.render())):
-            assert time.monotonic() < deadline, f"the queue line says {str(queue.render())!r}"
-            await pilot.pause(0.05)
-        status = await app.client.request("status")
-        assert re.fullmatch(r"http 127\.0\.0\.1:\d+", status["queue"]["running"]["label"] or ""), status["queue"]
-        deadline = time.monotonic() + 10  # the HTTP reply's speed is in telemetry, as any reply's
-        while not ((app.state.latest_sample() or {}).get("generation") or {}).get("tokens_per_s"):
-            assert time.monotonic() < deadline, app.state.latest_sample()
-            await pilot.pause(0.1)
-        http_text = ""
+        http_text, content_chunks = "", 0
+        while content_chunks < 2:  # two tokens at least, so that the reply has a speed to show
+            chunk = await anext(chunks)
+            piece = "".join(choice.delta.content or "" for choice in chunk.choices)
+            http_text, content_chunks = http_text + piece, content_chunks + bool(piece)
+        # The engine is stopped until the checks below are done: the HTTP reply is still
+        # generating through all of them, however fast the model runs.
+        with paused(app.state.model["engine_pid"]):
+            prompt = app.query_one(PromptInput)
+            prompt.insert("What is the capital of France? Answer in English.")
+            prompt.post_message(PromptInput.Submitted(prompt.text))
+            queue = app.query_one("#queue", Label)
+            named = re.compile(r"queued: 1 request\(s\) ahead of yours, a reply for http 127\.0\.0\.1:\d+ is generating")
+            deadline = time.monotonic() + 30
+            while not named.fullmatch(str(queue.render())):
+                assert time.monotonic() < deadline, f"the queue line says {str(queue.render())!r}"
+                await pilot.pause(0.05)
+            status = await app.client.request("status")
+            assert re.fullmatch(r"http 127\.0\.0\.1:\d+", status["queue"]["running"]["label"] or ""), status["queue"]
+            http_request, tui_request = status["queue"]["running"]["request"], status["queue"]["pending"][0]["request"]
+            deadline = time.monotonic() + 10  # the HTTP reply's speed is in telemetry, as any reply's
+            while not ((app.state.latest_sample() or {}).get("generation") or {}).get("tokens_per_s"):
+                assert time.monotonic() < deadline, app.state.latest_sample()
+                await pilot.pause(0.1)
         async for chunk in chunks:
             http_text += "".join(choice.delta.content or "" for choice in chunk.choices)
-        http_done = time.time()
         deadline = time.monotonic() + 60
         while not any(m["role"] == "assistant" and m["status"] == "complete" for m in tui_messages(app)):
             assert time.monotonic() < deadline, "the TUI's reply did not complete"
             await pilot.pause(0.1)
         reply = next(m for m in tui_messages(app) if m["role"] == "assistant")
+        watching.cancel()
     assert http_text and "Paris" in reply["content"]
-    assert reply["created_at"] >= http_done - 0.5  # FIFO: the TUI's reply started after the HTTP one ended
+    # FIFO, from the daemon's own `queue` events rather than clocks: the TUI's reply ran after the
+    # HTTP one, and each ran once.
+    assert [request for n, request in enumerate(ran) if n == 0 or ran[n - 1] != request] == [http_request, tui_request]
+
+
+async def queue_events(events: AsyncIterator[Event], ran: list[str]) -> None:
+    """Append the request running in each `queue` event to `ran`, until cancelled."""
+    async for event in events:
+        if event.topic == "queue" and event.body["running"]:
+            ran.append(event.body["running"]["request"])
 
 
 def tui_messages(app: VramchatApp) -> list[dict[str, Any]]:

@@ -6,10 +6,9 @@ import shutil
 
 import pynvml
 import pytest
+from fake_pynvml import FakePynvml
 
 from vramchat.daemon.nvml import NO_GPU, OK, Nvml
-
-from helpers import FakePynvml
 
 
 def test_real_pynvml_reports_what_this_machine_has_and_does_not_raise() -> None:

@@ -6,18 +6,21 @@ import asyncio
 import random
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
 import psutil
+import pytest
 import zmq
 import zmq.asyncio
 
+from vramchat.daemon import transport
 from vramchat.shared import protocol
 from vramchat.shared.client import Client, RequestFailed
 from vramchat.shared.protocol import CONTROL_SOCKET
 
-from helpers import DaemonProcess, chat, collect_reply, wait_ready
+from helpers import UNBOUNDED, DaemonProcess, chat, collect_reply, paused, wait_ready, wait_running
 
 WRONG_TYPES: list[Any] = [None, True, -1, 2**63, 3.5, "", "x" * 300, b"\x00\xff", [], [1, "a"], {}, {"nested": {"deep": [None]}}]
 # Fields each request reads, with the kind each must be: the fuzzer sends any other kind.
@@ -117,7 +120,24 @@ async def test_fuzzed_frames_all_get_error_replies_and_memory_stays_flat(tiny_da
         assert final is not None and final["status"] == "complete"
 
 
+def test_the_rate_limiter_allows_a_burst_then_the_refill_rate_per_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a made-up clock: what the daemon test below shows on a real one, at any speed."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(transport, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    limiter = transport.RateLimiter(burst=5, per_second=4.0)
+    assert [limiter.allow(b"a") for _ in range(6)] == [True] * 5 + [False]
+    assert limiter.allow(b"b"), "each client has its own bucket"
+    clock.now += 0.125  # half a request refilled: still none
+    assert not limiter.allow(b"a")
+    clock.now += 0.125
+    assert limiter.allow(b"a") and not limiter.allow(b"a")
+    clock.now += 60  # refilled, but never past the burst
+    assert [limiter.allow(b"a") for _ in range(6)] == [True] * 5 + [False]
+
+
 async def test_a_flood_from_one_client_is_rate_limited(tiny_daemon: DaemonProcess) -> None:
+    # 400 requests take ~0.07 s here; none would be limited only if they took over 2 s (the burst
+    # of 200 plus 100 a second), so a machine 30 times slower still passes.
     async with Client(tiny_daemon.runtime_dir) as client:
         results = await asyncio.gather(*(client.request("status") for _ in range(400)), return_exceptions=True)
     limited = [r for r in results if isinstance(r, Exception)]
@@ -179,16 +199,19 @@ async def test_eight_clients_with_25_queued_requests_each_complete_in_fifo_order
 
 async def test_one_client_may_queue_32_requests(tiny_daemon: DaemonProcess) -> None:
     async with Client(tiny_daemon.runtime_dir) as client:
-        await wait_ready(client)
-        first, _ = await chat(client, "long", {"temperature": 0.0, "max_tokens": 3000})
-        for n in range(32):
-            await chat(client, f"#{n}", {"max_tokens": 1})
-        try:
-            await chat(client, "one too many", {"max_tokens": 1})
-        except RequestFailed as error:
-            assert error.code == "queue_full" and "32 requests queued" in error.message
-        else:
-            raise AssertionError("the 33rd queued request was accepted")
-        async with Client(tiny_daemon.runtime_dir) as other:  # the limit is per client
-            await chat(other, "mine", {"max_tokens": 1})
-        await client.request("cancel", {"request": first})
+        model = await wait_ready(client)
+        # The engine is stopped until `first` is cancelled: it runs while the others queue, at any speed.
+        with paused(model["engine_pid"]):
+            first, _ = await chat(client, "long", UNBOUNDED)
+            await wait_running(client, first)
+            for n in range(32):
+                await chat(client, f"#{n}", {"max_tokens": 1})
+            try:
+                await chat(client, "one too many", {"max_tokens": 1})
+            except RequestFailed as error:
+                assert error.code == "queue_full" and "32 requests queued" in error.message
+            else:
+                raise AssertionError("the 33rd queued request was accepted")
+            async with Client(tiny_daemon.runtime_dir) as other:  # the limit is per client
+                await chat(other, "mine", {"max_tokens": 1})
+            assert (await client.request("cancel", {"request": first})) == {"cancelled": "running"}

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Input, Label, ListView, Markdown, Sparkli
 from textual.widgets.markdown import MarkdownBlock
 from tui_stub import StubClient
 
-from vramchat.shared.client import Client, RequestFailed, Snapshot
+from vramchat.shared.client import Client, Snapshot
 from vramchat.shared.protocol import Event
 from vramchat.tui.app import VramchatApp
 from vramchat.tui.chat import ChatView
@@ -24,6 +24,8 @@ from vramchat.tui.models_screen import LayerStepper, LoadDialog, ModelsScreen
 from vramchat.tui.state import ChatState
 from vramchat.tui.telemetry_view import NO_GPU
 from vramchat.tui.widgets import ChatMessage, ConversationList, MemoryBar, PromptInput, layer_split
+
+from helpers import UNBOUNDED
 
 
 def attach(daemon: Any) -> VramchatApp:
@@ -71,11 +73,13 @@ def submit_while_streaming(app: VramchatApp, text: str) -> None:
     prompt.post_message(PromptInput.Submitted(prompt.text))
 
 
-async def long_conversation(runtime_dir: Path) -> str:
-    """A conversation whose replies run long enough (3000 tokens) to be caught while generating."""
+async def long_conversation(runtime_dir: Path, max_tokens: int = 3000) -> str:
+    """A conversation whose replies run long (3000 tokens), or until the test stops them
+    (UNBOUNDED's max_tokens on big_context_daemon: generating still, whatever the speed)."""
     async with Client(runtime_dir) as client:
         conversation = (await client.request("conversation.create", {}))["conversation"]["id"]
-        await client.request("conversation.update", {"id": conversation, "settings": {"temperature": 0.0, "max_tokens": 3000}})
+        settings = {"temperature": 0.0, "max_tokens": max_tokens}
+        await client.request("conversation.update", {"id": conversation, "settings": settings})
     return conversation
 
 
@@ -117,9 +121,10 @@ async def test_ctrl_j_adds_a_newline_instead_of_sending(tiny_daemon: Any) -> Non
         assert app.query_one(PromptInput).text == "a\nb" and not app.query(ChatMessage)
 
 
-async def test_cancel_with_escape(tiny_daemon: Any) -> None:
-    conversation = await long_conversation(tiny_daemon.runtime_dir)
-    app = attach(tiny_daemon)
+async def test_cancel_with_escape(big_context_daemon: Any) -> None:
+    # UNBOUNDED: the reply still generates when Esc lands, at any speed.
+    conversation = await long_conversation(big_context_daemon.runtime_dir, UNBOUNDED["max_tokens"])
+    app = attach(big_context_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await on_conversation(pilot, app, conversation)
         submit_while_streaming(app, "go on for a long time")
@@ -132,16 +137,16 @@ async def test_cancel_with_escape(tiny_daemon: Any) -> None:
         assert "cancelled" in text_of(app.query(ChatMessage).last().meta)
 
 
-async def test_queue_position_while_another_clients_reply_generates(tiny_daemon: Any) -> None:
-    app = attach(tiny_daemon)
-    async with app.run_test(size=(80, 24)) as pilot, Client(tiny_daemon.runtime_dir) as other:
+async def test_queue_position_while_another_clients_reply_generates(big_context_daemon: Any) -> None:
+    app = attach(big_context_daemon)
+    async with app.run_test(size=(80, 24)) as pilot, Client(big_context_daemon.runtime_dir) as other:
         await ready(pilot, app)
         await app.action_new_conversation()
-        # Four long replies of another client, each in a fresh conversation so that none is cut
-        # short by a full context: seconds of generation to queue behind, even at ~2,700 tok/s.
+        # Four UNBOUNDED replies of another client: they generate until the test cancels them, so
+        # ours queues behind them at any speed.
         others = [f"other-{i}" for i in range(4)]
         for request in others:
-            conversation = await long_conversation(tiny_daemon.runtime_dir)
+            conversation = await long_conversation(big_context_daemon.runtime_dir, UNBOUNDED["max_tokens"])
             await other.request("chat", {"conversation": conversation, "content": "go on for a long time"}, request_id=request)
         queue = app.query_one("#queue", Label)
         await until(pilot, lambda: text_of(queue) == "another client's reply is generating" and queue.display)
@@ -150,11 +155,8 @@ async def test_queue_position_while_another_clients_reply_generates(tiny_daemon:
         await until(pilot, lambda: re.match(queued, text_of(queue)) is not None)
         await app.run_action("cancel")  # ours, queued; not the other client's running one
         await until(pilot, lambda: text_of(queue) == "another client's reply is generating")
-        for request in reversed(others):
-            try:
-                await other.request("cancel", {"request": request})
-            except RequestFailed as exc:
-                assert exc.code == "not_found"  # finished already
+        for request in reversed(others):  # none has finished: they are UNBOUNDED
+            await other.request("cancel", {"request": request})
         await until(pilot, lambda: not queue.display)
         assert not replies(app)
 
@@ -420,9 +422,10 @@ async def test_a_finished_reply_shows_the_stored_text_whether_or_not_the_stream_
         assert widget.body.source == widget.shown == "Something else"
 
 
-async def test_escape_cancels_the_reply_on_screen_even_with_another_of_mine_queued(tiny_daemon: Any) -> None:
-    conversation = await long_conversation(tiny_daemon.runtime_dir)
-    app = attach(tiny_daemon)
+async def test_escape_cancels_the_reply_on_screen_even_with_another_of_mine_queued(big_context_daemon: Any) -> None:
+    # UNBOUNDED: the first reply still generates when the second is queued and Esc lands, at any speed.
+    conversation = await long_conversation(big_context_daemon.runtime_dir, UNBOUNDED["max_tokens"])
+    app = attach(big_context_daemon)
     async with app.run_test(size=(80, 24)) as pilot:
         await on_conversation(pilot, app, conversation)
         submit_while_streaming(app, "first")
