@@ -15,6 +15,7 @@ from vramchat.shared import __version__, paths, scheduling
 from vramchat.shared.config import ConfigError, load_config
 from vramchat.shared.paths import UnsafeDirectoryError
 from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint
+from vramchat.shared.units import parse_duration
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="sampling interval while no client is attached and nothing generates or loads (default %(default)s)",
     )
+    parser.add_argument(
+        "--keep-alive",
+        metavar="DURATION",
+        help="unload the model after this long without a request, e.g. 30m (config keep_alive; default: never); "
+        "the next request loads it again",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keys = commands.add_parser("keys", help="create or show the CURVE keys for TCP clients")
@@ -106,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.insecure_tcp and not (args.tcp or config.tcp_listen):
         print("vramchatd: --insecure-tcp needs --tcp HOST:PORT (or tcp_listen in the config)", file=sys.stderr)
         return 2
+    if args.keep_alive is not None:
+        try:
+            config.keep_alive_s = parse_duration(args.keep_alive)
+        except ValueError as exc:
+            print(f"vramchatd: --keep-alive: {exc}", file=sys.stderr)
+            return 2
     config.model_dirs += [Path(d).expanduser() for d in args.models_dir]
     try:
         for server in args.rpc:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import select
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
+
+log = logging.getLogger(__name__)
 
 READ_BYTES = 1 << 20
 
@@ -69,14 +72,17 @@ class EngineEnd:
 class DaemonEnd(asyncio.Protocol):
     """The daemon's end, on its event loop: each message is handed to `on_message` as it arrives."""
 
-    def __init__(self, on_message: Callable[[dict[str, Any]], None]) -> None:
-        self.on_message = on_message
+    def __init__(self, on_message: Callable[[dict[str, Any]], None], on_broken: Callable[[str], None]) -> None:
+        self.on_message, self.on_broken = on_message, on_broken
         self.unpacker = msgpack.Unpacker(raw=False)
         self.transport: asyncio.Transport | None = None
 
     @classmethod
-    async def open(cls, sock: socket.socket, on_message: Callable[[dict[str, Any]], None]) -> DaemonEnd:
-        _, end = await asyncio.get_running_loop().create_unix_connection(lambda: cls(on_message), sock=sock)
+    async def open(
+        cls, sock: socket.socket, on_message: Callable[[dict[str, Any]], None], on_broken: Callable[[str], None]
+    ) -> DaemonEnd:
+        """`on_broken` is told why when the stream can no longer be trusted: the engine must go."""
+        _, end = await asyncio.get_running_loop().create_unix_connection(lambda: cls(on_message, on_broken), sock=sock)
         return end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,9 +90,19 @@ class DaemonEnd(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.unpacker.feed(data)
-        for message in self.unpacker:
-            self.on_message(message)
+        """Hand on each whole message. Anything unreadable, or a message that cannot be handled,
+        breaks the channel: a lost `done` would leave its reply waiting forever, so the engine is
+        stopped instead, which ends the reply in flight as interrupted and reloads the model."""
+        try:
+            self.unpacker.feed(data)
+            for message in self.unpacker:
+                if not isinstance(message, dict):
+                    raise ValueError(f"a message is not a map: {message!r:.60}")
+                self.on_message(message)
+        except Exception as exc:
+            log.exception("the engine's channel broke")
+            self.close()
+            self.on_broken(f"{type(exc).__name__}: {exc}")
 
     def send(self, message: dict[str, Any]) -> None:
         """Buffered by the transport when the engine is busy; dropped once the engine is gone."""

@@ -6,7 +6,9 @@ import asyncio
 import collections
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +17,27 @@ from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.jobs import Job, JobResult, Turn
 from vramchat.daemon.model_lifecycle import ModelLifecycle
-from vramchat.daemon.store import NotFound, Store
+from vramchat.daemon.store import NotFound, Store, StoreError
 from vramchat.daemon.supervisor import EngineProcess, describe_exit
 from vramchat.shared.protocol import CONTEXT_OVERFLOW_POLICIES, SAMPLING_FIELDS, ProtocolError, field_of
+
+log = logging.getLogger(__name__)
 
 # Flush a growing reply to SQLite at most this often; the final text is always written at once.
 REPLY_FLUSH_INTERVAL_S = 0.5
 MAX_QUEUED_PER_CLIENT = 32
 MAX_QUEUED_TOTAL = 256
+# What each sampling field may be: llama.cpp takes them as C ints, uint32 (the seed) and floats,
+# where a value outside would overflow in the engine or mean nothing. repeat_penalty divides: not 0.
+SAMPLING_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0, 5),
+    "top_p": (0, 1),
+    "top_k": (0, 1 << 20),
+    "min_p": (0, 1),
+    "repeat_penalty": (0, 10),
+    "max_tokens": (1, (1 << 31) - 1),
+    "seed": (0, (1 << 32) - 1),
+}
 
 
 @dataclass
@@ -47,7 +62,10 @@ class GenerationQueue:
         self.context_overflow = context_overflow
         self.pending: collections.deque[Job] = collections.deque()
         self.in_flight: InFlight | None = None
+        self.taken: Job | None = None  # the latest job the worker took off the queue
         self.last_stats: dict[str, Any] | None = None  # of the latest finished reply
+        # Told how every queued job ended, wherever it ends (set by the daemon: its metrics).
+        self.on_finished: Callable[[JobResult], None] | None = None
         self._changed = asyncio.Event()
 
     # --- the queue ---------------------------------------------------------------------------
@@ -78,8 +96,7 @@ class GenerationQueue:
     def check_room(self, client: bytes) -> None:
         """Refuse a request the limits leave no room for, before anything is stored for it."""
         if not self.model.state.available:
-            reason = f" ({self.model.state.error})" if self.model.state.error else ""
-            raise ProtocolError("no_model", f"no model is loaded{reason}: load one with `vramchat load MODEL`")
+            raise ProtocolError("no_model", self._no_model())
         if len(self.pending) >= MAX_QUEUED_TOTAL:
             raise ProtocolError("queue_full", f"{len(self.pending)} requests are queued, the most the daemon holds; retry later")
         mine = sum(1 for job in self.pending if job.client == client)
@@ -88,12 +105,17 @@ class GenerationQueue:
                 "queue_full", f"you have {mine} requests queued, the most one client may; wait for some to finish"
             )
 
+    def _no_model(self) -> str:
+        reason = f" ({self.model.state.error})" if self.model.state.error else ""
+        return f"no model is loaded{reason}: load one with `vramchat load MODEL`"
+
     def enqueue(self, job: Job) -> int:
         """Queue `job`; returns its position (1 = next)."""
         if any(queued.request_id == job.request_id for queued in self.pending) or (
             self.in_flight and self.in_flight.job.request_id == job.request_id
         ):
             raise ProtocolError("bad_request", f"request id {job.request_id!r} is already queued; use a fresh id per request")
+        job.on_finished = self.on_finished
         self.pending.append(job)
         self._changed.set()
         self.publish()
@@ -136,27 +158,74 @@ class GenerationQueue:
     # --- the worker --------------------------------------------------------------------------
 
     async def worker(self) -> None:
+        """Runs jobs for as long as the daemon runs; the daemon starts it again if it ever dies."""
+        if self.taken is not None and not self.taken.done:  # a worker that died left this one: end it
+            self._end_alone(self.taken, RuntimeError("the generation worker stopped during this request"))
         while True:
             if not self.pending:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
+            if self.model.state.state == "unloaded":
+                await self.model.wake()  # unloaded while idle (keep_alive): back with the same settings
+                continue
             if not self.model.state.available:
-                self._fail(self.pending.popleft(), "no model is loaded: load one with `vramchat load MODEL`")
+                await self._alone(self._take(), None)
                 continue
             await self.model.ready.wait()
             async with self.model.engine_lock:
                 engine = self.model.engine
                 if not self.model.ready.is_set() or not self.pending or engine is None:
                     continue
-                await self._run(self.pending.popleft(), engine)
+                self.model.last_used = time.monotonic()
+                await self._alone(self._take(), engine)
+                self.model.last_used = time.monotonic()
 
-    def _fail(self, job: Job, error: str) -> None:
+    def _take(self) -> Job:
+        """The next job, remembered until it ends: a worker started again ends one left unfinished."""
+        self.taken = self.pending.popleft()
+        return self.taken
+
+    async def _alone(self, job: Job, engine: EngineProcess | None) -> None:
+        """Run `job` on `engine`, or refuse it for want of a model; whatever raises ends this job
+        alone, with an error its client sees, and the queue goes on."""
+        try:
+            if engine is None:
+                self._end(job, JobResult("error", error=self._no_model(), code="no_model"))
+            else:
+                await self._run(job, engine)
+        except Exception as exc:
+            log.exception("request %s failed in the daemon", job.request_id)
+            self._end_alone(job, exc)
+
+    def _end_alone(self, job: Job, exc: Exception) -> None:
+        """End a job that failed in the daemon, keep what it had, and stop the engine's side of it."""
+        flight = self.in_flight if self.in_flight and self.in_flight.job is job else None
+        self.in_flight = None
+        if flight and (engine := self.model.engine):
+            engine.send({"op": "cancel", "request": job.request_id})  # it ignores a request it never started
+        if isinstance(exc, StoreError):
+            error, code = f"the conversation store failed during this reply ({exc})", "storage"
+        else:
+            error, code = f"the daemon failed on this reply ({type(exc).__name__}: {exc}); see its log", "internal"
+        try:
+            self._end(job, JobResult("error", flight.text if flight else "", error=error, code=code), flight)
+        except Exception:  # the store itself, most likely: the client still gets its answer
+            log.exception("could not store the end of request %s", job.request_id)
+            if not job.done:
+                job.finish(JobResult("error", error=error, code=code))
+            self.publish()
+
+    def _end(self, job: Job, result: JobResult, flight: InFlight | None = None) -> None:
+        """A job that ended in error before or while running: its reply is stored as failed (with
+        the text it had), so every client sees how it ended."""
         if job.conversation_id is not None:
-            message = self.store.add_message(job.conversation_id, "assistant", "", status="error")
-            self.store.update_message(message["id"], error=error)
-            self.bus.publish("msg", {**self.store.get_message(message["id"]), "request": job.request_id})
-        job.finish(JobResult("error", error=error, code="no_model"))
+            message_id = flight.message_id if flight and flight.message_id else None
+            if message_id is None:
+                message_id = self.store.add_message(job.conversation_id, "assistant", "", status="error")["id"]
+            self.store.update_message(message_id, content=result.text, status="error", error=result.error)
+            self.bus.publish("msg", {**self.store.get_message(message_id), "request": job.request_id})
+        job.finish(result)
         self.publish()
 
     def _turn(self, job: Job) -> Turn | None:
@@ -292,13 +361,14 @@ def checked_settings(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def checked_sampling(raw: dict[str, Any]) -> dict[str, Any]:
-    """Keep the known sampling fields, with their types and ranges checked."""
+    """Keep the known sampling fields, with their types and ranges checked (NaN is in no range)."""
     sampling = {}
     for name, kind in SAMPLING_FIELDS.items():
         if name in raw and raw[name] is not None:
-            sampling[name] = field_of(raw, name, (int, float) if kind is float else int)
-    if "max_tokens" in sampling and sampling["max_tokens"] < 1:
-        raise ProtocolError("invalid_value", "max_tokens must be at least 1")
-    if "temperature" in sampling and not 0 <= sampling["temperature"] <= 5:
-        raise ProtocolError("invalid_value", "temperature must be between 0 and 5")
+            sampling[name] = value = field_of(raw, name, (int, float) if kind is float else int)
+            low, high = SAMPLING_RANGES[name]
+            if name == "repeat_penalty" and value == 0:
+                raise ProtocolError("invalid_value", f"repeat_penalty must be above 0 (1 turns it off), at most {high}")
+            if not low <= value <= high:
+                raise ProtocolError("invalid_value", f"{name} must be between {low} and {high}, not {value}")
     return sampling

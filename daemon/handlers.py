@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vramchat.daemon.background import BackgroundTasks
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue, checked_sampling, checked_settings
 from vramchat.daemon.jobs import Job
@@ -51,16 +51,17 @@ class Handlers:
         model: ModelLifecycle,
         generation: GenerationQueue,
         monitor: Monitor,
-        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+        tasks: BackgroundTasks,
     ) -> None:
         self.info, self.config, self.store, self.bus = info, config, store, bus
-        self.model, self.generation, self.monitor, self.spawn = model, generation, monitor, spawn
+        self.model, self.generation, self.monitor, self.tasks = model, generation, monitor, tasks
         self.handlers: dict[str, Handler] = {
             "hello": self.on_hello,
             "snapshot": self.on_snapshot,
             "status": self.on_status,
             "models": self.on_models,
             "load": self.on_load,
+            "unload": self.on_unload,
             "chat": self.on_chat,
             "regenerate": self.on_regenerate,
             "cancel": self.on_cancel,
@@ -77,8 +78,8 @@ class Handlers:
         if handler is None:
             known = ", ".join(sorted(self.handlers))
             reply.error(request.id, ProtocolError("unknown_type", f"unknown request type {request.type!r}; known: {known}"))
-        elif request.type == "load":  # minutes long: must not hold up other clients
-            self.spawn(self._answer(handler, request, client, reply))
+        elif request.type in ("load", "unload"):  # they wait their turn, and a load takes minutes
+            self.tasks.spawn(self._answer(handler, request, client, reply))
         else:
             await self._answer(handler, request, client, reply)
 
@@ -151,6 +152,7 @@ class Handlers:
                 "clients": self.bus.subscribers,
                 "runtime_dir": str(self.info.runtime_dir),
                 "data_dir": str(self.info.data_dir),
+                "tasks": self.tasks.report(),
             },
             "model": self.model.state.to_wire(),
             "queue": self.generation.state(),
@@ -165,6 +167,9 @@ class Handlers:
 
     async def on_load(self, request: Request, _client: bytes) -> dict[str, Any]:
         return await self.model.load(request.body)
+
+    async def on_unload(self, _request: Request, _client: bytes) -> dict[str, Any]:
+        return await self.model.unload("by a client (vramchat unload)")
 
     # --- generation --------------------------------------------------------------------------
 

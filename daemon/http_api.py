@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from vramchat.daemon.generation import GenerationQueue, checked_sampling
 from vramchat.daemon.jobs import Job, JobResult
+from vramchat.daemon.metrics import DaemonMetrics
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.store import NotFound, Store
 from vramchat.daemon.transport import RATE_PER_S, RateLimiter
@@ -81,13 +83,15 @@ class HttpApi:
         model: ModelLifecycle,
         generation: GenerationQueue,
         rate_limiter: RateLimiter,
+        metrics: DaemonMetrics,
     ) -> None:
         self.host, self.port, self.key, self.rate_limiter = host, port, key, rate_limiter
-        self.store, self.model, self.generation = store, model, generation
+        self.store, self.model, self.generation, self.metrics = store, model, generation, metrics
         app = web.Application(client_max_size=protocol.MAX_REQUEST_BYTES, middlewares=[self._errors_and_auth])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)  # behind the key too: it names the model and its memory
         # A client that hangs up cancels its handler, and with it its job.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
 
@@ -116,11 +120,19 @@ class HttpApi:
             return error_response(ProtocolError("too_large", f"the request is larger than {limit} MiB; send a shorter prompt"))
         except web.HTTPException as exc:  # 404 for an unknown path, 405 for a wrong method
             return web.json_response(openai_error(exc.reason, "invalid_request_error"), status=exc.status)
+        except Exception:  # a bug: this request fails, with an answer, and the daemon serves the next
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            message = f"the daemon failed on {request.method} {request.path}; see its log"
+            return error_response(ProtocolError("internal", message))
         return response
 
     async def health(self, _request: web.Request) -> web.StreamResponse:
         state = self.model.state
         return web.json_response({"status": "ok" if state.state == "ready" else state.state, "model": state.name})
+
+    async def prometheus(self, _request: web.Request) -> web.StreamResponse:
+        """Prometheus' text format (daemon/metrics.py); a scrape config sends the key as its bearer token."""
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, _request: web.Request) -> web.StreamResponse:
         found = sorted(self.model.known_models(), key=lambda m: not m["loaded"])  # the loaded model first
@@ -129,9 +141,9 @@ class HttpApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        stream = bool(body.get("stream", False))
-        options = body.get("stream_options") or {}
-        include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+        stream = protocol.field_of(body, "stream", bool, False)
+        options = protocol.field_of(body, "stream_options", dict, {})
+        include_usage = stream and protocol.field_of(options, "include_usage", bool, False)
         job = self._job(request, body, streamed=stream)
         self.generation.check_room(job.client)
         if job.conversation_id is not None:
@@ -146,8 +158,15 @@ class HttpApi:
                 return web.json_response(reply.whole(result), status=200 if result.ok else result_status(result))
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
-            async for chunk in reply.chunks(job):
-                await response.write(chunk)
+            try:
+                async for chunk in reply.chunks(job):
+                    await response.write(chunk)
+            except ConnectionError:
+                raise  # the client hung up: nobody to tell
+            except Exception:  # a bug while relaying: the headers are sent, so end the stream with an error event
+                log.exception("relaying the HTTP stream of %s failed", job.request_id)
+                error = openai_error("the daemon failed while relaying this reply; see its log", "server_error", "internal")
+                await response.write(sse(error) + b"data: [DONE]\n\n")
             await response.write_eof()
             return response
         finally:
@@ -277,12 +296,21 @@ def error_response(error: ProtocolError) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object of valid text, whatever charset the request claims: JSON is UTF-8."""
+    raw = await request.read()
     try:
-        body = await request.json()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("invalid_value", f"the body is not UTF-8 (byte {exc.start}); send JSON encoded as UTF-8") from None
+    try:
+        body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_request", f"the body is not JSON ({exc}); send a JSON object") from None
+    except RecursionError:
+        raise ProtocolError("bad_request", "the body nests too deeply; send a JSON object as OpenAI's API documents it") from None
     if not isinstance(body, dict):
         raise ProtocolError("bad_request", "the body must be a JSON object")
+    protocol.refuse_invalid_text(body, "the body")
     return body
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,8 @@ class Job:
     stop: list[str] = field(default_factory=list)  # extra stop strings
     streamed: bool = False  # someone reads pieces() (an HTTP stream); otherwise tokens are not queued
     enqueued_at: float = field(default_factory=time.time)
+    # Told once how the job ended, wherever that happens (set by the queue: the daemon's metrics).
+    on_finished: Callable[[JobResult], None] | None = field(default=None, repr=False)
     _pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue, repr=False)
     _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _result: JobResult | None = field(default=None, repr=False)
@@ -61,9 +63,12 @@ class Job:
             self._pieces.put_nowait(text)
 
     def finish(self, result: JobResult) -> None:
+        first = self._result is None
         self._result = result
         self._pieces.put_nowait(None)
         self._ended.set()
+        if first and self.on_finished is not None:
+            self.on_finished(result)
 
     async def pieces(self) -> AsyncIterator[str]:
         """The reply's text as it is generated, until it ends."""

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
+from vramchat.daemon.model_state import LoadParams, ModelState
 from vramchat.daemon.notify import Notifier
 from vramchat.daemon.rpc_probe import RpcProbeError, probe_rpc_devices
 from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
 from vramchat.daemon.telemetry import TelemetrySampler
 from vramchat.shared.config import Config
-from vramchat.shared.gguf import GGUFError, inspect_cached
+from vramchat.shared.gguf import GGUFError, GGUFInfo, inspect_cached
 from vramchat.shared.llama_log import parse_load_log
 from vramchat.shared.load_options import cpu_tensor_patterns, llama_args, settings_from
 from vramchat.shared.load_plan import Machine, plan_load
 from vramchat.shared.placement import OffloadDevice
-from vramchat.shared.planner import PlanError
+from vramchat.shared.planner import PlanError, PlanSettings
 from vramchat.shared.protocol import ProtocolError, field_of
 from vramchat.shared.rpc_endpoints import unreachable
 
@@ -33,83 +35,16 @@ log = logging.getLogger(__name__)
 MAX_AUTO_RELOADS = 3
 CRASH_WINDOW_S = 300.0
 
-ModelStateName = Literal["idle", "loading", "ready", "error", "crashed"]
 
+class LoadRequest(NamedTuple):
+    """A load request's checked fields, before the plan (ModelLifecycle._checked_request)."""
 
-@dataclass(frozen=True)
-class ModelState:
-    """What the `model` event and the snapshot say about the model (docs/protocol.md, `model`)."""
-
-    state: ModelStateName = "idle"
-    name: str | None = None
-    path: str | None = None
-    n_gpu_layers: int | None = None
-    n_ctx: int | None = None
-    n_threads: int | None = None
-    progress: float | None = None
-    error: str | None = None
-    engine_pid: int | None = None
-    load_seconds: float | None = None
-    chat_template: str | None = None
-    reloading: bool = False  # after a crash: whether the daemon reloads by itself
-    plan: dict[str, Any] | None = None  # the planner's LoadPlan.to_dict()
-    split: dict[str, Any] | None = None  # what llama.cpp allocated (shared.llama_log.LoadSplit)
-    state_cache_bytes: int | None = None
-    # The devices of the RPC servers this load uses (daemon/rpc.py Device: name, description,
-    # type, memory_free, memory_total, endpoint), as the engine found them when it connected.
-    rpc_devices: list[dict[str, Any]] | None = None
-
-    @property
-    def available(self) -> bool:
-        """A request queued now will be answered: a model is loaded, loading, or coming back."""
-        return self.state in ("loading", "ready") or (self.state == "crashed" and self.reloading)
-
-    def status_line(self) -> str:
-        """One line for `systemctl status`."""
-        name = self.name or "no model"
-        if self.state == "ready":
-            return f"serving {name} ({self.n_gpu_layers} GPU layers, n_ctx {self.n_ctx})"
-        if self.state in ("error", "crashed"):
-            return f"{self.state}: {self.error}"
-        return f"{self.state} {name}"
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class LoadParams:
-    """A checked load request, with n_gpu_layers (and with several devices, the split) resolved by the plan."""
-
-    model_path: str
+    path: Path
+    n_gpu_layers: int | Literal["auto"]
     n_threads: int
-    state_cache_bytes: int
-    plan: dict[str, Any]
-    llama: dict[str, Any]  # Llama() arguments (shared/load_options.py llama_args)
-    rpc_servers: tuple[str, ...] = ()  # "HOST:PORT" of each `vramchat rpc-server` to offload to
-    devices: tuple[str, ...] = ()  # the offload devices the plan counted on, in llama.cpp's order
-    cpu_tensors: tuple[str, ...] = ()  # tensor-name patterns kept in host RAM (--n-cpu-moe)
-    flash_attn_auto: bool = False
-
-    @property
-    def n_gpu_layers(self) -> int:
-        return int(self.llama["n_gpu_layers"])
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.llama["n_ctx"])
-
-    def for_engine(self) -> dict[str, Any]:
-        """The engine's `load` message (daemon/engine.py)."""
-        return {
-            "model_path": self.model_path,
-            "llama": self.llama,
-            "state_cache_bytes": self.state_cache_bytes,
-            "rpc_servers": list(self.rpc_servers),
-            "devices": list(self.devices),
-            "cpu_tensors": list(self.cpu_tensors),
-            "flash_attn_auto": self.flash_attn_auto,
-        }
+    vram_budget: int | str | dict[str, Any] | None
+    settings: PlanSettings
+    info: GGUFInfo
 
 
 class ModelLifecycle:
@@ -139,8 +74,10 @@ class ModelLifecycle:
         # Set by the daemon to the generation queue's: stops the reply in flight before a replacement.
         self.cancel_running: Callable[[str], None] = lambda reason: None
         self._last_load: LoadParams | None = None
-        self._load_lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()  # held while an engine is replaced, stopped or reloaded
+        self._loads: list[asyncio.Future[None]] = []  # one per load request not yet ended, in arrival order
         self._crash_times: list[float] = []
+        self.last_used = time.monotonic()  # when a reply last started or ended, or a load ended (keep_alive)
 
     def update(self, **changes: Any) -> None:
         """Change the model state and tell every client."""
@@ -185,19 +122,42 @@ class ModelLifecycle:
         self.spawn(load())
 
     async def load(self, body: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
-        """Validate and plan, then replace the engine with a fresh one holding the requested model.
+        """Check, wait for the loads sent before this one, plan, then replace the engine with a
+        fresh one holding the requested model.
 
+        Loads run one at a time, in the order they came: one sent during the start-up load, or
+        during another client's, waits for it and is then carried out, planned for the memory the
+        one before it left. A request that could never load is refused at once instead.
         `trusted` is for the daemon's own command line and config, which may name any path.
         """
-        # Reading a GGUF's header takes seconds for a big vocabulary: keep it off the loop.
-        rpc_servers = self._rpc_servers(body)
-        if down := await self.unanswering_rpc_servers(rpc_servers):
-            raise ProtocolError("load_failed", f"could not load {body.get('model')}: {_rpc_down_text(down)}")
-        params = await asyncio.get_running_loop().run_in_executor(None, self._checked_params, body, trusted, rpc_servers)
-        if self._load_lock.locked():
-            raise ProtocolError("busy", "another load is in progress; wait for it to finish")
-        async with self._load_lock:
-            return await self._replace_engine(params)
+        loop = asyncio.get_running_loop()
+        async with self._in_order() as my_turn:
+            rpc_servers = self._rpc_servers(body)
+            # Reading a GGUF's header takes seconds for a big vocabulary: keep it off the loop.
+            await loop.run_in_executor(None, self._checked_request, body, trusted)
+            await my_turn()
+            async with self._load_lock:
+                if down := await self.unanswering_rpc_servers(rpc_servers):
+                    raise ProtocolError("load_failed", f"could not load {body.get('model')}: {_rpc_down_text(down)}")
+                params = await loop.run_in_executor(None, self._checked_params, body, trusted, rpc_servers)
+                return await self._replace_engine(params)
+
+    @contextlib.asynccontextmanager
+    async def _in_order(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """Take a place in the line of loads and unloads: the function it gives waits until every
+        one that came before has ended, however it ended."""
+        earlier, mine = list(self._loads), asyncio.get_running_loop().create_future()
+        self._loads.append(mine)
+
+        async def my_turn() -> None:
+            if earlier:
+                await asyncio.wait(earlier)
+
+        try:
+            yield my_turn
+        finally:
+            mine.set_result(None)
+            self._loads.remove(mine)
 
     async def unanswering_rpc_servers(self, servers: tuple[str, ...]) -> list[tuple[str, str]]:
         """(endpoint, reason) of each RPC server a plain TCP connect does not reach.
@@ -209,8 +169,9 @@ class ModelLifecycle:
         reasons = await asyncio.gather(*(loop.run_in_executor(None, unreachable, server) for server in servers))
         return [(server, reason) for server, reason in zip(servers, reasons, strict=True) if reason]
 
-    def _checked_params(self, body: dict[str, Any], trusted: bool, rpc_servers: tuple[str, ...]) -> LoadParams:
-        """Check the request's fields, then plan: resolve "auto" and refuse a load that would swap."""
+    def _checked_request(self, body: dict[str, Any], trusted: bool) -> LoadRequest:
+        """The request's fields, checked, and the model file's header: all that does not depend on
+        the memory free when the load's turn comes."""
         name = field_of(body, "model", str)
         path = model_files.resolve(name, self.config.model_dirs, allow_any_path=trusted or self.config.allow_any_model_path)
         n_gpu_layers = field_of(body, "n_gpu_layers", (int, str), self.config.n_gpu_layers)
@@ -224,9 +185,20 @@ class ModelLifecycle:
         if not 1 <= n_threads <= cpus:
             raise ProtocolError("invalid_value", f"n_threads must be between 1 and this machine's {cpus} CPUs, not {n_threads}")
         budget = field_of(body, "vram_budget", (int, str, dict), None)
+        field_of(body, "force", bool, False)
         try:
             settings = settings_from(body, self.config.load_defaults(), n_ctx, n_threads)
             info = inspect_cached(path)
+        except GGUFError as exc:
+            raise ProtocolError("not_gguf", str(exc)) from None
+        except (PlanError, ValueError) as exc:
+            raise ProtocolError("invalid_value", str(exc)) from None
+        return LoadRequest(path, n_gpu_layers, n_threads, budget, settings, info)
+
+    def _checked_params(self, body: dict[str, Any], trusted: bool, rpc_servers: tuple[str, ...]) -> LoadParams:
+        """Check the request, then plan: resolve "auto" and refuse a load that would swap."""
+        path, n_gpu_layers, n_threads, budget, settings, info = self._checked_request(body, trusted)
+        try:
             sample = self.telemetry.latest() or self.telemetry.sample(engine_pid=None)
             host = Machine.from_sample(sample, self._rpc_offload_devices(rpc_servers))
             if self.config.ram_budget is not None:
@@ -305,6 +277,7 @@ class ModelLifecycle:
             n_ctx=params.n_ctx,
             n_threads=params.n_threads,
             rpc_devices=None,
+            unloaded_reason=None,
         )
         self.cancel_running("a new model was loaded")
         async with self.engine_lock:
@@ -331,6 +304,7 @@ class ModelLifecycle:
                 rpc_devices=ready.get("rpc_devices") or None,
             )
             self.ready.set()
+            self.last_used = time.monotonic()
         log.info("loaded %s in %.2f s", params.model_path, ready["load_seconds"])
         return {"model": self.state.to_wire()}
 
@@ -368,6 +342,48 @@ class ModelLifecycle:
                     await self._replace_engine(last_load)
                 except ProtocolError as exc:
                     log.error("automatic reload failed: %s", exc.message)
+
+    async def unload(self, reason: str, *, idle_for: float | None = None) -> dict[str, Any]:
+        """Stop the engine, which gives back all its VRAM and RAM, and keep what it loaded: the
+        next request loads the same model again with the same settings (`wake`). Loads sent
+        before this one go first. A reply in flight is cancelled and kept, unless `idle_for` is
+        given (keep_alive): then only a model unused for that long is unloaded."""
+        async with self._in_order() as my_turn:
+            await my_turn()
+            async with self._load_lock:
+                if self.state.state != "ready" or self._last_load is None:
+                    return {"model": self.state.to_wire(), "unloaded": False}
+                if idle_for is None:
+                    self.cancel_running(f"the model was unloaded {reason}")
+                async with self.engine_lock:
+                    if idle_for is not None and time.monotonic() - self.last_used < idle_for:
+                        return {"model": self.state.to_wire(), "unloaded": False}  # a reply came meanwhile
+                    self.ready.clear()
+                    if self.engine:
+                        await self.engine.stop()
+                        self.engine = None
+                    self.update(
+                        state="unloaded",
+                        unloaded_reason=reason,
+                        engine_pid=None,
+                        progress=None,
+                        split=None,
+                        state_cache_bytes=None,
+                    )
+        log.info("unloaded %s %s", self.state.name, reason)
+        return {"model": self.state.to_wire(), "unloaded": True}
+
+    async def wake(self) -> None:
+        """Load the unloaded model again, as it was: a request is waiting for it. A failure leaves
+        the state `error`, with the reason, and the waiting requests get it."""
+        async with self._load_lock:
+            if self.state.state != "unloaded" or self._last_load is None:
+                return
+            log.info("a request came: loading %s again", self._last_load.model_path)
+            try:
+                await self._replace_engine(self._last_load)
+            except ProtocolError as exc:
+                log.error("could not load the unloaded model again: %s", exc.message)
 
     async def stop(self) -> None:
         if self.engine:

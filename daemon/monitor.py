@@ -10,7 +10,8 @@ from typing import Any
 
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue
-from vramchat.daemon.model_lifecycle import ModelLifecycle, ModelState
+from vramchat.daemon.model_lifecycle import ModelLifecycle
+from vramchat.daemon.model_state import ModelState
 from vramchat.daemon.telemetry import AlarmTracker, TelemetrySampler
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class Monitor:
 
 def resident_need(model: ModelState) -> int | None:
     """RAM the loaded model must keep resident: the plan's figure (planner.RamTerms), else what
-    llama.cpp logged on the CPU side (a load planned before RamTerms existed)."""
+    llama.cpp logged on the CPU side (a load planned before RamTerms existed); none while unloaded."""
+    if model.state == "unloaded":
+        return None
     ram = ((model.plan or {}).get("prediction") or {}).get("ram")
     if ram:
         return int(ram["anonymous"] + ram["mapped_read"])

@@ -8,20 +8,22 @@ becomes a `model` event, an `interrupted` reply and an automatic reload (model_l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import zmq.asyncio
 
+from vramchat.daemon.background import BackgroundTasks
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue
 from vramchat.daemon.handlers import DaemonInfo, Handlers
 from vramchat.daemon.http_api import HttpApi, parse_address
+from vramchat.daemon.keep_alive import unload_when_idle
+from vramchat.daemon.metrics import DaemonMetrics
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.monitor import Monitor
 from vramchat.daemon.notify import Notifier
@@ -65,14 +67,14 @@ class Daemon:
         self.bus = EventBus(self.transport.listeners)
         self.notifier = Notifier.from_env()  # also keeps NOTIFY_SOCKET away from the engine
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = BackgroundTasks()
         sampler = TelemetrySampler(interval_s=settings.telemetry_interval_s)
         self.model = ModelLifecycle(
             config=settings.config,
             bus=self.bus,
             telemetry=sampler,
             notifier=self.notifier,
-            spawn=self._spawn,
+            spawn=self.tasks.spawn,
             stopping=self._stopping,
         )
         self.generation = GenerationQueue(store, self.bus, self.model, context_overflow=settings.config.context_overflow)
@@ -86,6 +88,9 @@ class Daemon:
             unwatched_interval_s=settings.unwatched_telemetry_interval_s,
         )
         info = DaemonInfo(settings.runtime_dir, settings.data_dir, settings.telemetry_interval_s, time.time())
+        # Counted from the start, served by the HTTP API's /metrics when it is on.
+        self.metrics = DaemonMetrics(model=self.model, generation=self.generation, sampler=sampler, started_at=info.started_at)
+        self.generation.on_finished = lambda result: self.metrics.observe_reply(result.status, result.stats)
         self.http: HttpApi | None = None
         self.handlers = Handlers(
             info=info,
@@ -95,7 +100,7 @@ class Daemon:
             model=self.model,
             generation=self.generation,
             monitor=self.monitor,
-            spawn=self._spawn,
+            tasks=self.tasks,
         )
 
     async def run(self) -> int:
@@ -119,17 +124,20 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        supervise = self.tasks.supervise
         for index, listener in enumerate(self.transport.listeners):
-            self._spawn(self.transport.serve_control(index, self.handlers.dispatch))
-            self._spawn(self.bus.watch_subscriptions(listener.events))
-        self._spawn(self.generation.worker())
-        self._spawn(self.monitor.run())
+            supervise(f"control-{listener.name}", functools.partial(self.transport.serve_control, index, self.handlers.dispatch))
+            supervise(f"subscriptions-{listener.name}", functools.partial(self.bus.watch_subscriptions, listener.events))
+        supervise("generation", self.generation.worker)
+        supervise("telemetry", self.monitor.run)
+        if (keep_alive_s := self.settings.config.keep_alive_s) is not None:
+            supervise("keep-alive", functools.partial(unload_when_idle, self.model, self.generation, keep_alive_s))
         startup = self.model.startup_model(self.settings.startup_model) if self.settings.load_on_start else None
         if startup:
             self.model.load_in_background(startup)
         # READY before the load: a big model can take longer than systemd's start timeout.
         self.notifier.ready(f"listening in {runtime_dir}" + (f"; loading {startup}" if startup else ""))
-        self._spawn(self.notifier.watchdog_loop())
+        supervise("watchdog", self.notifier.watchdog_loop)
 
         await self._stopping.wait()
         await self._shutdown()
@@ -163,6 +171,7 @@ class Daemon:
             model=self.model,
             generation=self.generation,
             rate_limiter=self.transport.rate_limiter,
+            metrics=self.metrics,
         )
         try:
             await self.http.start()
@@ -182,20 +191,8 @@ class Daemon:
         await self.model.stop()
         if self.http:
             await self.http.stop()
-        for task in self._tasks:
-            task.cancel()
+        self.tasks.cancel_all()
         self.transport.close(self.settings.runtime_dir)
         self.context.term()
         self.store.close()  # a reply still `generating` is marked interrupted at the next start
         self.notifier.close()
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())

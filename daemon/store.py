@@ -129,6 +129,8 @@ class Store:
 
     def resolve_conversation(self, id_or_prefix: str) -> str:
         """Accept a unique id prefix, as git does, so people can type 4 characters."""
+        if not id_or_prefix:
+            raise NotFound("no conversation id given: name one, or a unique prefix of its id")
         rows = self._db.execute(
             "SELECT id FROM conversations WHERE id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
             (id_or_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),),

@@ -72,7 +72,7 @@ class EngineProcess:
             )
         log.info("engine pid %d started", process.pid)
         engine = cls(process)
-        engine.channel = await DaemonEnd.open(daemon_side, engine._received)
+        engine.channel = await DaemonEnd.open(daemon_side, engine._received, engine._channel_broke)
         engine._waiter = asyncio.create_task(engine._wait())
         return engine
 
@@ -87,6 +87,12 @@ class EngineProcess:
             self.on_state_cache(int(message["bytes"]))
         else:
             self.events.put_nowait(message)
+
+    def _channel_broke(self, reason: str) -> None:
+        """The engine sent what the daemon cannot read: its replies can no longer be followed."""
+        log.error("engine pid %d sent something unreadable (%s); stopping it", self.pid, reason)
+        if self.process.returncode is None:
+            self.process.kill()
 
     async def _wait(self) -> None:
         returncode = await self.process.wait()

@@ -158,19 +158,27 @@ class Transport:
             frames = await control.recv_multipart(copy=True)
             identity, payload = frames[0], frames[1:]
             reply = Replier(control, identity)
-            if not self.rate_limiter.allow(prefix + identity):
-                request_id = protocol.request_id_of(payload[0]) if len(payload) == 1 else None
-                reply.error(request_id, ProtocolError("rate_limited", f"more than {RATE_PER_S:.0f} requests a second; slow down"))
-                continue
-            if len(payload) != 1:
-                reply.error(None, ProtocolError("bad_request", "a request is exactly one frame"))
-                continue
             try:
-                request = protocol.decode_request(payload[0])
-            except ProtocolError as error:
-                reply.error(protocol.request_id_of(payload[0]), error)
-                continue
-            await dispatch(request, prefix + identity, reply)
+                await self._take_in(prefix + identity, payload, reply, dispatch)
+            except Exception:  # a bug: this request fails, with an answer, and the loop goes on
+                log.exception("control request from %r failed", identity)
+                reply.error(None, ProtocolError("internal", "the daemon failed on this request; see its log"))
+
+    async def _take_in(self, client: bytes, payload: list[bytes], reply: Replier, dispatch: Dispatch) -> None:
+        """Rate limit, decode and dispatch one request; each refusal gets its error reply."""
+        if not self.rate_limiter.allow(client):
+            request_id = protocol.request_id_of(payload[0]) if len(payload) == 1 else None
+            reply.error(request_id, ProtocolError("rate_limited", f"more than {RATE_PER_S:.0f} requests a second; slow down"))
+            return
+        if len(payload) != 1:
+            reply.error(None, ProtocolError("bad_request", "a request is exactly one frame"))
+            return
+        try:
+            request = protocol.decode_request(payload[0])
+        except ProtocolError as error:
+            reply.error(protocol.request_id_of(payload[0]), error)
+            return
+        await dispatch(request, client, reply)
 
     def close(self, runtime_dir: Path) -> None:
         for listener in self.listeners:

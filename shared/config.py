@@ -11,6 +11,7 @@ Example (every key is optional)::
     state_cache_mib = 512      # RAM for the KV state of recent conversations (instant resume); 0 = off
     ram_budget = "48GiB"       # the RAM a load may count on, at most (default: what the kernel has available)
     context_overflow = "drop_oldest"   # a conversation longer than n_ctx: or "error"; per conversation too
+    keep_alive = "30m"         # unload the model after this long without a request (default: never)
 
     # Daemon: also listen on TCP (control on PORT, events on PORT+1), CURVE-encrypted; only
     # client keys in <data dir>/curve/authorized_keys/ get in. See `vramchatd keys`.
@@ -57,7 +58,7 @@ from vramchat.shared.load_options import settings_from
 from vramchat.shared.planner import PlanError
 from vramchat.shared.protocol import CONTEXT_OVERFLOW_POLICIES
 from vramchat.shared.rpc_endpoints import EndpointError, parse_endpoint
-from vramchat.shared.units import parse_size
+from vramchat.shared.units import parse_duration, parse_size
 
 # The load options a config may set, checked as a request's are (shared/load_options.py).
 LOAD_OPTIONS = (
@@ -91,6 +92,7 @@ class Config:
     state_cache_mib: int = 512
     ram_budget: int | None = None  # bytes; the swap guard counts on no more than this
     context_overflow: str = "drop_oldest"
+    keep_alive_s: float | None = None  # seconds without a request before the model is unloaded; None: never
     tcp_listen: str | None = None
     http_listen: str | None = None
     http_allow_remote: bool = False
@@ -159,6 +161,11 @@ class Config:
                 raise ConfigError(f"ram_budget{where}: {exc}") from None
             if config.ram_budget is None:
                 raise ConfigError(f'ram_budget{where} must be a size such as "48GiB"')
+        if "keep_alive" in raw:
+            try:
+                config.keep_alive_s = parse_duration(raw["keep_alive"])
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"keep_alive{where}: {exc}") from None
         for name in ("allow_any_model_path", "http_allow_remote"):
             if name in raw:
                 if not isinstance(raw[name], bool):

@@ -53,7 +53,8 @@ REQUEST_TYPES: dict[str, str] = {
     "snapshot": "full state for a late joiner (Clone pattern)",
     "status": "daemon, model, queue and latest telemetry",
     "models": "the GGUF models the daemon can load",
-    "load": "start a fresh engine with a model",
+    "load": "start a fresh engine with a model; loads run one after another, in the order they came",
+    "unload": "stop the engine and give its memory back; the next request loads the model again",
     "chat": "append a user message to a conversation and queue a reply",
     "regenerate": "replace the last assistant reply of a conversation",
     "cancel": "stop a queued or running generation",
@@ -91,7 +92,7 @@ ERROR_CODES: dict[str, str] = {
     "queue_full": "too many requests are queued",
     "rate_limited": "the client sends requests faster than allowed",
     "would_swap": "the load would push the system into swap; retry with force to override",
-    "busy": "the operation cannot run now (another load is in progress, a reply is generating)",
+    "busy": "the operation cannot run now (the conversation has a reply queued or generating)",
     "storage": "the conversation store failed (disk full, locked or damaged); nothing stored was lost",
     "internal": "a bug in the daemon; the daemon stays up",
 }
@@ -125,8 +126,38 @@ def unpack(data: bytes, *, max_bytes: int | None = None) -> Any:
         )
     try:
         return msgpack.unpackb(data, raw=False)
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(
+            "invalid_value", f"a string in the request is not valid UTF-8 (byte {exc.start} of it); send UTF-8 text"
+        ) from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("bad_request", f"not a msgpack frame: {exc}") from None
+
+
+def refuse_invalid_text(value: Any, where: str) -> None:
+    """Raise invalid_value if any string in `value` (keys included) is not valid Unicode.
+
+    JSON's escapes can carry a lone surrogate ("\\ud800"), which Python keeps in a str but which
+    no UTF-8 encoder takes: it could be neither stored, nor sent to the engine, nor tokenized.
+    `where` names the value in the message, e.g. "the body".
+    """
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ProtocolError(
+                    "invalid_value",
+                    f"{where} holds text that is not valid Unicode (a lone surrogate, U+{ord(value[exc.start]):04X}, "
+                    f"at character {exc.start}); send UTF-8 text",
+                ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            refuse_invalid_text(key, f"a field name in {where}")
+            refuse_invalid_text(item, f"{where}.{key}" if isinstance(key, str) and key.isascii() else where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            refuse_invalid_text(item, f"{where}[{index}]")
 
 
 @dataclass(frozen=True)
@@ -165,7 +196,7 @@ def decode_request(data: bytes, *, max_bytes: int = MAX_REQUEST_BYTES) -> Reques
 def request_id_of(data: bytes) -> str | None:
     """Best-effort id of a frame that failed validation, so the error reply can name it."""
     try:
-        obj = msgpack.unpackb(data, raw=False)
+        obj = msgpack.unpackb(data, raw=False, unicode_errors="replace")
     except Exception:
         return None
     if isinstance(obj, dict) and isinstance(obj.get("id"), str):

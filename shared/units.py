@@ -1,4 +1,4 @@
-"""Byte sizes as people write and read them: "11.5GiB" in, "11.50 GiB" out."""
+"""Byte sizes and durations as people write and read them: "11.5GiB" in, "11.50 GiB" out; "5m"."""
 
 from __future__ import annotations
 
@@ -54,3 +54,41 @@ def format_count(n: int) -> str:
             value = n / scale
             return f"{value:.1f}{suffix}" if value < 10 else f"{value:.0f}{suffix}"
     return str(n)
+
+
+_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)(ms|s|m|h|d)")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | int | float) -> float | None:
+    """Seconds from "30s", "5m", "1h30m", "250ms" or a plain number of seconds, as Ollama's
+    keep_alive takes them; a negative one means "never" (None)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{value!r} is not a duration; write it like 30s, 5m, 1h or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        negative = text.startswith("-")
+        body = text.lstrip("-")
+        try:
+            seconds = float(body)
+        except ValueError:
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(number + unit for number, unit in parts) != body:
+                raise ValueError(f"{value!r} is not a duration; write it like 30s, 5m, 1h or a number of seconds") from None
+            seconds = sum(float(number) * _SECONDS[unit] for number, unit in parts)
+        seconds = -seconds if negative else seconds
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"{value!r} is not a duration; write it like 30s, 5m, 1h or a number of seconds")
+    return None if seconds < 0 else seconds
+
+
+def format_duration(seconds: float) -> str:
+    """ "5m", "1h 30m", "45s", "0.5s"."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{rest}s" if rest else ""]
+    return " ".join(part for part in parts if part)

@@ -70,6 +70,13 @@ def test_http_goes_on_the_daemons_command_line(home: Path, capsys: pytest.Captur
     assert f"ExecStart={VRAMCHATD} --runtime-dir=%t/vramchat --data-dir={data_dir} --http=127.0.0.1:8080\n" in out
 
 
+def test_keep_alive_goes_on_the_daemons_command_line_and_is_checked(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert service("install", "--dry-run", "--keep-alive", "30m") == 0
+    assert " --keep-alive=30m\n" in capsys.readouterr().out
+    assert service("install", "--dry-run", "--keep-alive", "soon") == 1
+    assert "--keep-alive: 'soon' is not a duration" in capsys.readouterr().err
+
+
 def test_install_writes_the_unit_into_home(
     home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -180,4 +187,4 @@ def test_the_rpc_server_installs_as_a_user_unit_of_its_own(
     assert fake_systemctl.read_text().splitlines() == ["--user daemon-reload", "--user enable --now vramchat-rpc.service"]
     assert "enabled and started vramchat-rpc.service" in capsys.readouterr().out
     assert service("install", "--rpc-server", "--system") == 1
-    assert "neither --system nor --http" in capsys.readouterr().err
+    assert "neither --system, --http nor --keep-alive" in capsys.readouterr().err

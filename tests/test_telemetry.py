@@ -14,13 +14,14 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
+from fake_pynvml import FakePynvml
 
 from vramchat.daemon.nvml import NO_GPU, Nvml
 from vramchat.daemon.telemetry import HOST_KEYS, AlarmTracker, TelemetrySampler, _gguf_resident, engine_memory
 from vramchat.shared.client import Client, Snapshot
 from vramchat.shared.llama_log import parse_load_log
 
-from helpers import DaemonFactory, DaemonProcess, FakePynvml, chat, collect_reply, until, wait_ready, wait_until
+from helpers import DaemonFactory, DaemonProcess, chat, collect_reply, until, wait_ready, wait_until
 
 
 async def next_telemetry(client: Client) -> dict[str, Any]:
@@ -401,7 +402,7 @@ def test_ram_alarm_compares_what_the_cpu_side_still_needs_with_what_is_available
 
 
 def test_devices_lists_each_gpu_rpc_device_and_the_cpu_with_what_the_model_holds_there() -> None:
-    from vramchat.daemon.model_lifecycle import ModelState
+    from vramchat.daemon.model_state import ModelState
     from vramchat.daemon.monitor import devices_view
 
     sample = {

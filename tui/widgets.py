@@ -177,6 +177,8 @@ def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str
     """Console markup, one or two lines: VRAM per GPU, RAM, swap (red while swapping), model and split, tok/s."""
     if model.get("state") == "loading":
         state = f"loading {(model.get('progress') or 0) * 100:.0f}%"
+    elif model.get("state") == "unloaded":
+        state = "unloaded, loads again on the next message"
     else:
         state = model.get("state") or "no model"
     model_part = f"{model.get('name') or 'no model'} ({state}, {layer_split(model)})"

@@ -34,6 +34,8 @@ def describe_model(model: dict[str, Any]) -> str:
         return f"model: loading {name}" + (f" ({progress * 100:.0f}%)" if progress is not None else "")
     if state in ("error", "crashed"):
         return f"model: {state}: {model.get('error')}"
+    if state == "unloaded":
+        return f"model: {name} unloaded {model.get('unloaded_reason')}; the next request loads it again"
     return "model: none loaded (vramchat load MODEL)"
 
 

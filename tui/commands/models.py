@@ -39,6 +39,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     load_options.add_arguments(load)
     load.set_defaults(handler=cmd_load)
 
+    unload = commands.add_parser(
+        "unload", help="stop the engine now, giving back its VRAM and RAM; the next request loads the model again"
+    )
+    unload.add_argument("--json", action="store_true")
+    unload.set_defaults(handler=cmd_unload)
+
 
 async def cmd_models(args: argparse.Namespace) -> int:
     """The models as the models screen lists them, in the columns that fit the terminal."""
@@ -87,6 +93,19 @@ async def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_unload(args: argparse.Namespace) -> int:
+    async with open_client(args, "unload") as client:
+        result = await client.request("unload", timeout=None)
+    model = result["model"]
+    if args.json:
+        print_json(result)
+    elif result["unloaded"]:
+        print(f"unloaded {model['name']}: its engine has exited; the next request loads it again with the same settings")
+    else:
+        print(f"nothing to unload: the model is {model['state']}")
+    return 0
+
+
 def _gpu_layers(text: str) -> int | str:
     return "auto" if text == "auto" else int(text)
 
@@ -97,6 +116,7 @@ async def _show_load_progress(client: Client) -> None:
         if event.topic == "model" and event.body.get("state") == "loading" and event.body.get("progress") is not None:
             done = int(event.body["progress"] * 30)
             bar = f"[{'#' * done}{'.' * (30 - done)}] {event.body['progress'] * 100:3.0f}%"
-            print(f"\rloading {bar}", end="", file=sys.stderr, flush=True)
+            # Loads queue: the one before this one may be the one moving.
+            print(f"\rloading {event.body.get('name')} {bar}", end="", file=sys.stderr, flush=True)
             if event.body["progress"] >= 1.0:
                 print(file=sys.stderr)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vramchat.shared import paths
+from vramchat.shared.units import parse_duration
 
 UNIT_NAME = "vramchatd.service"
 TEMPLATES = "vramchat.systemd"  # the package whose data the unit templates are
@@ -76,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--http", metavar="HOST:PORT", help="have the daemon serve the OpenAI-compatible API there (vramchatd --http)"
     )
     install.add_argument(
+        "--keep-alive",
+        metavar="DURATION",
+        help="have the daemon unload the model after this long without a request, e.g. 30m (vramchatd --keep-alive)",
+    )
+    install.add_argument(
         "--rpc-server",
         action="store_true",
         help="install `vramchat rpc-server` (this machine's devices for a vramchatd elsewhere, on loopback) instead",
@@ -95,10 +101,18 @@ class Plan:
 def run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "rpc_server", False):
-            if args.system or getattr(args, "http", None):
-                raise ServiceError("--rpc-server installs a user unit of its own: it takes neither --system nor --http")
+            if args.system or getattr(args, "http", None) or getattr(args, "keep_alive", None):
+                raise ServiceError(
+                    "--rpc-server installs a user unit of its own: it takes neither --system, --http nor --keep-alive"
+                )
             return install_rpc_server(dry_run=args.dry_run)
         daemon_args = [f"--http={args.http}"] if getattr(args, "http", None) else []
+        if keep_alive := getattr(args, "keep_alive", None):
+            try:
+                parse_duration(keep_alive)
+            except ValueError as exc:
+                raise ServiceError(f"--keep-alive: {exc}") from None
+            daemon_args.append(f"--keep-alive={keep_alive}")
         return install(
             system=args.system, dry_run=args.dry_run, create_user=getattr(args, "create_user", False), daemon_args=daemon_args
         )

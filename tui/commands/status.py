@@ -33,6 +33,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
         f"vramchatd {daemon['version']}  pid {daemon['pid']}  up {daemon['uptime_s']:.0f} s  "
         f"{daemon['clients']} client(s) attached"
     )
+    for name, task in (daemon.get("tasks") or {}).items():
+        if task["restarts"]:  # a bug: the daemon went on, and says so
+            print(f"daemon task {name} failed and was started again {task['restarts']} time(s); last: {task['last_error']}")
     print(describe_model(model))
     if model.get("state") == "ready":
         print(format_plan_against_split(model))
