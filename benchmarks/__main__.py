@@ -34,6 +34,7 @@ BENCHMARKS = [
     "long_conversation",
     "rpc_offload",
     "speed_estimate",
+    "idle_unload",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}
