@@ -86,7 +86,7 @@ class Handlers:
     async def _answer(self, handler: Handler, request: Request, client: bytes, reply: Replier) -> None:
         """Exactly one reply: the handler's body, or an error a person can act on."""
         try:
-            body = await handler(request, client)
+            reply.ok(request.id, await handler(request, client))  # encoding the body can fail too
         except ProtocolError as error:
             reply.error(request.id, error)
         except NotFound as exc:
@@ -96,8 +96,6 @@ class Handlers:
         except Exception:
             log.exception("handler for %r failed", request.type)
             reply.error(request.id, ProtocolError("internal", f"the daemon failed on {request.type!r}; see its log"))
-        else:
-            reply.ok(request.id, body)
 
     # --- session -----------------------------------------------------------------------------
 

@@ -304,13 +304,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ProtocolError("invalid_value", f"the body is not UTF-8 (byte {exc.start}); send JSON encoded as UTF-8") from None
     try:
         body = json.loads(text)
+        protocol.refuse_invalid_text(body, "the body")
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_request", f"the body is not JSON ({exc}); send a JSON object") from None
     except RecursionError:
         raise ProtocolError("bad_request", "the body nests too deeply; send a JSON object as OpenAI's API documents it") from None
     if not isinstance(body, dict):
         raise ProtocolError("bad_request", "the body must be a JSON object")
-    protocol.refuse_invalid_text(body, "the body")
     return body
 
 
