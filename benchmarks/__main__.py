@@ -35,6 +35,8 @@ BENCHMARKS = [
     "rpc_offload",
     "speed_estimate",
     "idle_unload",
+    "hub_list",
+    "hub_pull",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}

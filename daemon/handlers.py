@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vramchat.daemon.background import BackgroundTasks
+from vramchat.daemon.downloads import Downloads
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue, checked_sampling, checked_settings
 from vramchat.daemon.jobs import Job
@@ -52,9 +53,11 @@ class Handlers:
         generation: GenerationQueue,
         monitor: Monitor,
         tasks: BackgroundTasks,
+        downloads: Downloads,
     ) -> None:
         self.info, self.config, self.store, self.bus = info, config, store, bus
         self.model, self.generation, self.monitor, self.tasks = model, generation, monitor, tasks
+        self.downloads = downloads
         self.handlers: dict[str, Handler] = {
             "hello": self.on_hello,
             "snapshot": self.on_snapshot,
@@ -70,6 +73,8 @@ class Handlers:
             "conversation.get": self.on_conversation_get,
             "conversation.update": self.on_conversation_update,
             "conversation.delete": self.on_conversation_delete,
+            "pull": self.on_pull,
+            "pull.cancel": self.on_pull_cancel,
         }
         assert set(self.handlers) == set(protocol.REQUEST_TYPES), "protocol.REQUEST_TYPES and the handlers disagree"
 
@@ -78,7 +83,7 @@ class Handlers:
         if handler is None:
             known = ", ".join(sorted(self.handlers))
             reply.error(request.id, ProtocolError("unknown_type", f"unknown request type {request.type!r}; known: {known}"))
-        elif request.type in ("load", "unload"):  # they wait their turn, and a load takes minutes
+        elif request.type in ("load", "unload", "pull"):  # they wait their turn, a load takes minutes, a pull asks the Hub
             self.tasks.spawn(self._answer(handler, request, client, reply))
         else:
             await self._answer(handler, request, client, reply)
@@ -138,6 +143,7 @@ class Handlers:
             "clients": self.bus.subscribers,
             "telemetry": {"latest": history[-1] if history else None, "history": history},
             "alarms": list(self.monitor.alarms.active.values()),
+            "downloads": self.downloads.views(),
         }
 
     async def on_status(self, _request: Request, _client: bytes) -> dict[str, Any]:
@@ -156,6 +162,7 @@ class Handlers:
             "queue": self.generation.state(),
             "telemetry": self.monitor.sampler.latest(),
             "alarms": list(self.monitor.alarms.active.values()),
+            "downloads": self.downloads.views(),
         }
 
     # --- models ------------------------------------------------------------------------------
@@ -168,6 +175,12 @@ class Handlers:
 
     async def on_unload(self, _request: Request, _client: bytes) -> dict[str, Any]:
         return await self.model.unload("by a client (vramchat unload)")
+
+    async def on_pull(self, request: Request, _client: bytes) -> dict[str, Any]:
+        return await self.downloads.pull(request.body)
+
+    async def on_pull_cancel(self, request: Request, _client: bytes) -> dict[str, Any]:
+        return await self.downloads.cancel(request.body)
 
     # --- generation --------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq.asyncio
 
 from vramchat.daemon.background import BackgroundTasks
+from vramchat.daemon.downloads import Downloads
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.generation import GenerationQueue
 from vramchat.daemon.handlers import DaemonInfo, Handlers
@@ -92,6 +93,7 @@ class Daemon:
         self.metrics = DaemonMetrics(model=self.model, generation=self.generation, sampler=sampler, started_at=info.started_at)
         self.generation.on_finished = lambda result: self.metrics.observe_reply(result.status, result.stats)
         self.http: HttpApi | None = None
+        self.downloads = Downloads(bus=self.bus, config=settings.config, data_dir=settings.data_dir, sampler=sampler)
         self.handlers = Handlers(
             info=info,
             config=settings.config,
@@ -101,6 +103,7 @@ class Daemon:
             generation=self.generation,
             monitor=self.monitor,
             tasks=self.tasks,
+            downloads=self.downloads,
         )
 
     async def run(self) -> int:
@@ -130,6 +133,7 @@ class Daemon:
             supervise(f"subscriptions-{listener.name}", functools.partial(self.bus.watch_subscriptions, listener.events))
         supervise("generation", self.generation.worker)
         supervise("telemetry", self.monitor.run)
+        supervise("downloads", self.downloads.run)
         if (keep_alive_s := self.settings.config.keep_alive_s) is not None:
             supervise("keep-alive", functools.partial(unload_when_idle, self.model, self.generation, keep_alive_s))
         startup = self.model.startup_model(self.settings.startup_model) if self.settings.load_on_start else None

@@ -63,6 +63,8 @@ REQUEST_TYPES: dict[str, str] = {
     "conversation.get": "one conversation with its messages",
     "conversation.update": "rename, or set the system prompt or sampling settings",
     "conversation.delete": "delete a conversation and its messages",
+    "pull": "queue a download of a quantization from the Hugging Face Hub into its cache",
+    "pull.cancel": "stop a download, queued or running, and remove its partial files",
 }
 
 # --- event topics ---------------------------------------------------------------------------
@@ -75,6 +77,7 @@ EVENT_TOPICS: dict[str, str] = {
     "telemetry": "a memory and speed sample",
     "alarm": "a memory condition a person should act on",
     "clients": "the number of attached subscribers changed",
+    "download": "a pull from the Hub changed state or moved bytes: its progress, rate and time left",
 }
 
 # --- error codes: stable strings, safe for clients to branch on ---------------------------------
@@ -94,6 +97,8 @@ ERROR_CODES: dict[str, str] = {
     "would_swap": "the load would push the system into swap; retry with force to override",
     "busy": "the operation cannot run now (the conversation has a reply queued or generating)",
     "storage": "the conversation store failed (disk full, locked or damaged); nothing stored was lost",
+    "hub": "the Hugging Face Hub refused the request or could not be reached",
+    "no_space": "the disk under the hub cache has no room for what a pull has left to fetch",
     "internal": "a bug in the daemon; the daemon stays up",
 }
 

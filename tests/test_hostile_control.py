@@ -76,6 +76,12 @@ READS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "conversation.get": {"id": CONVERSATION_ID},
     "conversation.update": {"id": CONVERSATION_ID, "title": TEXT | VALUES, "system_prompt": TEXT | VALUES, "settings": SAMPLING},
     "conversation.delete": {"id": CONVERSATION_ID},
+    "pull": {
+        "repo": st.sampled_from(["owner/name", "a/b/c", "../x", ""]) | TEXT | VALUES,
+        "quant": TEXT | VALUES,
+        "revision": TEXT | VALUES,
+    },
+    "pull.cancel": {"id": TEXT | VALUES},
 }
 assert set(READS) == set(protocol.REQUEST_TYPES), "a request type the fuzzer does not send"
 # Loads that pass the door, so that the engine is replaced under the other requests.
@@ -99,7 +105,8 @@ REQUESTS = st.one_of(
 
 
 @pytest.fixture
-def daemon(daemon_factory: DaemonFactory, models_dir: Path) -> DaemonProcess:
+def daemon(daemon_factory: DaemonFactory, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> DaemonProcess:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a pull is refused at once (`hub`) rather than sent to huggingface.co
     # A small context: a reply that asks for every token it can is still short.
     return daemon_factory("--model", str(models_dir / "tiny.gguf"), "--ctx", "512")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from vramchat.shared import __version__
 from vramchat.shared.client import DaemonNotRunning, RequestFailed
-from vramchat.tui.commands import api_key, ask, conversations, doctor, models, plan, rpc_server, service, status
+from vramchat.tui.commands import api_key, ask, conversations, doctor, models, plan, pull, rpc_server, service, status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime-dir", help="the daemon's socket directory (env VRAMCHAT_RUNTIME_DIR)")
     parser.add_argument("--version", action="version", version=f"vramchat {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for family in (ask, status, models, conversations, plan, service, api_key, doctor, rpc_server):
+    for family in (ask, status, models, conversations, plan, pull, service, api_key, doctor, rpc_server):
         family.register(commands)
     return parser
 
