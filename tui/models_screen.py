@@ -27,6 +27,7 @@ from vramchat.shared.load_plan import LoadPlan, Machine, plan_load
 from vramchat.shared.planner import PlanError
 from vramchat.shared.units import format_bytes, format_count
 from vramchat.tui import model_table
+from vramchat.tui.hub_dialog import HubDialog
 from vramchat.tui.state import ChatState
 from vramchat.tui.telemetry_view import NO_GPU
 from vramchat.tui.widgets import MemoryBar, StateChanged, vramchat_app
@@ -172,7 +173,7 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
         self.query_one(LayerStepper).set_maximum(info.n_layer + 1)
         self.query_one("#model-info", Label).update(
             f"{info.architecture}, {format_count(info.parameters)} parameters, {quant_name(info.file_type)}, "
-            f"{format_bytes(info.file_size)}, "
+            f"{format_bytes(info.file_size)}{f' in {info.shards} files' if info.shards > 1 else ''}, "
             f"{info.n_layer} layers + output, trained ctx {info.n_ctx_train}"
         )
         self.update_prediction()
@@ -255,13 +256,16 @@ class LoadDialog(ModalScreen[dict[str, Any] | None]):
 class ModelsScreen(Screen[None]):
     """The daemon's models with their metadata and whether each fits; Enter opens the load dialog."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.pop_screen", "Back to chat")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "app.pop_screen", "Back to chat"),
+        Binding("g", "get_from_hub", "Get from the Hub"),
+    ]
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield MemoryBar(classes="memory-bar")
         yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
-        yield Label("Enter: plan and load the model under the cursor", id="models-hint")
+        yield Label("Enter: plan and load the model under the cursor; g: get one from the Hub", id="models-hint")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -316,3 +320,12 @@ class ModelsScreen(Screen[None]):
     def loaded(self, model: dict[str, Any] | None) -> None:
         if model:
             self.app.pop_screen()
+
+    def action_get_from_hub(self) -> None:
+        self.app.push_screen(HubDialog(), self.downloaded)
+
+    def downloaded(self, model: dict[str, Any] | None) -> None:
+        """A model the daemon has just downloaded: list it, and offer to load it."""
+        if model:
+            self.list_models()
+            self.app.push_screen(LoadDialog(model), self.loaded)

@@ -80,6 +80,7 @@ class ChatState:
     in_flight: InFlight | None = None
     queue: dict[str, Any] = field(default_factory=lambda: {"running": None, "pending": []})
     clients: int = 0
+    downloads: dict[str, dict[str, Any]] = field(default_factory=dict)  # by id: the daemon's pulls from the Hub
     # Tokens received for the conversation on screen and not drawn yet, per message id.
     unpainted: dict[str, list[str]] = field(default_factory=dict)
     # This app's recent chat and regenerate requests, newest last; the daemon's queue names requests.
@@ -94,6 +95,7 @@ class ChatState:
         flight = body["in_flight"]
         self.in_flight = InFlight(flight["message"], flight["conversation"], [flight["text"]]) if flight else None
         self.queue = body["queue"]
+        self.downloads = {d["id"]: d for d in body.get("downloads") or []}  # an older daemon has none
         if self.current not in {c["id"] for c in self.conversations}:
             self.current = self.conversations[0]["id"] if self.conversations else None
         self.unpainted.clear()  # the log is drawn again, in-flight text included
@@ -123,6 +125,9 @@ class ChatState:
         if topic == "queue":
             self.queue = body
             return Changes(queue=True)
+        if topic == "download":
+            self.downloads[body["id"]] = body
+            return Changes(state=True)
         return Changes()
 
     def _conversation(self, body: dict[str, Any]) -> Changes:
