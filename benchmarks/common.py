@@ -29,7 +29,7 @@ import msgpack
 import psutil
 import zmq
 
-from vramchat.daemon.chat_model import ChatModel
+from vramchat.daemon.llama.chat_model import ChatModel
 from vramchat.shared import protocol, scheduling
 from vramchat.shared.client import Client
 from vramchat.shared.paths import demo_model_path

@@ -30,7 +30,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         engines: list[psutil.Process] = []
         while not engines and time.monotonic() < deadline:
-            engines = [c for c in psutil.Process(running.pid).children() if "vramchat.daemon.engine" in " ".join(c.cmdline())]
+            engines = [
+                c for c in psutil.Process(running.pid).children() if "vramchat.daemon.llama.engine" in " ".join(c.cmdline())
+            ]
             time.sleep(0.1)
         if not engines:
             raise RuntimeError("the daemon started no engine")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CPUS, PROMPT, demo_model, loadavg, rate, target
-from vramchat.daemon.chat_model import ChatModel
+from vramchat.daemon.llama.chat_model import ChatModel
 from vramchat.shared import paths, speed
 from vramchat.shared.gguf import inspect_gguf
 from vramchat.shared.planner import PlanSettings, predict

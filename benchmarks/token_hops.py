@@ -39,7 +39,7 @@ import msgpack
 import zmq
 
 from benchmarks.common import PROMPT, DirectModel, cpu_seconds, demo_model, loadavg, median, rate
-from vramchat.daemon.engine import TokenFrames
+from vramchat.daemon.llama.engine import TokenFrames
 from vramchat.shared import protocol
 
 Send = Callable[[dict[str, Any]], None]

@@ -30,7 +30,7 @@ class ModelState:
     plan: dict[str, Any] | None = None  # the planner's LoadPlan.to_dict()
     split: dict[str, Any] | None = None  # what llama.cpp allocated (shared.llama_log.LoadSplit)
     state_cache_bytes: int | None = None
-    # The devices of the RPC servers this load uses (daemon/rpc.py Device: name, description,
+    # The devices of the RPC servers this load uses (daemon/llama/rpc.py Device: name, description,
     # type, memory_free, memory_total, endpoint), as the engine found them when it connected.
     rpc_devices: list[dict[str, Any]] | None = None
 
@@ -77,7 +77,7 @@ class LoadParams:
         return int(self.llama["n_ctx"])
 
     def for_engine(self) -> dict[str, Any]:
-        """The engine's `load` message (daemon/engine.py)."""
+        """The engine's `load` message (daemon/llama/engine.py)."""
         return {
             "model_path": self.model_path,
             "llama": self.llama,

@@ -23,8 +23,8 @@ class RpcProbeError(Exception):
 
 
 def probe_rpc_devices(endpoint: str) -> list[dict[str, Any]]:
-    """Each device of the server at `endpoint` as daemon/rpc.py Device.to_dict() gives it."""
-    command = [sys.executable, "-m", "vramchat.daemon.rpc", "--probe", endpoint]
+    """Each device of the server at `endpoint` as daemon/llama/rpc.py Device.to_dict() gives it."""
+    command = [sys.executable, "-m", "vramchat.daemon.llama.rpc", "--probe", endpoint]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:

@@ -63,7 +63,7 @@ class EngineProcess:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "vramchat.daemon.engine",
+                "vramchat.daemon.llama.engine",
                 "--fd",
                 str(engine_side.fileno()),
                 pass_fds=(engine_side.fileno(),),

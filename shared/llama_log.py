@@ -11,7 +11,7 @@ The lines look like (llama-cpp-python 0.3.36)::
     llama_kv_cache:        CPU KV buffer size =    22.50 MiB
     sched_reserve:        CPU compute buffer size =    98.25 MiB
 
-A device on an RPC server (daemon/rpc.py) carries its endpoint: `RPC0[127.0.0.1:50052] model
+A device on an RPC server (daemon/llama/rpc.py) carries its endpoint: `RPC0[127.0.0.1:50052] model
 buffer size`, `RPC0[127.0.0.1:50052] KV buffer size`; it is an offload device like a GPU.
 
 Older llama.cpp printed `llama_kv_cache_init: CUDA0 KV buffer size` and a device-less

@@ -101,7 +101,7 @@ def settings_from(body: Mapping[str, Any], defaults: Mapping[str, Any], n_ctx: i
 
 
 def cpu_tensor_patterns(settings: PlanSettings, n_layer: int) -> list[str]:
-    """The tensor-name patterns the engine keeps in host RAM (daemon/llama_params.py)."""
+    """The tensor-name patterns the engine keeps in host RAM (daemon/llama/params.py)."""
     layers = settings.n_cpu_moe or 0
     if layers >= n_layer:
         return [EXPERTS_PATTERN]
@@ -109,7 +109,7 @@ def cpu_tensor_patterns(settings: PlanSettings, n_layer: int) -> list[str]:
 
 
 def llama_args(settings: PlanSettings, *, n_gpu_layers: int, tensor_split: tuple[float, ...] | None) -> dict[str, Any]:
-    """The Llama() keyword arguments for a load with these settings (daemon/chat_model.py)."""
+    """The Llama() keyword arguments for a load with these settings (daemon/llama/chat_model.py)."""
     return {
         "n_gpu_layers": n_gpu_layers,
         "n_ctx": settings.n_ctx,
@@ -118,7 +118,7 @@ def llama_args(settings: PlanSettings, *, n_gpu_layers: int, tensor_split: tuple
         "n_ubatch": settings.n_ubatch,
         "type_k": GGML_TYPE_IDS[settings.cache_type_k],
         "type_v": GGML_TYPE_IDS[settings.cache_type_v],
-        "flash_attn": bool(settings.flash_attn),  # "auto": daemon/llama_params.py passes llama.cpp's auto
+        "flash_attn": bool(settings.flash_attn),  # "auto": daemon/llama/params.py passes llama.cpp's auto
         "split_mode": SPLIT_MODE_IDS[settings.split_mode],
         "main_gpu": settings.main_gpu,
         "tensor_split": list(tensor_split) if tensor_split else None,

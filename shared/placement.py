@@ -56,7 +56,7 @@ class OffloadDevice:
 
     @classmethod
     def from_rpc(cls, device: dict[str, Any], allocated: int = 0) -> OffloadDevice:
-        """From an RPC device as the engine reports it (daemon/rpc.py Device); `allocated`: bytes
+        """From an RPC device as the engine reports it (daemon/llama/rpc.py Device); `allocated`: bytes
         the engine being replaced holds there, free again once it is gone."""
         return cls(
             device["name"],

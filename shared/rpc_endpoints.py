@@ -1,6 +1,6 @@
 """llama.cpp RPC endpoints ("HOST:PORT"): parsing, the loopback rule, and a reachability probe.
 
-An RPC server (`vramchat rpc-server`, daemon/rpc.py) lends a machine's devices to an engine on
+An RPC server (`vramchat rpc-server`, daemon/llama/rpc.py) lends a machine's devices to an engine on
 another machine. llama.cpp's RPC protocol has no authentication and no encryption: whoever
 reaches the port can run graphs on the device and read every tensor sent to it. So a server
 listens on loopback unless told otherwise, and the way to reach one on another machine is an

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vramchat.daemon.chat_model import StopFilter
+from vramchat.daemon.llama.chat_model import StopFilter
 
 
 def test_stop_filter_cuts_at_a_stop_string_split_over_tokens() -> None:

@@ -39,32 +39,17 @@ def test_package_imports_stay_in_their_lane(package: str) -> None:
     assert violations == []
 
 
-def test_only_the_engine_process_imports_llama_cpp() -> None:
-    """llama_cpp is loaded by the engine's child process alone (`python -m vramchat.daemon.engine`),
-    so that a native crash never takes the daemon down: its modules are imported by nothing else.
-    The RPC server (`python -m vramchat.daemon.rpc`) is a process of its own as well."""
-    imports = {str(p.relative_to(ROOT)): imported_modules(p) for p in (ROOT / "daemon").rglob("*.py")}
-    users = sorted(path for path, names in imports.items() if "llama_cpp" in {n.split(".")[0] for n in names})
-    # daemon/build_probe.py runs alone too: `vramchat doctor` runs `python -m vramchat.daemon.build_probe`.
-    assert users == [
-        "daemon/build_probe.py",
-        "daemon/chat_model.py",
-        "daemon/engine.py",
-        "daemon/llama_params.py",
-        "daemon/rpc.py",
-    ]
-    # daemon/rpc.py also runs as its own process: `vramchat rpc-server` execs `python -m vramchat.daemon.rpc`,
-    # and so does the daemon's probe of an RPC server's devices (daemon/rpc_probe.py).
-    engine_modules = {
-        "vramchat.daemon.engine",
-        "vramchat.daemon.chat_model",
-        "vramchat.daemon.llama_params",
-        "vramchat.daemon.rpc",
-    }
-    # ... and `vramchat doctor`'s probe reads ggml's devices through daemon/rpc.py.
-    assert sorted(path for path, names in imports.items() if names & engine_modules) == [
-        "daemon/build_probe.py",
-        "daemon/chat_model.py",
-        "daemon/engine.py",
-        "daemon/llama_params.py",
-    ]
+def test_llama_cpp_lives_in_daemon_llama_alone() -> None:
+    """Everything that runs inside a llama.cpp process lives in daemon/llama/ (the engine, the RPC
+    server, the dry run, doctor's probe), each started as a process of its own with `python -m`:
+    only modules there import llama_cpp, and nothing outside imports them, so a native crash never
+    takes the daemon down. The process boundary is the folder."""
+    inside = ROOT / "daemon" / "llama"
+    everything = [p for package in ("daemon", "shared", "tui") for p in (ROOT / package).rglob("*.py")]
+    imports = {p: imported_modules(p) for p in everything}
+    outside = {p: names for p, names in imports.items() if inside not in p.parents}
+    assert [str(p.relative_to(ROOT)) for p, names in outside.items() if any(n.split(".")[0] == "llama_cpp" for n in names)] == []
+    assert [
+        str(p.relative_to(ROOT)) for p, names in outside.items() if any(n.startswith("vramchat.daemon.llama") for n in names)
+    ] == []
+    assert any("llama_cpp" in {n.split(".")[0] for n in names} for p, names in imports.items() if inside in p.parents)

@@ -116,7 +116,7 @@ def test_rpc_server_binds_loopback_unless_told_otherwise() -> None:
     argv = rpc_cmd.server_argv(rpc_args("--listen", "0.0.0.0:1", "--insecure-remote", "--device", "CPU", "--threads", "2"))
     assert argv[1:] == [
         "-m",
-        "vramchat.daemon.rpc",
+        "vramchat.daemon.llama.rpc",
         "--listen",
         "0.0.0.0:1",
         "--device",
@@ -137,7 +137,7 @@ def test_rpc_server_command_refuses_a_public_address_and_says_how_to_tunnel() ->
 
 def test_the_daemon_side_server_warns_before_serving_a_public_address() -> None:
     """The module the command execs holds the same rule; with the flag it warns (not run to the bind here)."""
-    from vramchat.daemon import rpc
+    from vramchat.daemon.llama import rpc
 
     assert rpc.check_listen("192.0.2.1:50052", insecure_remote=False)
     assert rpc.check_listen("192.0.2.1:50052", insecure_remote=True) is None
@@ -146,7 +146,7 @@ def test_the_daemon_side_server_warns_before_serving_a_public_address() -> None:
 
 
 def test_the_server_serves_gpus_else_the_cpu() -> None:
-    from vramchat.daemon import rpc
+    from vramchat.daemon.llama import rpc
 
     devices = rpc.local_devices()
     served = [d.name for d in map(rpc.libraries().device, rpc._served_devices(None))]

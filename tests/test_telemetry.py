@@ -423,7 +423,7 @@ def test_devices_lists_each_gpu_rpc_device_and_the_cpu_with_what_the_model_holds
             "memory_total": 8 << 30,
             "memory_free": 6 << 30,
             "endpoint": "10.0.0.2:50052",
-            "buffer_name": "RPC0[10.0.0.2:50052]",  # as daemon/rpc.py register_server names it
+            "buffer_name": "RPC0[10.0.0.2:50052]",  # as daemon/llama/rpc.py register_server names it
         }
     ]
     state = ModelState(state="ready", split={"buffers": buffers}, rpc_devices=at_load)

@@ -12,9 +12,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from vramchat.daemon.chat_model import ChatModel
-from vramchat.daemon.engine import Engine, TokenFrames
 from vramchat.daemon.engine_channel import EngineEnd
+from vramchat.daemon.llama.chat_model import ChatModel
+from vramchat.daemon.llama.engine import Engine, TokenFrames
 from vramchat.shared.client import Client, Snapshot
 from vramchat.shared.protocol import Event
 

@@ -1,7 +1,7 @@
 """`vramchat doctor`: checks what a bug report needs, and says what to fix.
 
 The llama.cpp build and the NVIDIA driver are probed in a child process
-(`python -m vramchat.daemon.build_probe`): this package never imports llama_cpp, and a build that
+(`python -m vramchat.daemon.llama.build_probe`): this package never imports llama_cpp, and a build that
 crashes on this CPU takes down only the probe, which is itself a finding. Everything else is read
 here: the directories, the config, the daemon's handshake, the model dirs, RAM and swap.
 Exits 1 when a check fails (a broken build, a config error, a daemon speaking another protocol).
@@ -100,7 +100,7 @@ def format_check(check: Check, width: int) -> str:
 
 def run_probe(decode: bool) -> dict[str, Any]:
     """The probe's parts by name; "exit" says how it ended when it did not exit 0."""
-    command = [sys.executable, "-m", "vramchat.daemon.build_probe", *([] if decode else ["--no-decode"])]
+    command = [sys.executable, "-m", "vramchat.daemon.llama.build_probe", *([] if decode else ["--no-decode"])]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -1,7 +1,7 @@
 """`vramchat rpc-server`: lend this machine's devices to a vramchatd elsewhere, over llama.cpp's RPC.
 
 The server itself needs llama.cpp, which this package never imports: the command replaces this
-process with `python -m vramchat.daemon.rpc` (daemon/rpc.py), which serves in the foreground.
+process with `python -m vramchat.daemon.llama.rpc` (daemon/llama/rpc.py), which serves in the foreground.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def check(args: argparse.Namespace) -> str | None:
 
 def server_argv(args: argparse.Namespace) -> list[str]:
     """The command line of the server process this command becomes."""
-    argv = [sys.executable, "-m", "vramchat.daemon.rpc", "--listen", args.listen]
+    argv = [sys.executable, "-m", "vramchat.daemon.llama.rpc", "--listen", args.listen]
     for device in args.device or []:
         argv += ["--device", device]
     if args.threads is not None:

@@ -5,7 +5,7 @@ be opened by soname (libggml.so.0), the names llama_cpp itself loaded: the unver
 libggml.so is a second copy of ggml, with a device registry of its own that llama.cpp never sees.
 
 - `serve` runs an RPC server in this process (blocking, forever): `vramchat rpc-server` execs
-  `python -m vramchat.daemon.rpc`, which lands here.
+  `python -m vramchat.daemon.llama.rpc`, which lands here.
 - `register_server` runs in the engine, before the Llama is made: the server's devices join
   ggml's registry (named RPC0, RPC1, ...) and llama.cpp offloads layers, KV cache and compute to
   them as to a local GPU.
@@ -227,7 +227,7 @@ INSECURE_WARNING = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vramchat.daemon.rpc", description="serve this machine's devices over llama.cpp RPC"
+        prog="python -m vramchat.daemon.llama.rpc", description="serve this machine's devices over llama.cpp RPC"
     )
     parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
     parser.add_argument("--device", action="append", metavar="NAME", help="a ggml device name (repeatable)")

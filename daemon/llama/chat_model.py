@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vramchat.daemon import llama_params
+from vramchat.daemon.llama import params as llama_params
 
 # Plain ChatML, for models whose GGUF carries no chat template (the tiny test models, some
 # base models). llama-cpp-python would fall back to the llama-2 format instead.
@@ -54,7 +54,7 @@ class ChatModel:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.llm = llm
-        self._llama_params: list[Any] = []  # what llama.cpp's model params point to (llama_params.py)
+        self._llama_params: list[Any] = []  # what llama.cpp's model params point to (params.py)
         template = llm.metadata.get("tokenizer.chat_template")
         eos_id, bos_id = llm.token_eos(), llm.token_bos()
         self.formatter = Jinja2ChatFormatter(
@@ -84,7 +84,7 @@ class ChatModel:
     ) -> ChatModel:
         """Load the GGUF (mmapped unless use_mmap=False), with `llama_args` passed on to Llama()
         (shared/load_options.py builds them from a load's settings), and the tensors matching
-        `cpu_tensors` kept in RAM (daemon/llama_params.py). Raises what llama-cpp-python raises,
+        `cpu_tensors` kept in RAM (daemon/llama/params.py). Raises what llama-cpp-python raises,
         mostly ValueError."""
         from llama_cpp import Llama
 

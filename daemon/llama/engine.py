@@ -37,10 +37,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vramchat.daemon import rpc
-from vramchat.daemon.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
 from vramchat.daemon.engine_channel import ChannelClosed, EngineEnd
-from vramchat.daemon.state_cache import ConversationStates
+from vramchat.daemon.llama import rpc
+from vramchat.daemon.llama.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
+from vramchat.daemon.llama.state_cache import ConversationStates
 from vramchat.shared import scheduling
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).

@@ -27,7 +27,7 @@ class _TensorBuftOverride(ctypes.Structure):
 
 
 def _cpu_buffer_type() -> int:
-    from vramchat.daemon import rpc  # ggml's own library, loaded by its soname
+    from vramchat.daemon.llama import rpc  # ggml's own library, loaded by its soname
 
     ggml = rpc.libraries().ggml
     ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p

@@ -1,6 +1,6 @@
 """What this machine's llama.cpp build and NVIDIA driver can do, for `vramchat doctor`, as JSON lines.
 
-`vramchat doctor` runs `python -m vramchat.daemon.build_probe` as a child process: the TUI
+`vramchat doctor` runs `python -m vramchat.daemon.llama.build_probe` as a child process: the TUI
 package never imports llama_cpp, and a build that crashes (an illegal instruction, an abort in a
 backend) takes only this process down. Each part is printed and flushed as soon as it is known,
 one JSON object a line, so the lines before a crash still arrive:
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vramchat.daemon.llama.rpc import backends, local_devices
 from vramchat.daemon.nvml import Nvml
-from vramchat.daemon.rpc import backends, local_devices
 from vramchat.shared import paths
 
 # enum ggml_backend_dev_type (ggml-backend.h)
@@ -57,7 +57,7 @@ def build_part() -> dict[str, Any]:
         "features": re.findall(r"(\w+) = 1\b", system_info),
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "rpc": bool(llama_cpp.llama_supports_rpc()),
-        # ggml's registry, read through the libggml that llama_cpp loaded (daemon/rpc.py)
+        # ggml's registry, read through the libggml that llama_cpp loaded (daemon/llama/rpc.py)
         "backends": backends(),
         "devices": [device.to_dict() for device in local_devices()],
     }
@@ -87,7 +87,7 @@ def decode_part(model: Path | None, n_tokens: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vramchat.daemon.build_probe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vramchat.daemon.llama.build_probe", description=__doc__)
     parser.add_argument("--model", type=Path, help="the GGUF to decode (default: the demo model)")
     parser.add_argument("--tokens", type=int, default=4, help="tokens to generate (default %(default)s)")
     parser.add_argument("--no-decode", action="store_true", help="skip the test decode")
