@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.__main__ import BENCHMARKS, section  # noqa: E402
 
 
+@pytest.mark.timeout(900)  # every benchmark once: about 130 s on 2 idle cores, and they keep coming
 def test_every_benchmark_completes_and_reports_numbers() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--no-write"], cwd=ROOT, capture_output=True, text=True, timeout=900
