@@ -37,6 +37,7 @@ BENCHMARKS = [
     "idle_unload",
     "hub_list",
     "hub_pull",
+    "dry_run",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}

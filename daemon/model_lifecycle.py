@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -20,10 +21,11 @@ from vramchat.daemon.rpc_probe import RpcProbeError, probe_rpc_devices, rpc_down
 from vramchat.daemon.supervisor import EngineProcess, LoadFailed, describe_exit, launch
 from vramchat.daemon.telemetry import TelemetrySampler
 from vramchat.shared.config import Config
+from vramchat.shared.exact import DryRunError, checked, dry_run
 from vramchat.shared.gguf import GGUFError, GGUFInfo, inspect_cached
 from vramchat.shared.llama_log import parse_load_log
-from vramchat.shared.load_options import cpu_tensor_patterns, llama_args, settings_from
-from vramchat.shared.load_plan import Machine, plan_load
+from vramchat.shared.load_options import settings_from
+from vramchat.shared.load_plan import LoadPlan, Machine, plan_load
 from vramchat.shared.placement import OffloadDevice
 from vramchat.shared.planner import PlanError, PlanSettings
 from vramchat.shared.protocol import ProtocolError, field_of
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 # After this many engine crashes within CRASH_WINDOW_S, stop reloading by itself.
 MAX_AUTO_RELOADS = 3
 CRASH_WINDOW_S = 300.0
+Check = Callable[[], Awaitable[LoadParams]]  # a load's final parameters, made once the engine is stopped
 
 
 class LoadRequest(NamedTuple):
@@ -121,8 +124,8 @@ class ModelLifecycle:
         self.spawn(load())
 
     async def load(self, body: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
-        """Check, wait for the loads sent before this one, plan, then replace the engine with a
-        fresh one holding the requested model.
+        """Check, wait for the loads sent before this one, plan, check the plan with llama.cpp's
+        dry run (shared/exact.py), then replace the engine with a fresh one holding the model.
 
         Loads run one at a time, in the order they came: one sent during the start-up load, or
         during another client's, waits for it and is then carried out, planned for the memory the
@@ -138,8 +141,12 @@ class ModelLifecycle:
             async with self._load_lock:
                 if down := await unanswering_rpc_servers(rpc_servers):
                     raise ProtocolError("load_failed", f"could not load {body.get('model')}: {rpc_down_text(down)}")
-                params = await loop.run_in_executor(None, self._checked_params, body, trusted, rpc_servers)
-                return await self._replace_engine(params)
+                plan = await loop.run_in_executor(None, self._checked_plan, body, trusted, rpc_servers)
+                exact = functools.partial(loop.run_in_executor, None, self._exact_params, plan, rpc_servers, body)
+                held = self._last_load.rpc_servers if self._last_load and self.engine and not self.engine.exited.done() else ()
+                if set(rpc_servers) & set(held):  # an RPC server serves one client: the dry run would wait for this engine
+                    return await self._replace_engine(self._params(plan, rpc_servers), exact)
+                return await self._replace_engine(await exact())  # a failed dry run leaves the engine as it was
 
     @contextlib.asynccontextmanager
     async def _in_order(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
@@ -184,9 +191,9 @@ class ModelLifecycle:
             raise ProtocolError("invalid_value", str(exc)) from None
         return LoadRequest(Path(info.path), n_gpu_layers, n_threads, budget, settings, info)  # a split set's first file
 
-    def _checked_params(self, body: dict[str, Any], trusted: bool, rpc_servers: tuple[str, ...]) -> LoadParams:
-        """Check the request, then plan: resolve "auto" and refuse a load that would swap."""
-        path, n_gpu_layers, n_threads, budget, settings, info = self._checked_request(body, trusted)
+    def _checked_plan(self, body: dict[str, Any], trusted: bool, rpc_servers: tuple[str, ...]) -> LoadPlan:
+        """Check the request, then plan by the formula: resolve "auto" and refuse a load that would swap."""
+        _, n_gpu_layers, _, budget, settings, info = self._checked_request(body, trusted)
         try:
             sample = self.telemetry.latest() or self.telemetry.sample(engine_pid=None)
             host = Machine.from_sample(sample, self._rpc_offload_devices(rpc_servers))
@@ -199,17 +206,21 @@ class ModelLifecycle:
             raise ProtocolError("invalid_value", str(exc)) from None
         if plan.swap.would_swap and not field_of(body, "force", bool, False):
             raise ProtocolError("would_swap", plan.swap.message)
-        return LoadParams(
-            str(path),
-            n_threads,
-            self.config.state_cache_mib << 20,
-            plan.to_dict(),
-            llama_args(plan.settings, n_gpu_layers=plan.n_gpu_layers, tensor_split=plan.tensor_split),
-            rpc_servers,
-            tuple(d.name for d in plan.devices) if rpc_servers else (),
-            tuple(cpu_tensor_patterns(plan.settings, info.n_layer)),
-            plan.settings.flash_attn == "auto",
-        )
+        return plan
+
+    def _exact_params(self, plan: LoadPlan, rpc_servers: tuple[str, ...], body: dict[str, Any]) -> LoadParams:
+        """The plan checked by llama.cpp's dry run (shared/exact.py), or load_failed with its reason."""
+        try:
+            plan = checked(plan, lambda layout: dry_run(layout.llama_load(rpc_servers)))
+        except (DryRunError, PlanError) as exc:
+            raise ProtocolError("load_failed", f"could not load {Path(plan.info.path).name}: {exc}") from None
+        if plan.swap.would_swap and not field_of(body, "force", bool, False):
+            raise ProtocolError("would_swap", plan.swap.message)
+        return self._params(plan, rpc_servers)
+
+    def _params(self, plan: LoadPlan, rpc_servers: tuple[str, ...]) -> LoadParams:
+        n_threads, state_cache = plan.settings.n_threads or 1, self.config.state_cache_mib << 20
+        return LoadParams(n_threads=n_threads, state_cache_bytes=state_cache, plan=plan.to_dict(), **plan.llama_load(rpc_servers))
 
     def _rpc_offload_devices(self, servers: tuple[str, ...]) -> list[OffloadDevice]:
         """The devices of the RPC servers a load will use, with the memory the load will find free.
@@ -251,51 +262,61 @@ class ModelLifecycle:
                 )
         return tuple(dict.fromkeys(chosen))
 
-    async def _replace_engine(self, params: LoadParams) -> dict[str, Any]:
-        """Stop the engine (the only sure way to get its VRAM back) and start one with `params`."""
+    async def _replace_engine(self, params: LoadParams, check: Check | None = None) -> dict[str, Any]:
+        """Stop the engine (the only sure way to get its VRAM back) and start one with `params`, or
+        with what `check` gives once the engine is gone (see `load`): if it fails, the model before."""
         self.ready.clear()
-        self.update(
-            state="loading",
-            progress=0.0,
-            error=None,
-            reloading=False,
-            path=params.model_path,
-            plan=params.plan,
-            name=model_files.display_name(Path(params.model_path), self.config.model_dirs),
-            n_gpu_layers=params.n_gpu_layers,
-            n_ctx=params.n_ctx,
-            n_threads=params.n_threads,
-            rpc_devices=None,
-            unloaded_reason=None,
-        )
+        self._announce(params)
         self.cancel_running("a new model was loaded")
         async with self.engine_lock:
+            previous = self._last_load
             if self.engine:
                 await self.engine.stop()
                 self.engine = None
-            try:
-                engine, ready = await launch(params.for_engine(), lambda fraction: self.update(progress=round(fraction, 3)))
-            except LoadFailed as exc:
-                self.update(state="error", error=str(exc), progress=None)
-                raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {exc}") from None
-            self.engine = engine
-            engine.on_state_cache = self.state_cache_changed
-            self._last_load = params
-            self.spawn(self._watch(engine))
-            self.update(
-                state="ready",
-                progress=1.0,
-                engine_pid=engine.pid,
-                n_ctx=ready["n_ctx"],
-                load_seconds=ready["load_seconds"],
-                chat_template=ready["chat_template"],
-                split=parse_load_log(ready["load_log"]).to_dict(),
-                rpc_devices=ready.get("rpc_devices") or None,
-            )
-            self.ready.set()
-            self.last_used = time.monotonic()
+            if check is not None:
+                try:
+                    params = await check()
+                except ProtocolError:
+                    if previous is not None:
+                        self._announce(previous)
+                        with contextlib.suppress(ProtocolError):
+                            await self._launch(previous)
+                    raise
+                self.update(plan=params.plan, n_gpu_layers=params.n_gpu_layers)
+            ready = await self._launch(params)
         log.info("loaded %s in %.2f s", params.model_path, ready["load_seconds"])
         return {"model": self.state.to_wire()}
+
+    def _announce(self, params: LoadParams) -> None:
+        name = model_files.display_name(Path(params.model_path), self.config.model_dirs)
+        load = {"name": name, "path": params.model_path, "plan": params.plan, "n_gpu_layers": params.n_gpu_layers}
+        load |= {"n_ctx": params.n_ctx, "n_threads": params.n_threads, "rpc_devices": None, "unloaded_reason": None}
+        self.update(state="loading", progress=0.0, error=None, reloading=False, **load)
+
+    async def _launch(self, params: LoadParams) -> dict[str, Any]:
+        """Start an engine with `params`, engine_lock held and no engine running; its `ready` event."""
+        try:
+            engine, ready = await launch(params.for_engine(), lambda fraction: self.update(progress=round(fraction, 3)))
+        except LoadFailed as exc:
+            self.update(state="error", error=str(exc), progress=None)
+            raise ProtocolError("load_failed", f"could not load {Path(params.model_path).name}: {exc}") from None
+        self.engine = engine
+        engine.on_state_cache = self.state_cache_changed
+        self._last_load = params
+        self.spawn(self._watch(engine))
+        self.update(
+            state="ready",
+            progress=1.0,
+            engine_pid=engine.pid,
+            n_ctx=ready["n_ctx"],
+            load_seconds=ready["load_seconds"],
+            chat_template=ready["chat_template"],
+            split=parse_load_log(ready["load_log"]).to_dict(),
+            rpc_devices=ready.get("rpc_devices") or None,
+        )
+        self.ready.set()
+        self.last_used = time.monotonic()
+        return ready
 
     async def _watch(self, engine: EngineProcess) -> None:
         """An engine that ends by itself has crashed: say so, and reload unless it keeps crashing."""

@@ -1,7 +1,9 @@
 """A load decided before it happens: the fit to each device's budget, the machine, the swap guard.
 
 The daemon, the TUI's load dialog and `vramchat plan` all build a LoadPlan with `plan_load`, so
-they cannot disagree. The bytes themselves are shared/planner.py's `predict`.
+they cannot disagree. The bytes themselves are shared/planner.py's `predict`, the fit
+shared/fit.py's; before a load, shared/exact.py puts llama.cpp's own compute and output buffers
+in place of the formula's (`LoadPlan.formula` then keeps the formula's).
 """
 
 from __future__ import annotations
@@ -11,170 +13,17 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from vramchat.shared import placement, speed
+from vramchat.shared.fit import AUTO, Fit, choose_kv_types, experts_in_ram, fit
 from vramchat.shared.gguf import GGUFInfo
+from vramchat.shared.load_options import cpu_tensor_patterns, llama_args
 from vramchat.shared.placement import OffloadDevice
 from vramchat.shared.planner import SOME_GPU, PlanError, PlanSettings, Prediction, plan_table, predict
 from vramchat.shared.units import format_bytes, parse_size
 
 DEFAULT_VRAM_MARGIN = 1 << 30  # left free on each device by default
-DEFAULT_SETTINGS = PlanSettings()
 
 
-@dataclass
-class Fit:
-    n_gpu_layers: int
-    n_ctx: int
-    budget: int  # over every device
-    budgets: dict[str, int]  # by device name
-    prediction: Prediction
-    fits_all: bool
-    # With several devices: the layers (output included) the fit gives each, as llama.cpp's tensor_split.
-    tensor_split: tuple[float, ...] | None = None
-    reason: str = ""  # the choice in one line, for a person
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "prediction": self.prediction.to_dict()}
-
-
-def _within(prediction: Prediction, budgets: Sequence[int]) -> list[int]:
-    """The indexes of the devices whose predicted total exceeds their budget."""
-    return [i for i, share in enumerate(prediction.devices) if share.side.total > budgets[i]]
-
-
-def _fill(layers: int, caps: Sequence[int]) -> list[int] | None:
-    """`layers` shared out in device order, each device taking up to its cap; None if they don't fit."""
-    counts, left = [], layers
-    for cap in caps:
-        counts.append(min(cap, left))
-        left -= counts[-1]
-    return counts if left == 0 else None
-
-
-def _most_layers(info: GGUFInfo, budgets: Sequence[int], settings: PlanSettings, devices: Sequence[OffloadDevice]) -> Fit:
-    top = info.n_layer + 1
-    if len(budgets) < 2 or settings.tensor_split is not None or settings.split_mode != "layer":
-        # One device, or the shares are given: the most layers at which every device fits.
-        best = predict(info, 0, settings, devices)
-        for layers in range(1, top + 1):
-            candidate = predict(info, layers, settings, devices)
-            if not _within(candidate, budgets):
-                best = candidate
-        return Fit(best.n_gpu_layers, best.n_ctx, sum(budgets), {}, best, best.n_gpu_layers == top, settings.tensor_split)
-    # Several devices: choose the shares too. Fill the devices in llama.cpp's order, and whenever a
-    # device comes out over its budget, lower what it may take by one layer and try again. With
-    # every layer offloaded the scheduler pipelines (more compute memory on each device), so the
-    # limits found there do not hold below it.
-    caps = [top] * len(budgets)
-    for layers in range(top, 0, -1):
-        if layers == top - 1:
-            caps = [top] * len(budgets)
-        while (counts := _fill(layers, caps)) is not None:
-            split = tuple(float(c) for c in counts)
-            candidate = predict(info, layers, replace(settings, tensor_split=split), devices)
-            over = _within(candidate, budgets)
-            if not over:
-                return Fit(layers, candidate.n_ctx, sum(budgets), {}, candidate, layers == top, split)
-            for i in over:
-                caps[i] = max(0, counts[i] - 1)
-    best = predict(info, 0, settings, devices)
-    return Fit(0, best.n_ctx, sum(budgets), {}, best, False, None)
-
-
-def fit(
-    info: GGUFInfo,
-    budgets: int | Sequence[int],
-    settings: PlanSettings = DEFAULT_SETTINGS,
-    devices: Sequence[OffloadDevice] = (),
-    *,
-    fit_ctx: bool = False,
-) -> Fit:
-    """The most GPU layers at which each device's predicted total is within its budget (0 if none
-    fits); `budgets` follows the used devices' order (one number: one device).
-
-    With `fit_ctx`, first the largest n_ctx (up to the trained context, in steps of 256) at which
-    every layer fits, if any does; otherwise the layers are fitted at settings.n_ctx.
-    """
-    budget_list = [budgets] if isinstance(budgets, int) else list(budgets)
-    if fit_ctx:
-        best_ctx = None
-        for n_ctx in range(256, max(info.n_ctx_train, 256) + 1, 256):
-            if _most_layers(info, budget_list, replace(settings, n_ctx=n_ctx), devices).fits_all:
-                best_ctx = n_ctx
-            else:
-                break
-        if best_ctx is not None:
-            settings = replace(settings, n_ctx=best_ctx)
-    result = _most_layers(info, budget_list, settings, devices)
-    result.budgets = {share.device.name: b for share, b in zip(result.prediction.devices, budget_list, strict=True)}
-    return result
-
-
-def _experts_in_ram(
-    info: GGUFInfo, budgets: Sequence[int], settings: PlanSettings, devices: Sequence[OffloadDevice]
-) -> Fit | None:
-    """Every layer offloaded with the experts of as few leading layers as possible left in RAM (the
-    llama.cpp users' -ngl 99 --n-cpu-moe N); None if even all experts in RAM do not fit."""
-    top = info.n_layer + 1
-
-    def fits(layers_in_ram: int) -> bool:
-        with_experts = replace(settings, n_cpu_moe=layers_in_ram)
-        if len(budgets) == 1:  # one prediction decides; several devices need their split fitted
-            return not _within(predict(info, top, with_experts, devices), budgets)
-        return fit(info, budgets, with_experts, devices).fits_all
-
-    low, high = 0, info.n_layer
-    if not fits(high):
-        return None
-    while low < high:  # the fewest layers whose experts must stay in RAM
-        middle = (low + high) // 2
-        if fits(middle):
-            high = middle
-        else:
-            low = middle + 1
-    return fit(info, budgets, replace(settings, n_cpu_moe=low), devices)
-
-
-AUTO = "auto"  # a KV cache type for the fit to choose
-
-
-def _choose_kv_types(
-    info: GGUFInfo, budgets: Sequence[int], settings: PlanSettings, devices: Sequence[OffloadDevice], *, fit_ctx: bool
-) -> tuple[PlanSettings, str]:
-    """The most precise KV cache types at which every layer fits (with `fit_ctx`: the ones giving
-    the longest context), else those giving the most layers; and why, for the fit's line.
-
-    Quantized V needs flash attention: without it only K is quantized (llama.cpp allows that).
-    """
-    quantize_v = bool(settings.flash_attn)
-    candidates = [(k, k if quantize_v else "f16") for k in ("f16", "q8_0", "q4_0")]
-
-    def typed(k: str, v: str) -> PlanSettings:
-        return replace(
-            settings,
-            cache_type_k=k if settings.cache_type_k == AUTO else settings.cache_type_k,
-            cache_type_v=v if settings.cache_type_v == AUTO else settings.cache_type_v,
-        )
-
-    options = [typed(k, v) for k, v in dict.fromkeys(candidates)]
-    fits = [fit(info, budgets, option, devices, fit_ctx=fit_ctx) for option in options]
-    if fit_ctx:
-        best = max(range(len(options)), key=lambda i: (fits[i].fits_all, fits[i].n_ctx, -i))
-    else:
-        best = next(
-            (i for i, f in enumerate(fits) if f.fits_all), max(range(len(options)), key=lambda i: (fits[i].n_gpu_layers, -i))
-        )
-    chosen = options[best]
-    why = "every layer fits" if fits[best].fits_all else f"{fits[best].n_gpu_layers} layers fit"
-    if fit_ctx:
-        why += f" at n_ctx {fits[best].n_ctx}"
-    if best > 0:
-        why += f"; at {options[0].cache_type_k}/{options[0].cache_type_v}, " + (
-            f"n_ctx {fits[0].n_ctx}" if fit_ctx else f"{fits[0].n_gpu_layers} layers"
-        )
-    return chosen, f"; KV cache {chosen.cache_type_k}/{chosen.cache_type_v}: {why}"
-
-
-def _reason(fitted: Fit, tokens_per_s: float) -> str:
+def fit_reason(fitted: Fit, tokens_per_s: float) -> str:
     """ "experts of layers 0-35 in RAM, everything else on CUDA0: 11.2 of 11.5 GiB, 18 tok/s predicted" """
     row = fitted.prediction
     used = [share for share in row.devices if share.layers or share.output]
@@ -292,6 +141,13 @@ class LoadPlan:
     # What the load passes to llama.cpp: with several devices, the layer count of each, so that
     # llama.cpp places them as predicted even if free memory moved since.
     tensor_split: tuple[float, ...] | None = None
+    # How the fit gives memory back when llama.cpp's figures exceed a budget: a layer, or the
+    # experts of one more layer to RAM; None for a layer count the person chose.
+    steps_down: Literal["layer", "experts"] | None = None
+    # After a dry run (shared/exact.py): the formula's own prediction of this layout, and the runs.
+    formula: Prediction | None = None
+    dry_runs: int = 0
+    dry_run_seconds: float = 0.0
 
     @property
     def n_gpu_layers(self) -> int:
@@ -309,7 +165,19 @@ class LoadPlan:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The `plan` a `model` event carries (docs/protocol.md)."""
+        """The `plan` a `model` event carries (docs/protocol.md): each side says where each of its
+        terms comes from, and after a dry run, what the formula had for those llama.cpp replaced."""
+        prediction = self.prediction.to_dict()
+        formula = self.formula.to_dict() if self.formula else None
+        source = {term: "formula" for term in ("weights", "kv", "compute", "output", "overhead")}
+        if formula:
+            source |= {"compute": "llama.cpp", "output": "llama.cpp"}
+        sides = [(prediction[key], formula and formula[key]) for key in ("gpu", "cpu")]
+        sides += zip(prediction["devices"], formula["devices"] if formula else [None] * len(prediction["devices"]), strict=True)
+        for side, before in sides:
+            side["source"] = dict(source)
+            if before:
+                side["formula"] = {"compute": before["compute"], "output": before["output"]}
         return {
             "n_gpu_layers": self.n_gpu_layers,
             "vram_budget": self.budget,
@@ -318,8 +186,21 @@ class LoadPlan:
             "tensor_split": list(self.tensor_split) if self.tensor_split else None,
             "split_mode": self.settings.split_mode,
             "main_gpu": self.settings.main_gpu,
-            "prediction": self.prediction.to_dict(),
+            "prediction": prediction,
             "swap": self.swap.to_dict(),
+            "dry_run": {"runs": self.dry_runs, "seconds": self.dry_run_seconds} if self.formula else None,
+        }
+
+    def llama_load(self, rpc_servers: Sequence[str] = ()) -> dict[str, Any]:
+        """What llama.cpp is given for this layout: the fields of the engine's `load` message that make
+        it (daemon/llama/engine.py), which the dry run takes too (daemon/llama/dry_run.py)."""
+        return {
+            "model_path": self.info.path,
+            "llama": llama_args(self.settings, n_gpu_layers=self.n_gpu_layers, tensor_split=self.tensor_split),
+            "cpu_tensors": tuple(cpu_tensor_patterns(self.settings, self.info.n_layer)),
+            "flash_attn_auto": self.settings.flash_attn == "auto",
+            "rpc_servers": tuple(rpc_servers),
+            "devices": tuple(d.name for d in self.devices) if rpc_servers else (),
         }
 
 
@@ -390,7 +271,7 @@ def plan_load(
     budgets = device_budgets(used, vram_budget)
     kv_choice = ""
     if AUTO in (settings.cache_type_k, settings.cache_type_v):
-        settings, kv_choice = _choose_kv_types(info, budgets, settings, devices, fit_ctx=fit_ctx)
+        settings, kv_choice = choose_kv_types(info, budgets, settings, devices, fit_ctx=fit_ctx)
     fitted = fit(info, budgets, settings, devices, fit_ctx=fit_ctx)
     if fit_ctx:
         settings = replace(settings, n_ctx=fitted.n_ctx)
@@ -406,10 +287,11 @@ def plan_load(
     def tokens_per_s(row: Prediction) -> float:
         return speed.estimate_tokens_per_second(row, ram_bw, gpu_bw, info=info, cpu=cpu, n_threads=settings.n_threads)
 
-    fitted.reason = _reason(fitted, tokens_per_s(fitted.prediction)) + kv_choice
+    fitted.reason = fit_reason(fitted, tokens_per_s(fitted.prediction)) + kv_choice
+    steps_down: Literal["layer", "experts"] | None = "layer" if n_gpu_layers == "auto" else None
     if n_gpu_layers == "auto" and settings.n_cpu_moe is None and info.n_expert:
         # The other way to fill the budget: every layer offloaded, the experts of the first ones in RAM.
-        experts = _experts_in_ram(info, budgets, settings, devices)
+        experts = experts_in_ram(info, budgets, settings, devices)
         split_speed = tokens_per_s(fitted.prediction)
         if (
             experts is not None
@@ -417,9 +299,9 @@ def plan_load(
             and not swap_check(experts.prediction, machine.available_ram).would_swap
         ):
             experts.reason = (
-                f"{_reason(experts, tokens_per_s(experts.prediction))}; a layer split would give {split_speed:.0f}{kv_choice}"
+                f"{fit_reason(experts, tokens_per_s(experts.prediction))}; a layer split would give {split_speed:.0f}{kv_choice}"
             )
-            fitted = experts
+            fitted, steps_down = experts, "experts"
             settings = replace(settings, n_cpu_moe=experts.prediction.cpu_expert_layers)
     prediction = fitted.prediction if n_gpu_layers == "auto" else predict(info, n_gpu_layers, settings, devices)
     tensor_split = settings.tensor_split
@@ -440,4 +322,5 @@ def plan_load(
         cpu,
         devices,
         tensor_split,
+        steps_down,
     )
