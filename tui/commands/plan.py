@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 "fit": plan.fitted.to_dict(),
                 "table": [row.to_dict() for row in table],
                 "swap": plan.swap.to_dict(),
-                "checked": plan.to_dict() if exact else None,
+                **({"checked": plan.to_dict()} if exact else {}),  # the plan llama.cpp's dry run checked
             },
             sys.stdout,
             indent=2,
