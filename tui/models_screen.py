@@ -61,7 +61,8 @@ def describe_prediction(plan: LoadPlan, cpu_only: LoadPlan | None = None) -> str
             f"RAM  {format_bytes(cpu.total)} (weights {format_bytes(cpu.weights)}, KV {format_bytes(cpu.kv)}); "
             f"{format_bytes(actual.machine.available_ram)} available: "
             + ("[b red]would swap[/]" if actual.swap.would_swap else "fits"),
-            f"speed about {actual.prediction.tokens_per_s or 0:.1f} tok/s expected (memory bandwidth and compute)",
+            # The formula's figures: the daemon sizes the buffers with llama.cpp's dry run before it loads.
+            f"speed about {actual.prediction.tokens_per_s or 0:.1f} tok/s; llama.cpp checks these figures on Load",
         ]
     )
 

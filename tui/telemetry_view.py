@@ -128,10 +128,13 @@ def ram_line(model: dict[str, Any], engine: dict[str, Any] | None) -> str | None
 
 
 def device_lines(model: dict[str, Any]) -> list[str]:
-    return [
+    lines = [
         f"{name:<6} {layers}: predicted {format_bytes(predicted)}, allocated {format_bytes(allocated)}"
         for name, layers, predicted, allocated in device_figures(model)
     ]
+    if lines and (model.get("plan") or {}).get("dry_run"):  # compute and output came from llama.cpp's allocator
+        lines.append("predicted: weights and KV by the formula, compute and output by llama.cpp's dry run")
+    return lines
 
 
 def format_split(split: dict[str, Any] | None, n_gpu_layers: int | None) -> str:
