@@ -31,7 +31,7 @@ from typing import Any
 
 from vramchat.daemon.llama import rpc
 from vramchat.daemon.llama.chat_model import ChatModel
-from vramchat.daemon.llama.engine import _die_with_parent, _load_error_text
+from vramchat.daemon.llama.engine import die_with_parent, load_error_text
 
 
 def measure(load: dict[str, Any], log_fd: int | None = None) -> dict[str, Any]:
@@ -77,14 +77,14 @@ def measure(load: dict[str, Any], log_fd: int | None = None) -> dict[str, Any]:
             flash_attn_auto=bool(load.get("flash_attn_auto")),
         )
     except Exception as exc:  # llama-cpp-python raises ValueError for most load failures
-        return {"error": _load_error_text(exc, lines)}
+        return {"error": load_error_text(exc, lines)}
     finally:
         bindings.llama_model_default_params = default
     return {"log": "".join(lines), "seconds": time.monotonic() - started}
 
 
 def main() -> int:
-    _die_with_parent()
+    die_with_parent()
     answer = measure(json.load(sys.stdin), log_fd=os.dup(2))
     print(json.dumps(answer), flush=True)
     return 1 if "error" in answer else 0

@@ -108,7 +108,7 @@ class Engine:
                 on_progress=self._report_progress,
             )
         except Exception as exc:  # llama-cpp-python raises ValueError for most load failures
-            self.send({"ev": "load_failed", "error": _load_error_text(exc, self.log_lines)})
+            self.send({"ev": "load_failed", "error": load_error_text(exc, self.log_lines)})
             return False
         self.send(
             {
@@ -321,7 +321,7 @@ class TokenFrames:
             self.texts, self.stamps = [], []
 
 
-def _load_error_text(exc: Exception, log_lines: list[str]) -> str:
+def load_error_text(exc: Exception, log_lines: list[str]) -> str:
     """llama-cpp-python's exception says little ("Failed to load model from file"); the reason
     is in llama.cpp's log, so quote its last error lines."""
     reasons = [line.strip() for line in log_lines if "error" in line.lower() or "failed" in line.lower()]
@@ -329,7 +329,7 @@ def _load_error_text(exc: Exception, log_lines: list[str]) -> str:
     return f"{exc}" + (f" (llama.cpp: {detail})" if detail else "")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """If the daemon is killed with -9, take the engine (and the VRAM it holds) down with it.
     Ctrl-C in the daemon's terminal is the daemon's to handle, not the engine's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -342,7 +342,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _die_with_parent()
+    die_with_parent()
     scheduling.use_default_slice()  # the daemon's short one is inherited; llama threads start from this one
     parser = argparse.ArgumentParser(description="vramchat engine (started by vramchatd)")
     parser.add_argument("--fd", type=int, required=True, help="this engine's end of the daemon's socketpair")
