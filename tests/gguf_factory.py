@@ -10,6 +10,7 @@ numbers a split model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,11 +356,20 @@ def split_gguf(source: Path, destination: Path, n_shards: int) -> list[Path]:
     architecture = reader.fields["general.architecture"].contents()
     writer = GGUFWriter(destination, architecture, split_max_tensors=per_file)
     writer.data_alignment = reader.alignment
+    copy_gguf(reader, writer, lambda name: None if name.startswith("split.") else name)  # the writer adds split.*
+    stem = destination.name.removesuffix(".gguf")
+    return [destination.with_name(f"{stem}-{no:05d}-of-{n_shards:05d}.gguf") for no in range(1, n_shards + 1)]
+
+
+def copy_gguf(reader: GGUFReader, writer: GGUFWriter, key: Callable[[str], str | None]) -> None:
+    """Write every metadata key of `reader` under the name `key` gives it (None leaves it out), then
+    every tensor's bytes as they are, and close `writer`. The header's own fields and
+    general.architecture are the writer's."""
     for item in reader.fields.values():
-        if item.name.startswith(("GGUF.", "split.")) or item.name == "general.architecture":
-            continue  # the header's own fields, and what the writer adds itself
-        sub_type = item.types[-1] if item.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(item.name, item.contents(), item.types[0], sub_type=sub_type)
+        name = None if item.name.startswith("GGUF.") or item.name == "general.architecture" else key(item.name)
+        if name is not None:
+            sub_type = item.types[-1] if item.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(name, item.contents(), item.types[0], sub_type=sub_type)
     for tensor in reader.tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
     writer.write_header_to_file()
@@ -368,5 +378,3 @@ def split_gguf(source: Path, destination: Path, n_shards: int) -> list[Path]:
     for tensor in reader.tensors:
         writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
     writer.close()
-    stem = destination.name.removesuffix(".gguf")
-    return [destination.with_name(f"{stem}-{no:05d}-of-{n_shards:05d}.gguf") for no in range(1, n_shards + 1)]

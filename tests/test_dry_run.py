@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 from test_rpc import CPU_SERVER, greedy_reply, load, offloading_daemon, report_of
 
 from vramchat.shared.client import Client, RequestFailed
@@ -30,7 +30,7 @@ from vramchat.shared.placement import OffloadDevice
 from vramchat.shared.planner import PlanSettings, predict
 from vramchat.shared.speed import CpuSpeed
 
-from gguf_factory import TinyModelSpec, write_tiny_gemma, write_tiny_llama
+from gguf_factory import TinyModelSpec, copy_gguf, write_tiny_gemma, write_tiny_llama
 from helpers import DaemonFactory, RpcServer
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -284,22 +284,11 @@ async def test_the_fit_steps_down_when_llama_cpp_puts_a_device_over_the_formulas
 
 def with_unknown_architecture(source: Path, path: Path, arch: str = "vramchat-unknown") -> Path:
     """`source`, a llama GGUF, as an architecture llama.cpp does not know (its keys renamed)."""
-    reader = GGUFReader(source)
-    writer = GGUFWriter(str(path), arch)
-    for item in reader.fields.values():
-        if item.name.startswith("GGUF.") or item.name == "general.architecture":
-            continue
-        sub_type = item.types[-1] if item.types[0] == GGUFValueType.ARRAY else None
-        name = arch + item.name.removeprefix("llama") if item.name.startswith("llama.") else item.name
-        writer.add_key_value(name, item.contents(), item.types[0], sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data)
-    writer.close()
+    copy_gguf(
+        GGUFReader(source),
+        GGUFWriter(str(path), arch),
+        lambda name: arch + name.removeprefix("llama") if name.startswith("llama.") else name,
+    )
     return path
 
 
