@@ -30,7 +30,7 @@ from vramchat.shared import paths
 from vramchat.shared.client import Client
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from gguf_factory import RandomLlamaSpec, _add_llama_shape, _add_tokenizer, random_llama
+from gguf_factory import RandomLlamaSpec, _add_llama_shape, _add_tokenizer, layer_matrices, random_llama
 
 N_CTX = 4096
 SHARE_TARGET = 0.10
@@ -46,23 +46,11 @@ def write_sparse_llama(path: Path, spec: RandomLlamaSpec) -> Path:
     writer.add_file_type(LlamaFileType.MOSTLY_Q4_0)
     _add_llama_shape(writer, spec)
     _add_tokenizer(writer, spec.n_vocab)
-    kv = spec.n_head_kv * (spec.n_embd // spec.n_head)
     matrices = [("token_embd", spec.n_vocab, spec.n_embd), ("output", spec.n_vocab, spec.n_embd)]
     norms = ["output_norm"]
     for i in range(spec.n_layer):
         norms += [f"blk.{i}.attn_norm", f"blk.{i}.ffn_norm"]
-        matrices += [
-            (f"blk.{i}.{name}", rows, cols)
-            for name, rows, cols in (
-                ("attn_q", spec.n_embd, spec.n_embd),
-                ("attn_k", kv, spec.n_embd),
-                ("attn_v", kv, spec.n_embd),
-                ("attn_output", spec.n_embd, spec.n_embd),
-                ("ffn_gate", spec.n_ff, spec.n_embd),
-                ("ffn_up", spec.n_ff, spec.n_embd),
-                ("ffn_down", spec.n_embd, spec.n_ff),
-            )
-        ]
+        matrices += [(f"blk.{i}.{name}", rows, cols) for name, rows, cols in layer_matrices(spec)]
     sizes = []
     for name in norms:
         writer.add_tensor_info(f"{name}.weight", (spec.n_embd,), np.dtype(np.float32), spec.n_embd * 4)

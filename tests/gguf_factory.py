@@ -255,6 +255,20 @@ class RandomLlamaSpec:
     seed: int = 0
 
 
+def layer_matrices(spec: RandomLlamaSpec) -> list[tuple[str, int, int]]:
+    """(name, rows, columns) of each weight matrix of one llama layer of `spec`."""
+    kv = spec.n_head_kv * (spec.n_embd // spec.n_head)
+    return [
+        ("attn_q", spec.n_embd, spec.n_embd),
+        ("attn_k", kv, spec.n_embd),
+        ("attn_v", kv, spec.n_embd),
+        ("attn_output", spec.n_embd, spec.n_embd),
+        ("ffn_gate", spec.n_ff, spec.n_embd),
+        ("ffn_up", spec.n_ff, spec.n_embd),
+        ("ffn_down", spec.n_embd, spec.n_ff),
+    ]
+
+
 def write_random_llama(path: Path, spec: RandomLlamaSpec = RandomLlamaSpec()) -> Path:
     """Write a llama GGUF of random quantized matrices, in seconds even at several GB.
 
@@ -268,7 +282,6 @@ def write_random_llama(path: Path, spec: RandomLlamaSpec = RandomLlamaSpec()) ->
     if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv or spec.n_embd % block or spec.n_ff % block:
         raise ValueError(f"n_embd must divide by n_head and by {block}, n_head by n_head_kv, and n_ff by {block}")
     rng = np.random.default_rng(spec.seed)
-    head_dim = spec.n_embd // spec.n_head
     scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
 
     def matrix(rows: int, cols: int, quant: str = spec.quant) -> np.ndarray:
@@ -302,19 +315,10 @@ def write_random_llama(path: Path, spec: RandomLlamaSpec = RandomLlamaSpec()) ->
     add("token_embd.weight", embedding, embedding_quant)
     if not spec.tied_embeddings:
         add("output.weight", output)
-    kv = spec.n_head_kv * head_dim
     for i in range(spec.n_layer):
         blk = f"blk.{i}"
         writer.add_tensor(f"{blk}.attn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
-        for name, rows, cols in (
-            ("attn_q", spec.n_embd, spec.n_embd),
-            ("attn_k", kv, spec.n_embd),
-            ("attn_v", kv, spec.n_embd),
-            ("attn_output", spec.n_embd, spec.n_embd),
-            ("ffn_gate", spec.n_ff, spec.n_embd),
-            ("ffn_up", spec.n_ff, spec.n_embd),
-            ("ffn_down", spec.n_embd, spec.n_ff),
-        ):
+        for name, rows, cols in layer_matrices(spec):
             add(f"{blk}.{name}.weight", matrix(rows, cols))
         writer.add_tensor(f"{blk}.ffn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
     writer.write_header_to_file()
