@@ -54,6 +54,10 @@ class StubClient(Client):
             conversation = (body or {})["id"]
             if conversation not in self.messages:
                 raise RequestFailed("not_found", f"no conversation {conversation}")
-            return {"messages": self.messages[conversation]}
+            known = {c["id"]: c for c in self.snapshot["conversations"]}
+            return {
+                "conversation": known.get(conversation, {"id": conversation, "title": ""}),
+                "messages": self.messages[conversation],
+            }
         self.requests.append((type_, body or {}))
         return self.replies.get(type_, {})

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 from textual import on, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import ComposeResult, SystemCommand
 from textual.containers import Horizontal
 from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen, Screen
@@ -30,6 +30,7 @@ from vramchat.tui import keys
 from vramchat.tui.chat import ChatView
 from vramchat.tui.dashboard import DashboardScreen
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
+from vramchat.tui.message_actions import ChatActions
 from vramchat.tui.models_screen import LoadDialog, ModelsScreen, machine
 from vramchat.tui.state import Changes, ChatState, silence_limit
 from vramchat.tui.telemetry_view import NO_GPU
@@ -40,7 +41,7 @@ EVERYWHERE = {"dashboard", "models", "gpu_layers", "quit", "command_palette"}
 NO_GPU_NOTICE_S = 10.0  # how long F7/F8's "no GPU here" stays up
 
 
-class VramchatApp(App[None]):
+class VramchatApp(ChatActions):
     """The TUI attached to the daemon that `client` talks to.
 
     The app always follows its client: it connects it when needed, applies its snapshots and
@@ -139,7 +140,10 @@ class VramchatApp(App[None]):
             self.show_connection()
         if changes.conversations:
             await self.query_one(ConversationList).show(self.state.conversations, self.state.current)
+        focused = self.focused_message_id() if changes.log else None
         await self.chat.redraw(changes)
+        if changes.log:
+            self.restore_focus(focused)
         if changes.state:
             self.state_changed()
 
@@ -174,9 +178,8 @@ class VramchatApp(App[None]):
         for action in keys.ACTIONS:
             if action.id != "quit":
                 key = self.keymap.get(action.id, action.key)
-                yield SystemCommand(
-                    action.description, f"{key}: {action.description.lower()}", lambda a=action.action: self.run_action(a)
-                )
+                help_text = f"{key}: {action.description.lower()}" if key else action.description
+                yield SystemCommand(action.description, help_text, lambda a=action.action: self.run_action(a))
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place where a failed worker is reported: a request that went wrong, a dead socket."""
@@ -194,6 +197,9 @@ class VramchatApp(App[None]):
 
     @work(group="send", exclusive=True, exit_on_error=False)
     async def send(self, text: str) -> None:
+        if self.editing is not None:
+            await self.send_edit(text)
+            return
         if self.state.current is None:
             # Create the conversation first, so that its events are shown from the first one on;
             # titled from the first message, as the daemon titles the chats `ask` starts.
@@ -209,6 +215,8 @@ class VramchatApp(App[None]):
     @on(ListView.Selected, "#conversations")
     async def switch_conversation(self, event: ListView.Selected) -> None:
         if event.item.name and event.item.name != self.state.current:
+            if self.editing is not None:
+                self.cancel_edit()
             self.state.current = event.item.name
             await self.chat.show_conversation()
         self.chat.prompt.focus()
@@ -217,6 +225,8 @@ class VramchatApp(App[None]):
         self.query_one(ConversationList).focus()
 
     async def action_new_conversation(self) -> None:
+        if self.editing is not None:
+            self.cancel_edit()
         self.state.current = None
         await self.chat.show_conversation()
         self.chat.prompt.focus()
@@ -262,8 +272,11 @@ class VramchatApp(App[None]):
 
     @work(group="requests", exit_on_error=False)
     async def action_cancel(self) -> None:
-        """Cancel the reply generating on screen, whoever asked for it; else this app's newest queued request."""
-        if target := self.state.cancel_target():
+        """Cancel an edit; else the reply generating on screen, whoever asked for it; else this app's
+        newest queued request."""
+        if self.editing is not None:
+            self.cancel_edit()
+        elif target := self.state.cancel_target():
             try:
                 await self.client.request("cancel", {"request": target})
             except RequestFailed as exc:

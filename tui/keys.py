@@ -28,6 +28,7 @@ class Action:
     action: str
     description: str  # in the command palette
     label: str = ""  # in the footer, short enough for all of them to fit in 80 columns; none: not shown
+    # No key: in the command palette only (the same is done on a focused message, tui/message_keys.py).
 
     @property
     def show(self) -> bool:
@@ -46,13 +47,23 @@ ACTIONS: tuple[Action, ...] = (
     Action("gpu_layers_down", "f7", "gpu_layers(-1)", "One GPU layer fewer (reload)", "GPU-"),
     Action("gpu_layers_up", "f8", "gpu_layers(1)", "One GPU layer more (reload)", "GPU+"),
     Action("focus_conversations", "ctrl+l", "focus_conversations", "Chat list"),
+    Action("focus_messages", "ctrl+up", "focus_messages", "Go to the messages (then up/down, Esc back to the prompt)"),
+    Action("search", "ctrl+f", "search", "Search every chat"),
+    Action("copy_last_reply", "", "copy_last_reply", "Copy the last reply"),
+    Action("copy_last_code_block", "", "copy_last_code_block", "Copy the last code block"),
+    Action("edit_last_message", "", "edit_last_message", "Edit the last message"),
+    Action("export_markdown", "", "export_markdown", "Export the chat as Markdown"),
     Action("quit", "ctrl+q", "quit", "Quit", "Quit"),
 )
 
 
 def bindings() -> list[BindingType]:
     """Priority bindings: the prompt's TextArea has the focus and binds many Ctrl keys itself."""
-    return [Binding(a.key, a.action, a.label or a.description, show=a.show, priority=a.id != "cancel", id=a.id) for a in ACTIONS]
+    return [
+        Binding(a.key, a.action, a.label or a.description, show=a.show, priority=a.id != "cancel", id=a.id)
+        for a in ACTIONS
+        if a.key
+    ]
 
 
 def load_keymap(config: Path | None = None) -> tuple[dict[str, str], list[str]]:
@@ -66,7 +77,7 @@ def load_keymap(config: Path | None = None) -> tuple[dict[str, str], list[str]]:
         return {}, [f"key bindings not read from {path}: {exc}"]
     if not isinstance(raw, dict):
         return {}, [f'[keys] in {path} must be a table of action = "key"']
-    known = {a.id for a in ACTIONS}
+    known = {a.id for a in ACTIONS if a.key}
     keymap, problems = {}, []
     for action, key in raw.items():
         if action not in known:

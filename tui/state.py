@@ -135,7 +135,8 @@ class ChatState:
         self.conversations = [c for c in self.conversations if c["id"] != conversation["id"]]
         if body["action"] != "deleted":
             self.conversations.insert(0, conversation)
-            return Changes(conversations=True)
+            # Another version became current (an edit, a regenerate, a switch): redraw it if on screen.
+            return Changes(conversations=True, log=body["action"] == "switched" and conversation["id"] == self.current)
         if conversation["id"] != self.current:
             return Changes(conversations=True)
         self.current = self.conversations[0]["id"] if self.conversations else None

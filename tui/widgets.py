@@ -9,13 +9,13 @@ from markdown_it import MarkdownIt
 from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Vertical
 from textual.dom import DOMNode
 from textual.message import Message
 from textual.widgets import Label, ListItem, ListView, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownBlock
 
 from vramchat.shared.units import format_bytes
+from vramchat.tui.message_keys import MessageKeys
 from vramchat.tui.telemetry_view import rpc_devices, rpc_used, swapping
 
 if TYPE_CHECKING:
@@ -75,8 +75,9 @@ class PromptInput(TextArea, inherit_bindings=False):
             self.insert("\n")
 
 
-class ChatMessage(Vertical):
-    """One message: its Markdown body and, for replies, a status and stats line."""
+class ChatMessage(MessageKeys):
+    """One message: its Markdown body and, for replies, a status and stats line. It takes the
+    focus, and then its keys (MessageKeys): copy, edit, regenerate, versions."""
 
     def __init__(self, message: dict[str, Any]) -> None:
         super().__init__(classes=f"message {message['role']}")
@@ -137,7 +138,9 @@ def shown_blocks(body: Markdown) -> list[tuple[str, tuple[int, int]]]:
 
 
 class ConversationList(ListView):
-    """The conversations, newest first, with the one on screen highlighted."""
+    """The conversations, newest first, with the one on screen highlighted; / searches them all."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("slash", "app.search", "Search")]
 
     async def show(self, conversations: list[dict[str, Any]], current: str | None) -> None:
         await self.clear()
