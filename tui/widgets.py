@@ -51,7 +51,8 @@ def _keys_of(binding: Any) -> str:
 
 
 class PromptInput(TextArea, inherit_bindings=False):
-    """Enter sends; Ctrl+J (and Shift+Enter where the terminal reports it) adds a newline.
+    """Enter sends; Ctrl+J (and Shift+Enter where the terminal reports it) adds a newline; ↑ in an
+    empty prompt goes to the last message.
 
     TextArea's F6 (select line) and F7 (select all) are left out: the app uses the F keys.
     """
@@ -73,6 +74,10 @@ class PromptInput(TextArea, inherit_bindings=False):
             event.prevent_default()
             event.stop()
             self.insert("\n")
+        elif event.key == "up" and not self.text:  # an empty prompt has nowhere to go up to: the messages
+            event.prevent_default()
+            event.stop()
+            await self.app.run_action("focus_messages")
 
 
 class ChatMessage(MessageKeys):
