@@ -47,7 +47,11 @@ CURRENT = [
     message("m3", "user", "And a string?", versions=VERSIONS_NEW),
     message("m4", "assistant", THINKING),
 ]
-EARLIER = [*CURRENT[:2], message("m3a", "user", "And a tuple?", versions=VERSIONS_OLD), message("m4a", "assistant", "tuple(reversed(t))")]
+EARLIER = [
+    *CURRENT[:2],
+    message("m3a", "user", "And a tuple?", versions=VERSIONS_OLD),
+    message("m4a", "assistant", "tuple(reversed(t))"),
+]
 CONVERSATIONS = [
     {"id": "c1", "title": "Reversing lists", "settings": {}, "system_prompt": None, "created_at": 1_700_000_000.0},
     {"id": "c2", "title": "Rust lifetimes", "settings": {}, "system_prompt": None, "created_at": 1_700_000_000.0},
@@ -198,7 +202,8 @@ async def test_e_on_a_question_edits_it_and_enter_sends_an_edit() -> None:
         assert app.focused is prompt
         await pilot.press("backspace", *" in place?", "enter")
         await until(pilot, lambda: client.requests)
-        assert client.requests == [("edit", {"conversation": "c1", "message": "m1", "content": "How do I reverse a list in Python in place?"})]
+        edited = "How do I reverse a list in Python in place?"
+        assert client.requests == [("edit", {"conversation": "c1", "message": "m1", "content": edited})]
         await until(pilot, lambda: prompt.text == "" and not prompt.border_title)
         assert app.editing is None
 
