@@ -17,7 +17,7 @@ from vramchat.daemon import model_files
 from vramchat.daemon.events import EventBus
 from vramchat.daemon.jobs import Job, JobResult, Turn
 from vramchat.daemon.model_lifecycle import ModelLifecycle
-from vramchat.daemon.store import NotFound, Store, StoreError
+from vramchat.daemon.store import AT_HEAD, AtHead, NotFound, Store, StoreError
 from vramchat.daemon.supervisor import EngineProcess, describe_exit
 from vramchat.shared.protocol import CONTEXT_OVERFLOW_POLICIES, SAMPLING_FIELDS, ProtocolError, field_of
 
@@ -81,9 +81,10 @@ class GenerationQueue:
     def publish(self) -> None:
         self.bus.publish("queue", self.state())
 
-    def add_user_message(self, conversation_id: str, content: str) -> dict[str, Any]:
-        """Store a question before it is queued: a daemon killed meanwhile loses nothing."""
-        message = self.store.add_message(conversation_id, "user", content)
+    def add_user_message(self, conversation_id: str, content: str, parent: str | AtHead | None = AT_HEAD) -> dict[str, Any]:
+        """Store a question before it is queued: a daemon killed meanwhile loses nothing. After
+        `parent` (an edit: the edited question's parent), by default at the end of the branch."""
+        message = self.store.add_message(conversation_id, "user", content, parent=parent)
         self.bus.publish("msg", message)
         return message
 

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Request, bytes], Awaitable[dict[str, Any]]]
 
+DEFAULT_SEARCH_RESULTS = 50
+MAX_SEARCH_RESULTS = 200
+
 
 @dataclass(frozen=True)
 class DaemonInfo:
@@ -73,6 +76,9 @@ class Handlers:
             "conversation.get": self.on_conversation_get,
             "conversation.update": self.on_conversation_update,
             "conversation.delete": self.on_conversation_delete,
+            "conversation.switch": self.on_conversation_switch,
+            "conversation.search": self.on_conversation_search,
+            "edit": self.on_edit,
             "pull": self.on_pull,
             "pull.cancel": self.on_pull_cancel,
         }
@@ -200,18 +206,24 @@ class Handlers:
         return self._enqueue(Job(request.id, conversation["id"], client, sampling), user_message)
 
     async def on_regenerate(self, request: Request, client: bytes) -> dict[str, Any]:
-        """Drop the last reply of a conversation and queue a new one for the same question."""
-        conversation_id = self.store.resolve_conversation(field_of(request.body, "conversation", str))
-        if self.generation.has_work_for(conversation_id):
-            raise ProtocolError("busy", "this conversation already has a reply queued or generating")
+        """Queue a new reply beside an earlier one (by default the last): the earlier reply, and
+        whatever followed it, stay stored as an earlier version."""
+        body = request.body
+        conversation_id = self.store.resolve_conversation(field_of(body, "conversation", str))
+        reply_id = field_of(body, "message", str, None)
+        sampling = checked_sampling(field_of(body, "sampling", dict, {}))
+        self._check_idle(conversation_id)
         self.generation.check_room(client)
-        messages = self.store.messages(conversation_id)
-        if not any(m["role"] == "user" for m in messages):
+        branch = self.store.messages(conversation_id)
+        if not any(m["role"] == "user" for m in branch):
             raise ProtocolError("invalid_value", "there is no message to answer again in this conversation")
-        if messages[-1]["role"] == "assistant":
-            self.store.delete_message(messages[-1]["id"])
-            self.bus.publish("msg", {**messages[-1], "status": "deleted"})
-        sampling = checked_sampling(field_of(request.body, "sampling", dict, {}))
+        replaced = self._on_branch(conversation_id, branch, reply_id) if reply_id is not None else branch[-1]
+        if replaced["role"] != "assistant":
+            if reply_id is not None:
+                raise ProtocolError("invalid_value", f"message {reply_id!r} is a question, not a reply: edit it instead")
+        else:  # the new reply will follow the same question: the head goes back there meanwhile
+            self.store.set_head(conversation_id, replaced["parent_id"])
+            self._publish_switched(conversation_id)
         return self._enqueue(Job(request.id, conversation_id, client, sampling), None)
 
     def _enqueue(self, job: Job, user_message: dict[str, Any] | None) -> dict[str, Any]:
@@ -225,6 +237,64 @@ class Handlers:
 
     async def on_cancel(self, request: Request, _client: bytes) -> dict[str, Any]:
         return {"cancelled": self.generation.cancel(field_of(request.body, "request", str))}
+
+    # --- versions: edit, switch, search ------------------------------------------------------
+
+    async def on_edit(self, request: Request, client: bytes) -> dict[str, Any]:
+        """Store a new version of a question beside the old one and answer it; the old question
+        and everything after it stay stored, and conversation.switch brings them back."""
+        body = request.body
+        conversation_id = self.store.resolve_conversation(field_of(body, "conversation", str))
+        message_id = field_of(body, "message", str)
+        content = field_of(body, "content", str)
+        if not content.strip():
+            raise ProtocolError("invalid_value", "the message is empty")
+        sampling = checked_sampling(field_of(body, "sampling", dict, {}))
+        self._check_idle(conversation_id)
+        self.generation.check_room(client)
+        edited = self._on_branch(conversation_id, self.store.messages(conversation_id), message_id)
+        if edited["role"] != "user":
+            raise ProtocolError("invalid_value", f"message {message_id!r} is a reply: regenerate it instead of editing")
+        user_message = self.generation.add_user_message(conversation_id, content, parent=edited["parent_id"])
+        self._publish_switched(conversation_id)
+        return self._enqueue(Job(request.id, conversation_id, client, sampling), user_message)
+
+    async def on_conversation_switch(self, request: Request, _client: bytes) -> dict[str, Any]:
+        """Make current the branch through a message (another version), down to its newest message."""
+        conversation_id = self.store.resolve_conversation(field_of(request.body, "conversation", str))
+        message_id = field_of(request.body, "message", str)
+        self._check_idle(conversation_id)
+        conversation = self.store.switch(conversation_id, message_id)
+        self._publish_switched(conversation_id)
+        return {"conversation": conversation, "messages": self.store.messages(conversation_id)}
+
+    async def on_conversation_search(self, request: Request, _client: bytes) -> dict[str, Any]:
+        text = field_of(request.body, "text", str)
+        if not text.strip():
+            raise ProtocolError("invalid_value", "nothing to search for: give one or more words")
+        limit = field_of(request.body, "limit", int, DEFAULT_SEARCH_RESULTS)
+        if not 1 <= limit <= MAX_SEARCH_RESULTS:
+            raise ProtocolError("invalid_value", f"limit must be between 1 and {MAX_SEARCH_RESULTS}, not {limit}")
+        return {"results": self.store.search(text, limit)}
+
+    def _check_idle(self, conversation_id: str) -> None:
+        """Versions change only between replies: a reply in flight is attached to the head."""
+        if self.generation.has_work_for(conversation_id):
+            raise ProtocolError("busy", "this conversation has a reply queued or generating; wait for it, or cancel it")
+
+    def _on_branch(self, conversation_id: str, branch: list[dict[str, Any]], message_id: str) -> dict[str, Any]:
+        """The message `message_id` of the current branch; not_found, or invalid_value when it is
+        stored in an earlier version only."""
+        if found := next((m for m in branch if m["id"] == message_id), None):
+            return found
+        if self.store.get_message(message_id)["conversation_id"] != conversation_id:
+            raise NotFound(f"no message {message_id!r} in conversation {conversation_id!r}")
+        raise ProtocolError(
+            "invalid_value", f"message {message_id!r} is in an earlier version: switch to it first (conversation.switch)"
+        )
+
+    def _publish_switched(self, conversation_id: str) -> None:
+        self.bus.publish("conversation", {"action": "switched", "conversation": self.store.get_conversation(conversation_id)})
 
     # --- conversations -----------------------------------------------------------------------
 

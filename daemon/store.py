@@ -14,32 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id            TEXT PRIMARY KEY,
-    title         TEXT NOT NULL,
-    system_prompt TEXT NOT NULL DEFAULT '',
-    settings      TEXT NOT NULL DEFAULT '{}',
-    created_at    REAL NOT NULL,
-    updated_at    REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id              TEXT PRIMARY KEY,
-    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    position        INTEGER NOT NULL,
-    role            TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-    content         TEXT NOT NULL,
-    status          TEXT NOT NULL,
-    model           TEXT,
-    stats           TEXT,
-    error           TEXT,
-    created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, position);
-"""
+from vramchat.daemon import store_search, store_tree
+from vramchat.daemon.store_schema import NewerSchema, prepare
 
 # complete: a finished user message or reply. generating: a reply being written right now.
 # cancelled, interrupted (engine or daemon died), error: a reply that ended early; its text stays.
@@ -52,6 +28,13 @@ class StoreError(Exception):
 
 class NotFound(KeyError):
     pass
+
+
+class AtHead:
+    """The default parent of a new message: the conversation's head, read in the same transaction."""
+
+
+AT_HEAD = AtHead()
 
 
 def new_id() -> str:
@@ -73,8 +56,12 @@ class Store:
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            prepare(self._db)
+        except NewerSchema as exc:
+            raise StoreError(
+                f"the conversation store {path} was written by a newer vramchat ({exc}); it was left untouched: "
+                "upgrade vramchat, or start this one with --data-dir elsewhere."
+            ) from None
         except sqlite3.OperationalError as exc:
             raise StoreError(
                 f"cannot open the conversation store {path}: {exc}. If another vramchatd uses this "
@@ -167,33 +154,80 @@ class Store:
     # --- messages --------------------------------------------------------------------------
 
     def messages(self, conversation_id: str) -> list[dict[str, Any]]:
-        self.get_conversation(conversation_id)
+        """The current branch, first message to head, each with its `versions`: what a client
+        shows and what the next prompt is built from."""
+        conversation = self.get_conversation(conversation_id)
+        return store_tree.branch(self._all_messages(conversation_id), conversation["head"])
+
+    def _all_messages(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Every stored message of a conversation, every version, in the order stored."""
         rows = self._db.execute(
             "SELECT * FROM messages WHERE conversation_id = ? ORDER BY position", (conversation_id,)
         ).fetchall()
         return [_message(row) for row in rows]
 
     def add_message(
-        self, conversation_id: str, role: str, content: str, *, status: str = "complete", model: str | None = None
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        *,
+        parent: str | AtHead | None = AT_HEAD,
+        status: str = "complete",
+        model: str | None = None,
     ) -> dict[str, Any]:
+        """Store a message after `parent` (by default the head: the end of the current branch) and
+        make it the head. A parent other than the head adds a version beside the head's branch."""
         now = time.time()
         message_id = new_id()
         try:
             with self._transaction():
-                (position,) = self._db.execute(
-                    "SELECT coalesce(max(position), -1) + 1 FROM messages WHERE conversation_id = ?", (conversation_id,)
+                row = self._db.execute("SELECT head FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no conversation {conversation_id!r}")
+                parent_id = row["head"] if isinstance(parent, AtHead) else parent
+                (position, seq) = self._db.execute(
+                    "SELECT coalesce(max(position), -1) + 1, (SELECT coalesce(max(seq), 0) + 1 FROM messages) "
+                    "FROM messages WHERE conversation_id = ?",
+                    (conversation_id,),
                 ).fetchone()
                 self._db.execute(
-                    "INSERT INTO messages (id, conversation_id, position, role, content, status, model, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (message_id, conversation_id, position, role, content, status, model, now, now),
+                    "INSERT INTO messages (id, conversation_id, position, role, content, status, model, created_at, "
+                    "updated_at, parent_id, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (message_id, conversation_id, position, role, content, status, model, now, now, parent_id, seq),
                 )
-                self._db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
-        except sqlite3.IntegrityError:
-            raise NotFound(f"no conversation {conversation_id!r}") from None
+                self._db.execute(
+                    "UPDATE conversations SET head = ?, updated_at = ? WHERE id = ?", (message_id, now, conversation_id)
+                )
         except sqlite3.Error as exc:
             raise StoreError(f"writing to {self.path} failed: {exc}") from None
         return self.get_message(message_id)
+
+    def set_head(self, conversation_id: str, message_id: str | None) -> dict[str, Any]:
+        """Make the branch ending at `message_id` current (None: before the first message)."""
+        if message_id is not None and self.get_message(message_id)["conversation_id"] != conversation_id:
+            raise NotFound(f"no message {message_id!r} in conversation {conversation_id!r}")
+        if self._write("UPDATE conversations SET head = ? WHERE id = ?", (message_id, conversation_id)).rowcount == 0:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        return self.get_conversation(conversation_id)
+
+    def switch(self, conversation_id: str, message_id: str) -> dict[str, Any]:
+        """Make current the branch through `message_id`, down to the newest message below it."""
+        if self.get_message(message_id)["conversation_id"] != conversation_id:
+            raise NotFound(f"no message {message_id!r} in conversation {conversation_id!r}")
+        return self.set_head(conversation_id, store_tree.newest_leaf(self._all_messages(conversation_id), message_id))
+
+    def search(self, text: str, limit: int) -> list[dict[str, Any]]:
+        """Messages of every conversation matching `text` (every version), newest first; each says
+        whether it is on its conversation's current branch."""
+        results = store_search.search(self._db, text, limit)
+        branches: dict[str, set[str]] = {}
+        for result in results:
+            conversation_id = result["conversation"]
+            if conversation_id not in branches:
+                branches[conversation_id] = {m["id"] for m in self.messages(conversation_id)}
+            result["current"] = result["message"] in branches[conversation_id]
+        return results
 
     def get_message(self, message_id: str) -> dict[str, Any]:
         row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
@@ -220,9 +254,6 @@ class Store:
             assignments.append("stats = ?")
             params.append(json.dumps(stats))
         self._write(f"UPDATE messages SET {', '.join(assignments)} WHERE id = ?", (*params, message_id))
-
-    def delete_message(self, message_id: str) -> None:
-        self._write("DELETE FROM messages WHERE id = ?", (message_id,))
 
     def mark_interrupted(self) -> int:
         """Replies left `generating` by a daemon that died: keep their text, say they were cut."""
@@ -255,4 +286,5 @@ def _conversation(row: sqlite3.Row) -> dict[str, Any]:
 def _message(row: sqlite3.Row) -> dict[str, Any]:
     data = dict(row)
     data["stats"] = json.loads(data["stats"]) if data["stats"] else None
+    del data["seq"]  # the search index's key, not the message's business
     return data

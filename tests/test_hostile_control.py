@@ -3,7 +3,8 @@ the fields it reads, wrong types and extreme values, against a real daemon and a
 
 Invariants: every reply is a success or a documented error (never `internal`), `status` answers
 throughout, a real chat completes after the run, and nothing stored before it is lost (unless a
-request that succeeded deleted it or regenerated its last reply).
+request that succeeded deleted it: an edit or a regenerate keeps the earlier version, which a
+switch brings back whole).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ LOAD_VALUES = {
     "use_mlock": st.booleans() | VALUES,
 }
 CONVERSATION_ID = st.sampled_from(["SENTINEL", "", "%", "_", "0"]) | TEXT | VALUES
+# FIRST and LAST stand for the sentinel conversation's question and reply.
+MESSAGE_ID = st.sampled_from(["FIRST", "LAST", ""]) | TEXT | VALUES
+SEARCH_TEXT = st.sampled_from(['"', "*", "AND", "NEAR(", "-x", "remember", 'a "b', "x*"]) | TEXT | VALUES
 # The fields each request type reads (docs/protocol.md), with what Hypothesis may put in each.
 READS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "hello": {"protocol": st.sampled_from([protocol.PROTOCOL_VERSION]) | EXTREMES | VALUES, "client": VALUES},
@@ -69,13 +73,16 @@ READS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "load": LOAD_VALUES,
     "unload": {},
     "chat": {"content": TEXT | VALUES, "conversation": CONVERSATION_ID, "sampling": SAMPLING},
-    "regenerate": {"conversation": CONVERSATION_ID, "sampling": SAMPLING},
+    "regenerate": {"conversation": CONVERSATION_ID, "message": MESSAGE_ID, "sampling": SAMPLING},
+    "edit": {"conversation": CONVERSATION_ID, "message": MESSAGE_ID, "content": TEXT | VALUES, "sampling": SAMPLING},
     "cancel": {"request": TEXT | VALUES},
     "conversation.create": {"title": TEXT | VALUES, "system_prompt": TEXT | VALUES, "settings": SAMPLING},
     "conversation.list": {},
     "conversation.get": {"id": CONVERSATION_ID},
     "conversation.update": {"id": CONVERSATION_ID, "title": TEXT | VALUES, "system_prompt": TEXT | VALUES, "settings": SAMPLING},
     "conversation.delete": {"id": CONVERSATION_ID},
+    "conversation.switch": {"conversation": CONVERSATION_ID, "message": MESSAGE_ID},
+    "conversation.search": {"text": SEARCH_TEXT, "limit": st.integers(-1, 300) | EXTREMES | VALUES},
     "pull": {
         "repo": st.sampled_from(["owner/name", "a/b/c", "../x", ""]) | TEXT | VALUES,
         "quant": TEXT | VALUES,
@@ -129,7 +136,7 @@ def test_hostile_control_requests_get_documented_replies_and_lose_nothing(daemon
     dealer.setsockopt(zmq.RCVTIMEO, 120_000)
     dealer.connect(f"ipc://{daemon.runtime_dir / protocol.CONTROL_SOCKET}")
     deleted: set[str] = set()
-    regenerated: set[str] = set()
+    sentinel_ids = {"FIRST": before[0]["id"], "LAST": before[-1]["id"]}
     seen: dict[str, set[str]] = {}
 
     def ask(kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -147,14 +154,14 @@ def test_hostile_control_requests_get_documented_replies_and_lose_nothing(daemon
         for name in ("conversation", "id"):
             if body.get(name) == "SENTINEL":
                 body[name] = conversation
+        if body.get("message") in sentinel_ids:
+            body["message"] = sentinel_ids[body["message"]]
         reply = ask(kind, body)
         outcome = "ok" if reply["ok"] else reply["error"]["code"]
         seen.setdefault(kind, set()).add(outcome)
         assert reply["ok"] or (reply["error"]["code"] in DOCUMENTED and reply["error"]["message"]), (kind, body, reply)
         if reply["ok"] and kind == "conversation.delete":
             deleted.add(reply["body"]["deleted"])
-        if reply["ok"] and kind == "regenerate":
-            regenerated.add(reply["body"]["conversation"])
         assert ask("status", {})["ok"]
         time.sleep(PAUSE_S)
 
@@ -184,12 +191,18 @@ def test_hostile_control_requests_get_documented_replies_and_lose_nothing(daemon
             assert final is not None and final["status"] == "complete", final
             if conversation in deleted:
                 return {}
-            return {conversation: (await client.request("conversation.get", {"id": conversation}))["messages"]}
+            # Edits and regenerates kept the earlier versions: the sentinel's branch is still there.
+            switch = {"conversation": conversation, "message": before[-1]["id"]}
+            return {conversation: (await client.request("conversation.switch", switch))["messages"]}
 
     kept = asyncio.run(after())
     if conversation not in deleted:
-        expected = before[:-1] if conversation in regenerated else before
-        assert kept[conversation][: len(expected)] == expected
+        assert [without_versions(m) for m in kept[conversation][: len(before)]] == [without_versions(m) for m in before]
+
+
+def without_versions(message: dict[str, Any]) -> dict[str, Any]:
+    """A stored message as it was, whatever versions were added beside it since."""
+    return {k: v for k, v in message.items() if k != "versions"}
 
 
 async def test_text_that_is_not_utf8_is_refused_at_the_control_door(daemon: DaemonProcess) -> None:
