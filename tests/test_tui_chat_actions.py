@@ -56,7 +56,7 @@ EARLIER = [
     message("m3a", "user", "And a tuple?", versions=VERSIONS_OLD),
     message("m4a", "assistant", "tuple(reversed(t))"),
 ]
-CONVERSATIONS = [
+CONVERSATIONS: list[dict[str, Any]] = [
     {"id": "c1", "title": "Reversing lists", "settings": {}, "system_prompt": None, "created_at": 1_700_000_000.0},
     {"id": "c2", "title": "Rust lifetimes", "settings": {}, "system_prompt": None, "created_at": 1_700_000_000.0},
 ]

@@ -1,5 +1,6 @@
 """The real `vramchat` in a real terminal (tmux): ask the demo model a question, read the answer
-off the screen, open the dashboard, quit."""
+off the screen, open the dashboard, quit; copy a reply and its code through OSC 52 into tmux's
+clipboard."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from vramchat.daemon.store import Store
 from vramchat.shared.client import Client
+
+from helpers import DaemonProcess
 
 VRAMCHAT = Path(sys.executable).parent / "vramchat"
 
@@ -104,3 +108,68 @@ def test_ask_the_demo_model_in_tmux(demo_daemon: Any, term: str, tmp_path: Path)
             time.sleep(0.1)
     finally:
         tmux(session, "kill-server", check=False)
+
+
+SEEDED_REPLY = (
+    "Reverse it with a slice:\n\n```python\nitems = [1, 2, 3]\nprint(items[::-1])\n```\n\nThat prints `[3, 2, 1]`, a new list."
+)
+SEEDED_CODE = "items = [1, 2, 3]\nprint(items[::-1])"
+
+
+def seed_a_reply_with_code(daemon: DaemonProcess) -> None:
+    """Store a chat whose reply holds a code block before the daemon starts: the same reply on every run."""
+    store = Store(daemon.data_dir / "conversations.sqlite3")
+    try:
+        conversation = store.create_conversation("Reversing lists")["id"]
+        store.add_message(conversation, "user", "How do I reverse a list in Python?")
+        store.add_message(conversation, "assistant", SEEDED_REPLY, model="tiny.gguf")
+    finally:
+        store.close()
+
+
+def run_from_the_palette(session: str, name: str) -> None:
+    """Ctrl+P, type the entry's name, pick it once the palette lists it (the typed name and the entry)."""
+    tmux(session, "send-keys", "-t", session, "C-p")
+    wait_for(session, lambda s: "Search for commands" in s)
+    tmux(session, "send-keys", "-t", session, "-l", name)
+    wait_for(session, lambda s: s.count(name) >= 2)
+    tmux(session, "send-keys", "-t", session, "Down", "Enter")
+
+
+def tmux_buffer(session: str, expected: str, timeout: float = 20.0) -> str:
+    """tmux's newest paste buffer, once it holds `expected` (or whatever it holds at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        buffer = tmux(session, "show-buffer", check=False).stdout
+        if buffer == expected or time.monotonic() > deadline:
+            return buffer
+        time.sleep(0.2)
+
+
+def test_copy_the_last_reply_and_code_block_reach_tmuxs_clipboard(daemon_factory: Any, models_dir: Path, tmp_path: Path) -> None:
+    """OSC 52 from the real app, through tmux with set-clipboard on, as over SSH: the palette's
+    copy entries put the stored reply, then its code block without the fences, in tmux's buffer."""
+    daemon = daemon_factory("--model", str(models_dir / "tiny.gguf"), start=False)
+    seed_a_reply_with_code(daemon)
+    daemon.start()
+    session = f"vc-{tmp_path.name[-12:]}"
+    command = f"env VRAMCHAT_CONFIG={tmp_path / 'none.toml'} {VRAMCHAT} --runtime-dir {daemon.runtime_dir}"
+    tmux(session, "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command)
+    try:
+        tmux(session, "set-option", "-g", "set-clipboard", "on")
+        wait_for(session, lambda s: "connected" in s and "a new list" in s)
+        conversation = asyncio.run(only_conversation(daemon.runtime_dir))
+        stored = asyncio.run(stored_reply(daemon.runtime_dir, conversation))
+        assert stored == SEEDED_REPLY
+        run_from_the_palette(session, "Copy the last reply")
+        assert tmux_buffer(session, stored) == stored
+        run_from_the_palette(session, "Copy the last code block")
+        assert tmux_buffer(session, SEEDED_CODE) == SEEDED_CODE
+    finally:
+        tmux(session, "kill-server", check=False)
+
+
+async def only_conversation(runtime_dir: Path) -> str:
+    async with Client(runtime_dir) as client:
+        (conversation,) = (await client.request("conversation.list"))["conversations"]
+    return str(conversation["id"])
