@@ -135,11 +135,13 @@ def without_gpus(i: int) -> dict[str, Any]:
 
 
 class FixedApp(VramchatApp):
-    def __init__(self, replies: dict[str, dict[str, Any]] | None = None, gpu: bool = True) -> None:
+    def __init__(
+        self, replies: dict[str, dict[str, Any]] | None = None, gpu: bool = True, messages: list[dict[str, Any]] = MESSAGES
+    ) -> None:
         snapshot = SNAPSHOT
         if not gpu:
             snapshot = {**SNAPSHOT, "telemetry": {"latest": without_gpus(19), "history": [without_gpus(i) for i in range(20)]}}
-        super().__init__(StubClient(snapshot, {"c1": MESSAGES, "c2": []}, replies))
+        super().__init__(StubClient(snapshot, {"c1": messages, "c2": []}, replies))
 
     async def feed(self, pilot: Any) -> None:
         """Wait until the fixed snapshot is on screen: the memory bar is the last thing it draws."""
@@ -161,6 +163,23 @@ def test_chat_screen(snap_compare: Any, size: tuple[int, int]) -> None:
         await pilot.pause()
 
     assert snap_compare(FixedApp(), terminal_size=size, run_before=run_before)
+
+
+def test_chat_screen_with_a_focused_reply(snap_compare: Any) -> None:
+    """At 80 columns: the reply's second version of two (shown as 2/2 between angle quotes), and the footer with the keys of
+    the focused reply in place of the app's."""
+    versions = {"index": 2, "count": 2, "ids": ["m0", "m2"]}
+
+    async def run_before(pilot: Any) -> None:
+        await pilot.app.feed(pilot)
+        reply = pilot.app.chat.message_widget("m2")
+        while not reply.query(".versions"):
+            await pilot.pause(0.02)
+        reply.focus()
+        await pilot.pause()
+
+    app = FixedApp(messages=[MESSAGES[0], {**MESSAGES[1], "versions": versions}])
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

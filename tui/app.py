@@ -20,7 +20,7 @@ from textual.app import ComposeResult, SystemCommand
 from textual.containers import Horizontal
 from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Header, ListView
+from textual.widgets import Header, ListView
 from textual.worker import Worker, WorkerState
 
 from vramchat.shared import scheduling
@@ -31,6 +31,7 @@ from vramchat.tui.chat import ChatView
 from vramchat.tui.dashboard import DashboardScreen
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
 from vramchat.tui.message_actions import ChatActions
+from vramchat.tui.message_keys import ChatFooter
 from vramchat.tui.models_screen import LoadDialog, ModelsScreen, machine
 from vramchat.tui.state import Changes, ChatState, silence_limit
 from vramchat.tui.telemetry_view import NO_GPU
@@ -71,7 +72,7 @@ class VramchatApp(ChatActions):
         with Horizontal():
             yield ConversationList(id="conversations")
             yield self.chat
-        yield Footer(compact=True)
+        yield ChatFooter(compact=True)
 
     def on_mount(self) -> None:
         self.keymap, problems = keys.load_keymap()

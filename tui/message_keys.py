@@ -3,16 +3,19 @@ regenerate it, switch its version, fold its reasoning. ChatMessage inherits this
 needs the daemon is the app's (tui/message_actions.py).
 
 The footer shows only the keys that apply to the focused message: edit for a question,
-regenerate and reasoning for a reply, versions where there are several.
+regenerate and reasoning for a reply, versions where there are several; and of the app's, only
+Quit and the palette, so that it fits in 80 columns (the app's keys still work).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
-from textual.widgets import Collapsible, Label
+from textual.widgets import Collapsible, Footer, Label
+from textual.widgets._footer import FooterKey
 
 if TYPE_CHECKING:
     from vramchat.tui.app import VramchatApp
@@ -103,3 +106,22 @@ class MessageKeys(Vertical):
             self.notify("this reply has no reasoning to fold", timeout=3)
         for fold in folds:
             fold.collapsed = not fold.collapsed
+
+
+# The keys a message binds: in the footer while it has the focus.
+MESSAGE_KEYS = {key for binding in MessageKeys.BINDINGS if isinstance(binding, Binding) for key in binding.key.split(",")}
+
+
+class ChatFooter(Footer):
+    """The footer; while a message has the focus, its keys in place of the app's."""
+
+    def compose(self) -> ComposeResult:
+        widgets = list(super().compose())
+        if isinstance(self.screen.focused, MessageKeys):
+            widgets = [w for w in widgets if not isinstance(w, FooterKey) or self.message_key(w)]
+            self.styles.grid_size_columns = sum(1 for w in widgets if not w.has_class("-command-palette"))
+        yield from widgets
+
+    @staticmethod
+    def message_key(key: FooterKey) -> bool:
+        return key.key in MESSAGE_KEYS or key.action == "quit" or key.has_class("-command-palette")
