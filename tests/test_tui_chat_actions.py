@@ -394,3 +394,24 @@ async def test_an_edit_is_answered_and_a_second_app_switches_back_to_the_kept_ve
     with sqlite3.connect(tiny_daemon.data_dir / "conversations.sqlite3") as db:
         stored = sorted(content for (content,) in db.execute("SELECT content FROM messages"))
     assert stored == sorted(c for _, _, c in before + after[2:])  # nothing deleted: both versions kept
+
+
+async def test_r_on_a_reply_makes_a_second_version_and_left_brings_the_first_back(tiny_daemon: DaemonProcess) -> None:
+    app = VramchatApp(Client(tiny_daemon.runtime_dir, name="vramchat tui"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.connected and app.state.model.get("state") == "ready", 30)
+        await ask(pilot, app, "Where do walruses live?")
+        await until(pilot, lambda: answered(app, "Where do walruses live?"), 60)
+        first = app.query(ChatMessage).last()
+        old_id = first.message["id"]
+        first.focus()
+        await pilot.press("r")
+        # The old reply leaves the screen, the new one is answered and says it is the second version.
+        await until(pilot, lambda: answered(app, "Where do walruses live?") and shown_ids(app)[1] != old_id, 60)
+        reply = app.query(ChatMessage).last()
+        await until(pilot, lambda: reply.query(".versions"))
+        assert str(reply.query_one(".versions", Label).render()) == "\u2039 2/2 \u203a"
+        reply.focus()
+        await pilot.press("left")
+        await until(pilot, lambda: shown_ids(app)[1] == old_id and focused_id(app) == old_id)
+        assert answered(app, "Where do walruses live?")

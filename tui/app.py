@@ -145,6 +145,8 @@ class VramchatApp(ChatActions):
         await self.chat.redraw(changes)
         if changes.log:
             self.restore_focus(focused)
+        elif changes.message is not None:
+            self.message_redrawn(changes.message)
         if changes.state:
             self.state_changed()
 

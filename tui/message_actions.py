@@ -19,7 +19,7 @@ from markdown_it import MarkdownIt
 from textual import work
 from textual.app import App
 
-from vramchat.shared.client import Client
+from vramchat.shared.client import Client, RequestFailed
 from vramchat.shared.markdown_export import conversation_markdown, export_file_name, split_reasoning
 from vramchat.tui.chat import ChatView
 from vramchat.tui.search_screen import SearchScreen
@@ -92,6 +92,27 @@ class ChatActions(App[None]):
             self.focus_after_redraw = None
         widget.focus()
         widget.scroll_visible(animate=False)
+
+    def message_redrawn(self, message: dict[str, Any]) -> None:
+        """A message of the chat on screen was stored or finished. `msg` events do not say which
+        version a message is, so a finished reply (a regenerated one has a sibling) asks."""
+        if message["status"] in ("generating", "deleted"):
+            return
+        widget = self.chat.message_widget(message["id"])
+        if "versions" in message and widget is not None:
+            widget.show_versions(message["versions"])
+        elif message["role"] == "assistant":
+            self.refresh_versions()
+
+    @work(group="versions", exclusive=True, exit_on_error=False)
+    async def refresh_versions(self) -> None:
+        try:
+            messages = await self.stored_messages()
+        except RequestFailed:  # the chat was deleted meanwhile: nothing to show
+            return
+        for message in messages:
+            if (widget := self.chat.message_widget(message["id"])) is not None:
+                widget.show_versions(message.get("versions"))
 
     def action_focus_messages(self) -> None:
         """From the prompt into the log: the last message takes the focus."""

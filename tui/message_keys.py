@@ -55,6 +55,18 @@ class MessageKeys(Vertical):
         if text := version_text(self.message):
             self.mount(Label(text, classes="versions"))
 
+    def show_versions(self, versions: dict[str, Any] | None) -> None:
+        """The message's versions changed (a regenerated reply learns it has a sibling once stored)."""
+        self.message = {**self.message, "versions": versions}
+        text = version_text(self.message)
+        labels = self.query(".versions").results(Label)
+        if label := next(labels, None):
+            label.update(text)
+            label.display = bool(text)
+        elif text:
+            self.mount(Label(text, classes="versions"))
+        self.refresh_bindings()
+
     @property
     def vramchat(self) -> VramchatApp:
         return cast("VramchatApp", self.app)
