@@ -81,19 +81,15 @@ SEARCH_RESULTS = {
 }
 
 
-class Notes(list[str]):
-    """The app's notifications, in order."""
-
-
 def stub_app(messages: dict[str, list[dict[str, Any]]] | None = None) -> tuple[VramchatApp, StubClient]:
     client = StubClient(SNAPSHOT, messages or {"c1": list(CURRENT), "c2": [LIFETIME]}, {"conversation.search": SEARCH_RESULTS})
     return VramchatApp(client), client
 
 
-async def shown(pilot: Any, app: VramchatApp) -> Notes:
-    """Wait for the snapshot's chat on screen; record the notifications from then on."""
+async def shown(pilot: Any, app: VramchatApp) -> list[str]:
+    """Wait for the snapshot's chat on screen; the list gets the notifications from then on."""
     await until(pilot, lambda: len(app.query(ChatMessage)) == len(CURRENT))
-    notes = Notes()
+    notes: list[str] = []
     original = app.notify
 
     def notify(message: str, **kwargs: Any) -> None:

@@ -181,7 +181,7 @@ class VramchatApp(ChatActions):
         for action in keys.ACTIONS:
             if action.id != "quit":
                 key = self.keymap.get(action.id, action.key)
-                help_text = f"{key}: {action.description.lower()}" if key else action.description
+                help_text = f"{key}: {action.description.lower()}" if key else action.hint
                 yield SystemCommand(action.description, help_text, lambda a=action.action: self.run_action(a))
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:

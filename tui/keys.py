@@ -28,7 +28,7 @@ class Action:
     action: str
     description: str  # in the command palette
     label: str = ""  # in the footer, short enough for all of them to fit in 80 columns; none: not shown
-    # No key: in the command palette only (the same is done on a focused message, tui/message_keys.py).
+    hint: str = ""  # for an action without a key (in the command palette only): its help line there
 
     @property
     def show(self) -> bool:
@@ -49,10 +49,17 @@ ACTIONS: tuple[Action, ...] = (
     Action("focus_conversations", "ctrl+l", "focus_conversations", "Chat list"),
     Action("focus_messages", "ctrl+up", "focus_messages", "Go to the messages (then up/down, Esc back to the prompt)"),
     Action("search", "ctrl+f", "search", "Search every chat"),
-    Action("copy_last_reply", "", "copy_last_reply", "Copy the last reply"),
-    Action("copy_last_code_block", "", "copy_last_code_block", "Copy the last code block"),
-    Action("edit_last_message", "", "edit_last_message", "Edit the last message"),
-    Action("export_markdown", "", "export_markdown", "Export the chat as Markdown"),
+    # In the palette only; a focused message has keys for the same (tui/message_keys.py).
+    Action("copy_last_reply", "", "copy_last_reply", "Copy the last reply", hint="as stored; c copies a focused message"),
+    Action(
+        "copy_last_code_block",
+        "",
+        "copy_last_code_block",
+        "Copy the last code block",
+        hint="of the last reply, without the fences; y on a focused reply cycles its blocks",
+    ),
+    Action("edit_last_message", "", "edit_last_message", "Edit the last message", hint="Enter sends it, Esc cancels"),
+    Action("export_markdown", "", "export_markdown", "Export the chat as Markdown", hint="to a new file in this directory"),
     Action("quit", "ctrl+q", "quit", "Quit", "Quit"),
 )
 

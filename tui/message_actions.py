@@ -117,8 +117,7 @@ class ChatActions(App[None]):
     def action_focus_messages(self) -> None:
         """From the prompt into the log: the last message takes the focus."""
         widgets = self.chat.query(ChatMessage)
-        if not widgets:
-            self.notify("no messages in this chat yet", timeout=3)
+        if not widgets:  # a new chat: the prompt keeps the focus
             return
         widgets.last().focus()
         widgets.last().scroll_visible(animate=False)
@@ -223,13 +222,22 @@ class ChatActions(App[None]):
         elif not 0 <= index < len(ids):
             self.notify(f"this is already the {'oldest' if step < 0 else 'newest'} version", timeout=3)
         else:
-            self.focus_after_redraw = ids[index]
             self.switch_to(ids[index])
 
     @work(group="requests", exit_on_error=False)
     async def switch_to(self, message_id: str) -> None:
         """Make current the version through `message_id`; the `switched` event redraws every app."""
-        await self.client.request("conversation.switch", {"conversation": self.state.current, "message": message_id})
+        await self.switch_and_focus(self.state.current, message_id)
+
+    async def switch_and_focus(self, conversation: str | None, message_id: str) -> None:
+        """`conversation.switch`, with the focus on `message_id` once the log shows it. The
+        `switched` event that redraws the log may come before the reply."""
+        self.focus_after_redraw = message_id
+        try:
+            await self.client.request("conversation.switch", {"conversation": conversation, "message": message_id})
+        except RequestFailed:  # busy: the chat stays as it is
+            self.focus_after_redraw = None
+            raise
 
     # --- search and export --------------------------------------------------------------------
 
@@ -245,11 +253,9 @@ class ChatActions(App[None]):
         """Open the result's chat at its message, switching to the version that holds it."""
         if self.editing is not None:
             self.end_edit()
-        self.focus_after_redraw = result["message"]
         if not result["current"]:
-            await self.client.request(
-                "conversation.switch", {"conversation": result["conversation"], "message": result["message"]}
-            )
+            await self.switch_and_focus(result["conversation"], result["message"])
+        self.focus_after_redraw = result["message"]
         self.state.current = result["conversation"]
         await self.chat.show_conversation()
         self.restore_focus(None)
