@@ -248,7 +248,7 @@ class GenerationQueue:
         settings = dict(conversation["settings"])
         policy = settings.pop("context_overflow", None) or self.context_overflow
         system_prompt = conversation["system_prompt"] or defaults.get("system_prompt")
-        stored = self.store.messages(job.conversation_id)
+        stored = self.store.messages(job.conversation_id)  # the current branch: earlier versions are not sent
         sent = [m for m in stored if m["content"]]
         passed = [m["id"] for m in sent]
         # Where the previous reply's view started: this prompt starts there too, or later.
@@ -270,7 +270,7 @@ class GenerationQueue:
             self.publish()
             return
         message = None
-        if job.conversation_id is not None:
+        if job.conversation_id is not None:  # after the head, which no version change moves while this job is queued
             message = self.store.add_message(
                 job.conversation_id, "assistant", "", status="generating", model=self.model.state.name
             )

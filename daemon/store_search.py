@@ -33,14 +33,27 @@ def search(db: sqlite3.Connection, text: str, limit: int) -> list[dict[str, Any]
     query = fts_query(text)
     if query is None:
         return []
+    # The newest matches first, then the marked text of those only: highlight() tokenizes a
+    # message again, which costs far more than the match when a common word matches thousands.
+    newest = [
+        seq
+        for (seq,) in db.execute(
+            "SELECT m.seq FROM messages_fts JOIN messages AS m ON m.seq = messages_fts.rowid "
+            "WHERE messages_fts MATCH ? ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
+            (query, limit),
+        )
+    ]
+    if not newest:
+        return []
     rows = db.execute(
-        "SELECT m.id, m.conversation_id, m.role, m.created_at, c.title, "
+        "SELECT m.seq, m.id, m.conversation_id, m.role, m.created_at, c.title, "
         "highlight(messages_fts, 0, ?, ?) AS marked "
         "FROM messages_fts JOIN messages AS m ON m.seq = messages_fts.rowid "
         "JOIN conversations AS c ON c.id = m.conversation_id "
-        "WHERE messages_fts MATCH ? ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
-        (MATCH_START, MATCH_END, query, limit),
+        f"WHERE messages_fts MATCH ? AND messages_fts.rowid IN ({', '.join('?' * len(newest))})",
+        (MATCH_START, MATCH_END, query, *newest),
     ).fetchall()
+    rows.sort(key=lambda row: newest.index(row["seq"]))
     return [
         {
             "conversation": row["conversation_id"],

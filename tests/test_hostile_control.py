@@ -104,8 +104,20 @@ VALID_LOAD = st.fixed_dictionaries(
         "use_mmap": st.booleans(),
     },
 )
+# Version changes on a second sentinel's own messages, so that some pass the door; only the
+# random fields above may name (and delete) the first one.
+ON_SENTINEL = {"conversation": st.just("VERSIONED"), "message": st.sampled_from(["V_FIRST", "V_LAST"])}
+VALID_VERSIONS = st.one_of(
+    st.tuples(
+        st.just("edit"),
+        st.fixed_dictionaries({**ON_SENTINEL, "content": TEXT.filter(str.strip)}, optional={"sampling": SAMPLING}),
+    ),
+    st.tuples(st.just("regenerate"), st.fixed_dictionaries(ON_SENTINEL, optional={"sampling": SAMPLING})),
+    st.tuples(st.just("conversation.switch"), st.fixed_dictionaries(ON_SENTINEL)),
+)
 REQUESTS = st.one_of(
     st.tuples(st.just("load"), VALID_LOAD),
+    VALID_VERSIONS,
     *(st.tuples(st.just(kind), st.fixed_dictionaries({}, optional=fields)) for kind, fields in READS.items()),
     st.tuples(TEXT, st.dictionaries(TEXT, VALUES, max_size=3)),  # an unknown type
 )
@@ -118,25 +130,33 @@ def daemon(daemon_factory: DaemonFactory, models_dir: Path, monkeypatch: pytest.
     return daemon_factory("--model", str(models_dir / "tiny.gguf"), "--ctx", "512")
 
 
-async def sentinel(daemon: DaemonProcess) -> tuple[str, list[dict[str, Any]]]:
+async def sentinels(daemon: DaemonProcess) -> dict[str, list[dict[str, Any]]]:
+    """Two conversations of one exchange each: id -> messages."""
     async with Client(daemon.runtime_dir) as client:
         await wait_ready(client)
         await client.subscribe()
         events = client.raw_events()
-        request_id, accepted = await chat(client, "remember this", {"max_tokens": 5, "temperature": 0.0})
-        await asyncio.wait_for(collect_reply(events, request_id), 60)
-        return accepted["conversation"], (await client.request("conversation.get", {"id": accepted["conversation"]}))["messages"]
+        made = {}
+        for _ in range(2):
+            request_id, accepted = await chat(client, "remember this", {"max_tokens": 5, "temperature": 0.0})
+            await asyncio.wait_for(collect_reply(events, request_id), 60)
+            conversation = accepted["conversation"]
+            made[conversation] = (await client.request("conversation.get", {"id": conversation}))["messages"]
+        return made
 
 
 def test_hostile_control_requests_get_documented_replies_and_lose_nothing(daemon: DaemonProcess) -> None:
-    conversation, before = asyncio.run(sentinel(daemon))
+    before = asyncio.run(sentinels(daemon))
+    conversation, versioned = before
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 120_000)
     dealer.connect(f"ipc://{daemon.runtime_dir / protocol.CONTROL_SOCKET}")
     deleted: set[str] = set()
-    sentinel_ids = {"FIRST": before[0]["id"], "LAST": before[-1]["id"]}
+    names = {"SENTINEL": conversation, "VERSIONED": versioned}
+    names |= {"FIRST": before[conversation][0]["id"], "LAST": before[conversation][-1]["id"]}
+    names |= {"V_FIRST": before[versioned][0]["id"], "V_LAST": before[versioned][-1]["id"]}
     seen: dict[str, set[str]] = {}
 
     def ask(kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -151,11 +171,9 @@ def test_hostile_control_requests_get_documented_replies_and_lose_nothing(daemon
     @given(REQUESTS)
     def hostile(request: tuple[str, dict[str, Any]]) -> None:
         kind, body = request
-        for name in ("conversation", "id"):
-            if body.get(name) == "SENTINEL":
-                body[name] = conversation
-        if body.get("message") in sentinel_ids:
-            body["message"] = sentinel_ids[body["message"]]
+        for name in ("conversation", "id", "message"):
+            if isinstance(body.get(name), str) and body[name] in names:
+                body[name] = names[body[name]]
         reply = ask(kind, body)
         outcome = "ok" if reply["ok"] else reply["error"]["code"]
         seen.setdefault(kind, set()).add(outcome)
@@ -171,9 +189,8 @@ def test_hostile_control_requests_get_documented_replies_and_lose_nothing(daemon
         dealer.close()
         context.term()
     # The run reached past the door: loads, chats and conversation changes that succeeded.
-    assert all("ok" in seen.get(kind, ()) for kind in ("load", "chat", "conversation.create", "status")), {
-        k: v for k, v in seen.items() if k in READS
-    }
+    passed = ("load", "chat", "conversation.create", "status", "edit", "conversation.switch", "conversation.search")
+    assert all("ok" in seen.get(kind, ()) for kind in passed), {k: v for k, v in seen.items() if k in READS}
 
     async def after() -> dict[str, list[dict[str, Any]]]:
         async with Client(daemon.runtime_dir) as client:
@@ -189,15 +206,17 @@ def test_hostile_control_requests_get_documented_replies_and_lose_nothing(daemon
             request_id, _ = await chat(client, "still there?", {"max_tokens": 5, "temperature": 0.0})
             _, final = await asyncio.wait_for(collect_reply(events, request_id), 60)
             assert final is not None and final["status"] == "complete", final
-            if conversation in deleted:
-                return {}
-            # Edits and regenerates kept the earlier versions: the sentinel's branch is still there.
-            switch = {"conversation": conversation, "message": before[-1]["id"]}
-            return {conversation: (await client.request("conversation.switch", switch))["messages"]}
+            # Edits and regenerates kept the earlier versions: each sentinel's branch is still there.
+            kept = {}
+            for sentinel, messages in before.items():
+                if sentinel not in deleted:
+                    switch = {"conversation": sentinel, "message": messages[-1]["id"]}
+                    kept[sentinel] = (await client.request("conversation.switch", switch))["messages"]
+            return kept
 
     kept = asyncio.run(after())
-    if conversation not in deleted:
-        assert [without_versions(m) for m in kept[conversation][: len(before)]] == [without_versions(m) for m in before]
+    for sentinel, messages in kept.items():
+        assert [without_versions(m) for m in messages[: len(before[sentinel])]] == [without_versions(m) for m in before[sentinel]]
 
 
 def without_versions(message: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +180,50 @@ async def test_versions_change_only_between_replies_and_bad_requests_say_why(tin
             assert failure.code == code and failure.message, (kind, body, failure)
         assert stored_rows(tiny_daemon) == rows  # a refused request stores nothing
         assert (await client.request("status"))["queue"] == {"running": None, "pending": []}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.demo
+async def test_an_edit_of_the_last_question_reuses_the_kv_cache_up_to_it(demo_daemon: DaemonProcess, demo_model: Path) -> None:
+    """The reply to an edit evaluates only the edited question and the generation prompt: the
+    conversation before it is still in the engine's KV cache. Counted from the reply's stats
+    against the prompt tokenized here with the engine's own template."""
+    system = "You answer in one short sentence."
+    sampling = {"max_tokens": 24, "temperature": 0.0}
+    async with Client(demo_daemon.runtime_dir, timeout=120) as client:
+        await wait_ready(client, timeout=60)
+        events = client.raw_events()
+        created = await client.request("conversation.create", {"title": "kv", "system_prompt": system})
+        conversation = created["conversation"]["id"]
+        for question in ("What is the capital of France?", "What river flows through it?", "How old is that city?"):
+            request_id, _ = await chat(client, question, sampling, conversation)
+            _, final = await asyncio.wait_for(collect_reply(events, request_id), 120)
+            assert final is not None and final["status"] == "complete", final
+        before = await branch(client, conversation)
+        request_id = uuid.uuid4().hex
+        edit = {
+            "conversation": conversation,
+            "message": before[-2]["id"],
+            "content": "Name one museum there.",
+            "sampling": sampling,
+        }
+        await client.request("edit", edit, request_id=request_id)
+        _, reply = await asyncio.wait_for(collect_reply(events, request_id), 120)
+        assert reply is not None and reply["status"] == "complete", reply
+        after = await branch(client, conversation)
+
+    from vramchat.daemon.llama.chat_model import ChatModel  # here: loading llama.cpp is for this test only
+
+    model = ChatModel.load(str(demo_model), n_gpu_layers=0, n_ctx=512, n_threads=1)
+    opening = [{"role": "system", "content": system}]
+    old_prompt = model.prompt(opening + [{"role": m["role"], "content": m["content"]} for m in before[:-1]]).tokens
+    new_prompt = model.prompt(opening + [{"role": m["role"], "content": m["content"]} for m in after[:-1]]).tokens
+    shared = common_prefix(old_prompt, new_prompt)  # the conversation up to the edited question
+    stats = reply["stats"]
+    assert stats["prompt_tokens"] == len(new_prompt)  # the current branch only, not the old one
+    assert stats["prompt_cached_tokens"] >= shared, (stats, shared)
+    evaluated = stats["prompt_tokens"] - stats["prompt_cached_tokens"]
+    assert evaluated <= len(new_prompt) - shared and evaluated * 4 < stats["prompt_tokens"], (stats, shared)
