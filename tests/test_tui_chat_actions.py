@@ -4,6 +4,7 @@ writes. The same against a real daemon: test_tui_versions.py."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +280,10 @@ async def test_search_every_chat_opens_the_earlier_version_holding_the_match(how
         assert "Rust lifetimes · assistant · earlier version" in str(results.get_option_at_index(0).prompt)
         assert client.requests[-1] == ("conversation.search", {"text": "lifetime", "limit": 50})
         await pilot.press("down", "enter")
+        await until(pilot, lambda: client.requests[-1] == ("conversation.switch", {"conversation": "c2", "message": "x1"}))
+        client.publish("conversation", {"action": "switched", "conversation": CONVERSATIONS[1]})  # as the daemon does
         await until(pilot, lambda: focused_id(app) == "x1")
         assert app.state.current == "c2"
-        assert ("conversation.switch", {"conversation": "c2", "message": "x1"}) in client.requests
 
 
 async def test_export_the_chat_as_markdown_writes_a_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,3 +298,35 @@ async def test_export_the_chat_as_markdown_writes_a_new_file(tmp_path: Path, mon
     assert notes[-1] == f"exported to {written}"
     assert written.read_text() == conversation_markdown(CONVERSATIONS[0], CURRENT)
     assert (tmp_path / "Reversing-lists.md").read_text() == "mine"  # never overwritten
+
+
+@pytest.mark.parametrize("current", [True, False], ids=["current version", "earlier version"])
+async def test_a_search_result_in_the_chat_on_screen_takes_the_focus_from_the_focused_message(current: bool) -> None:
+    """The chat on screen is drawn again while the focus moves to the result: the focus must end
+    on the result, on screen, not on the message focused before, which the redraw removed (no
+    key would then reach the app)."""
+    app, client = stub_app()
+    target = "m4" if current else "m3a"
+    result = {**SEARCH_RESULTS["results"][0], "conversation": "c1", "message": target, "current": current}
+    client.replies["conversation.search"] = {"results": [result]}
+
+    async def switch(body: dict[str, Any]) -> None:  # the daemon publishes the switch, then replies
+        client.messages["c1"] = list(EARLIER)
+        client.publish("conversation", {"action": "switched", "conversation": CONVERSATIONS[0]})
+        while not client.events.empty():
+            await asyncio.sleep(0)
+
+    client.before_reply["conversation.switch"] = switch
+    async with app.run_test(size=(80, 24)) as pilot:
+        await shown(pilot, app)
+        await pilot.press("ctrl+up", "up")
+        assert focused_id(app) == "m3"
+        await pilot.press("ctrl+f", *"slicing")
+        results = app.screen.query_one(OptionList)
+        await until(pilot, lambda: results.option_count == 1)
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: focused_id(app) == target)
+        await pilot.pause()
+        assert app.focused is not None and app.focused.is_attached and focused_id(app) == target
+        await pilot.press("escape")
+        assert isinstance(app.focused, PromptInput)

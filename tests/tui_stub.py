@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import EllipsisType
 from typing import Any
 
@@ -29,6 +29,8 @@ class StubClient(Client):
         self.replies = replies or {}
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        # What the daemon does on a request before it replies, e.g. publish an event, per type.
+        self.before_reply: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
 
     async def connect(self) -> dict[str, Any]:
         self.server = {"telemetry_interval_s": 3600.0}
@@ -60,4 +62,6 @@ class StubClient(Client):
                 "messages": self.messages[conversation],
             }
         self.requests.append((type_, body or {}))
+        if effect := self.before_reply.get(type_):
+            await effect(body or {})
         return self.replies.get(type_, {})

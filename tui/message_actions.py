@@ -90,7 +90,9 @@ class ChatActions(App[None]):
             return
         if target == self.focus_after_redraw:
             self.focus_after_redraw = None
-        widget.focus()
+        # Now, not after the next refresh as Widget.focus does: a redraw meanwhile would remove the
+        # widget, and the focus would stay on it, out of the screen, where no key reaches the app.
+        widget.screen.set_focus(widget)
         widget.scroll_visible(animate=False)
 
     def message_redrawn(self, message: dict[str, Any]) -> None:
@@ -119,7 +121,7 @@ class ChatActions(App[None]):
         widgets = self.chat.query(ChatMessage)
         if not widgets:  # a new chat: the prompt keeps the focus
             return
-        widgets.last().focus()
+        widgets.last().screen.set_focus(widgets.last())
         widgets.last().scroll_visible(animate=False)
 
     # --- copy ---------------------------------------------------------------------------------
@@ -253,10 +255,15 @@ class ChatActions(App[None]):
         """Open the result's chat at its message, switching to the version that holds it."""
         if self.editing is not None:
             self.end_edit()
-        if not result["current"]:
-            await self.switch_and_focus(result["conversation"], result["message"])
-        self.focus_after_redraw = result["message"]
         self.state.current = result["conversation"]
+        if not result["current"]:
+            try:
+                await self.switch_and_focus(result["conversation"], result["message"])
+                return  # its `switched` event redraws the log, and focuses the message
+            except RequestFailed:
+                await self.chat.show_conversation()  # the chat as it is, and why not the version
+                raise
+        self.focus_after_redraw = result["message"]
         await self.chat.show_conversation()
         self.restore_focus(None)
 

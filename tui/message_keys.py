@@ -88,7 +88,7 @@ class MessageKeys(Vertical):
         if index >= len(siblings):
             self.vramchat.chat.prompt.focus()
         elif index >= 0:
-            siblings[index].focus()
+            self.screen.set_focus(siblings[index])  # now: see ChatActions.restore_focus
             siblings[index].scroll_visible(animate=False)
 
     def action_leave(self) -> None:
