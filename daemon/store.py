@@ -3,6 +3,10 @@
 WAL with synchronous=NORMAL survives a kill -9 of the daemon at any point (only a power loss can
 drop the last transactions). A reply that was generating when the daemon died is marked
 `interrupted` at the next start, never silently dropped.
+
+Messages form a tree (store_tree.py): an edit or a regenerate adds a version beside a message and
+moves the conversation's head, and nothing is deleted but a whole conversation. Every message is
+in a full-text index (store_search.py).
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ def test_a_version_1_database_migrates_with_its_messages_and_their_order(tmp_pat
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, 'complete', NULL, NULL, NULL, ?, ?)",
                 (f"{conversation}-{9 - position}", conversation, position * 2, role, content, 1.0 + position, 1.0 + position),
             )
+    old.execute("INSERT INTO conversations VALUES ('c3', 'empty', '', '{}', 1.0, 2.0)")
     old.commit()
     old.close()
 
@@ -156,6 +157,7 @@ def test_a_version_1_database_migrates_with_its_messages_and_their_order(tmp_pat
         assert [m["parent_id"] for m in messages] == [None, *(m["id"] for m in messages[:-1])]
         assert all(m["versions"] == {"index": 1, "count": 1, "ids": [m["id"]]} for m in messages)
         assert store.get_conversation(conversation)["head"] == messages[-1]["id"]
+    assert store.messages("c3") == [] and store.get_conversation("c3")["head"] is None
     # The migrated messages are searchable, and new ones follow the head.
     assert {r["message"] for r in store.search("pari", 10)} == {"c1-9", "c2-9"}
     added = store.add_message("c1", "user", "And Berlin?")

@@ -70,6 +70,7 @@ async def test_an_edit_answers_the_new_question_and_keeps_the_old_branch_to_swit
     async with Client(tiny_daemon.runtime_dir) as client, Client(tiny_daemon.runtime_dir) as watcher:
         await wait_ready(client)
         events, watched = client.raw_events(), watcher.raw_events()
+        await client.subscribe()  # before the first chat: its reply may end before a later subscription
         await watcher.subscribe()
         first_reply = await turn(client, events, "What is the capital of France?")
         conversation = first_reply["conversation_id"]
@@ -127,6 +128,7 @@ async def test_versions_change_only_between_replies_and_bad_requests_say_why(tin
     async with Client(tiny_daemon.runtime_dir) as client:
         engine_pid = (await wait_ready(client))["engine_pid"]
         events = client.raw_events()
+        await client.subscribe()
         reply = await turn(client, events, "first question")
         conversation = reply["conversation_id"]
         question = (await branch(client, conversation))[0]["id"]
@@ -196,6 +198,7 @@ async def test_an_edit_of_the_last_question_reuses_the_kv_cache_up_to_it(demo_da
     async with Client(demo_daemon.runtime_dir, timeout=120) as client:
         await wait_ready(client, timeout=60)
         events = client.raw_events()
+        await client.subscribe()
         created = await client.request("conversation.create", {"title": "kv", "system_prompt": system})
         conversation = created["conversation"]["id"]
         for question in ("What is the capital of France?", "What river flows through it?", "How old is that city?"):
