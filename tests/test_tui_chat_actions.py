@@ -18,7 +18,7 @@ from vramchat.tui.app import VramchatApp
 from vramchat.tui.message_actions import EDITING_TITLE
 from vramchat.tui.search_screen import SearchScreen
 from vramchat.tui.state import ChatState
-from vramchat.tui.widgets import ChatMessage, PromptInput
+from vramchat.tui.widgets import ChatMessage, ConversationList, PromptInput
 
 
 def message(id_: str, role: str, content: str, **extra: Any) -> dict[str, Any]:
@@ -283,7 +283,7 @@ async def test_search_every_chat_opens_the_earlier_version_holding_the_match(how
         await until(pilot, lambda: client.requests[-1] == ("conversation.switch", {"conversation": "c2", "message": "x1"}))
         client.publish("conversation", {"action": "switched", "conversation": CONVERSATIONS[1]})  # as the daemon does
         await until(pilot, lambda: focused_id(app) == "x1")
-        assert app.state.current == "c2"
+        assert app.state.current == "c2" and app.query_one(ConversationList).index == 1
 
 
 async def test_export_the_chat_as_markdown_writes_a_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

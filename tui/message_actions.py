@@ -24,7 +24,7 @@ from vramchat.shared.markdown_export import conversation_markdown, export_file_n
 from vramchat.tui.chat import ChatView
 from vramchat.tui.search_screen import SearchScreen
 from vramchat.tui.state import ChatState
-from vramchat.tui.widgets import ChatMessage
+from vramchat.tui.widgets import ChatMessage, ConversationList
 
 EDITING_TITLE = "editing your message; Esc cancels the edit"
 
@@ -264,6 +264,7 @@ class ChatActions(App[None]):
                 await self.chat.show_conversation()  # the chat as it is, and why not the version
                 raise
         self.focus_after_redraw = result["message"]
+        await self.query_one(ConversationList).show(self.state.conversations, self.state.current)
         await self.chat.show_conversation()
         self.restore_focus(None)
 
