@@ -283,7 +283,8 @@ async def test_search_every_chat_opens_the_earlier_version_holding_the_match(how
         await until(pilot, lambda: client.requests[-1] == ("conversation.switch", {"conversation": "c2", "message": "x1"}))
         client.publish("conversation", {"action": "switched", "conversation": CONVERSATIONS[1]})  # as the daemon does
         await until(pilot, lambda: focused_id(app) == "x1")
-        assert app.state.current == "c2" and app.query_one(ConversationList).index == 1
+        highlighted = app.query_one(ConversationList).highlighted_child
+        assert app.state.current == "c2" and highlighted is not None and highlighted.name == "c2"
 
 
 async def test_export_the_chat_as_markdown_writes_a_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
