@@ -24,17 +24,14 @@ NAME_LENGTH = 60
 
 
 def split_reasoning(content: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of a reply. A chat template may open the `<think>` block itself, so
-    the reply holds only its end; a reply cut off while thinking has no end. None: no reasoning."""
+    """(reasoning, answer) of a stored reply. The block opens the reply (the engine stores its
+    opening tag even where the chat template wrote it); a reply cut off while thinking has no end.
+    None: no reasoning, and a `</think>` later in an answer is the answer's."""
     stripped = content.lstrip()
-    opened = stripped.startswith(THINK_OPEN)
-    if THINK_CLOSE in content:
-        thinking, answer = content.split(THINK_CLOSE, 1)
-        thinking = thinking.lstrip().removeprefix(THINK_OPEN) if opened else thinking
-        return thinking.strip("\n"), answer.lstrip("\n")
-    if opened:
-        return stripped.removeprefix(THINK_OPEN).strip("\n"), ""
-    return None, content
+    if not stripped.startswith(THINK_OPEN):
+        return None, content
+    thinking, closed, answer = stripped.removeprefix(THINK_OPEN).partition(THINK_CLOSE)
+    return thinking.strip("\n"), answer.lstrip("\n") if closed else ""
 
 
 def close_fences(text: str) -> str:

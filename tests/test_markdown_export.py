@@ -86,7 +86,7 @@ def test_the_export_renders_back_to_the_same_blocks_and_texts() -> None:
     ("content", "split"),
     [
         ("<think>a\nb</think>\n\nanswer", ("a\nb", "answer")),
-        ("opened by the template</think>answer", ("opened by the template", "answer")),  # Qwen3, R1 distills
+        ("a </think> in an answer", (None, "a </think> in an answer")),
         ("<think>cut off while thinking", ("cut off while thinking", "")),
         ("no reasoning at all", (None, "no reasoning at all")),
     ],
