@@ -145,7 +145,7 @@ def shown_blocks(body: Markdown) -> list[tuple[str, tuple[int, int]]]:
 class ConversationList(ListView):
     """The conversations, newest first, with the one on screen highlighted; / searches them all."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("slash", "app.search", "Search")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("slash", "app.search", "Search", show=False)]  # footer: 80 columns
 
     async def show(self, conversations: list[dict[str, Any]], current: str | None) -> None:
         await self.clear()
