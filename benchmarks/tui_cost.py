@@ -31,6 +31,7 @@ from vramchat.shared.client import Client
 from vramchat.tui.app import VramchatApp
 
 SIZE = (100, 30)
+IDLE_S = 1.0
 ENGINE_THREADS = 2
 # name -> how many TUIs, and whether they show the conversation the reply streams into.
 SETUPS = {"none": (0, True), "one": (1, True), "three": (3, True), "one_other_chat": (1, False)}
@@ -91,7 +92,10 @@ async def one_round(runtime_dir: Path, setup: str, max_tokens: int) -> dict[str,
                 if tui.stdout.readline().strip() != "ready":
                     raise RuntimeError("a TUI process did not start")
             await asyncio.sleep(0.5)  # what the app does after its first screen settles
+            idle_from = [cpu_seconds(tui.pid) for tui in tuis]
+            await asyncio.sleep(IDLE_S)  # what it costs attached and idle: the baseline of its cost
             cpu_before = [cpu_seconds(tui.pid) for tui in tuis]
+            idle = [(after - before) / IDLE_S for before, after in zip(idle_from, cpu_before, strict=True)]
             started = time.monotonic()
             request_id = uuid.uuid4().hex
             await client.request("chat", {"content": PROMPT, "conversation": conversation}, request_id=request_id)
@@ -119,6 +123,7 @@ async def one_round(runtime_dir: Path, setup: str, max_tokens: int) -> dict[str,
         "cpu_ms_per_token": [1000 * c / tokens for c in cpu],
         "cpu_ms_per_s": [1000 * c / seconds for c in cpu],
         "frames_per_s": [f / seconds for f in frames],
+        "idle_cpu_ms_per_s": [1000 * c for c in idle],
     }
 
 
@@ -159,6 +164,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "three_tuis_frames_per_s_each": of("three", "frames_per_s"),
         "other_chat_tui_cpu_ms_per_token": of("one_other_chat", "cpu_ms_per_token"),
         "other_chat_tui_cpu_ms_per_s": of("one_other_chat", "cpu_ms_per_s"),
+        "idle_tui_cpu_ms_per_s": of("one", "idle_cpu_ms_per_s"),
     }
     why = (
         f"each TUI spent {figures['one_tui_cpu_ms_per_token']:.2f} ms of CPU per token alone and "

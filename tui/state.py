@@ -43,10 +43,18 @@ class InFlight:
     message: str
     conversation: str
     parts: list[str]
+    tokens: int = 0  # received in `tok` events (the snapshot's text so far is not counted)
+    first_stamp: float | None = None  # the engine's time of the first token received, and of the latest
+    last_stamp: float | None = None
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def progress(self) -> dict[str, Any]:
+        """The tokens and seconds of the reply so far, as the `tok` events told them."""
+        seconds = (self.last_stamp or 0.0) - (self.first_stamp or self.last_stamp or 0.0)
+        return {"tokens": self.tokens, "seconds": seconds}
 
 
 @dataclass
@@ -153,8 +161,12 @@ class ChatState:
         return Changes(message=message)
 
     def _token(self, body: dict[str, Any]) -> Changes:
-        if self.in_flight and self.in_flight.message == body["message"]:
-            self.in_flight.parts.append(body["text"])
+        if (flight := self.in_flight) and flight.message == body["message"]:
+            flight.parts.append(body["text"])
+            flight.tokens += body.get("count", 0)
+            if stamps := body.get("t_tokens"):
+                flight.first_stamp = flight.first_stamp or stamps[0]
+                flight.last_stamp = stamps[-1]
         if body["conversation"] != self.current:
             return Changes()
         self.unpainted.setdefault(body["message"], []).append(body["text"])

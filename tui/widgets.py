@@ -15,8 +15,10 @@ from textual.message import Message
 from textual.widgets import Label, ListItem, ListView, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownBlock
 
+from vramchat.shared import thinking
 from vramchat.shared.units import format_bytes
 from vramchat.tui.telemetry_view import rpc_devices, rpc_used, swapping
+from vramchat.tui.thinking_view import ThinkingFold, grow
 
 if TYPE_CHECKING:
     from vramchat.tui.app import VramchatApp
@@ -76,24 +78,43 @@ class PromptInput(TextArea, inherit_bindings=False):
 
 
 class ChatMessage(Vertical):
-    """One message: its Markdown body and, for replies, a status and stats line."""
+    """One message: its Markdown body and, for replies, a status and stats line. A reply that opens
+    with a reasoning block shows it in a `ThinkingFold` above the answer (shared/thinking.py)."""
 
     def __init__(self, message: dict[str, Any]) -> None:
         super().__init__(classes=f"message {message['role']}")
         self.message = message
-        self.shown = message["content"] or ""  # the text in `body`, which is its Markdown source
-        self.body = Markdown(self.shown)
+        self.shown = message["content"] or ""  # the message's text so far, as stored
+        parts = thinking.split(self.shown)
+        self.answer = parts.answer  # the text in `body`, which is its Markdown source
+        self.body = Markdown(self.answer)
+        self.fold = None if parts.thinking is None else ThinkingFold(parts.thinking, parts.closed, thinking_stats(message))
         self.meta = Label(describe_reply(message), classes="meta")
 
     def compose(self) -> ComposeResult:
+        if self.fold is not None:
+            yield self.fold
         yield self.body
         if self.message["role"] == "assistant":
             yield self.meta
 
-    async def append(self, text: str) -> None:
-        """Markdown.append re-parses only from the last block on, so a frame's worth of tokens is cheap."""
-        self.shown += text
-        await self.body.append(text)
+    async def append(self, text: str, progress: dict[str, Any] | None = None) -> None:
+        """More streamed text. Markdown.append re-parses only from the last block on, so a frame's
+        worth of tokens is cheap. `progress` ({"tokens", "seconds"} of the reply so far) titles a
+        reasoning block that ends in this text."""
+        await self._show(self.shown + text, progress)
+
+    async def _show(self, text: str, stats: dict[str, Any] | None) -> None:
+        self.shown = text
+        parts = thinking.split(text)
+        if parts.thinking is not None:
+            if self.fold is None:
+                self.fold = ThinkingFold(parts.thinking, parts.closed, stats)
+                await self.mount(self.fold, before=self.body)
+            else:
+                await self.fold.show(parts.thinking, parts.closed, stats)
+        await grow(self.body, self.answer, parts.answer)
+        self.answer = parts.answer
 
     async def finish(self, message: dict[str, Any]) -> None:
         """The stored message is the truth. It usually extends what was streamed, so only the rest is
@@ -101,14 +122,8 @@ class ChatMessage(Vertical):
         `settle` then checks, off that path, that appending left no block behind. The stats line
         changes last, so a screen that shows them shows the whole reply."""
         self.message = message
-        content = message["content"] or ""
-        if self.shown and content.startswith(self.shown):
-            if rest := content[len(self.shown) :]:
-                await self.append(rest)
-            self.settle()
-        else:
-            self.shown = content
-            await self.body.update(content)
+        await self._show(message["content"] or "", thinking_stats(message))
+        self.settle()
         self.meta.update(describe_reply(message))
 
     @work(exclusive=True, group="settle", exit_on_error=False)
@@ -116,10 +131,16 @@ class ChatMessage(Vertical):
         """Draw the text afresh if appending left block state behind that a fresh render does not
         have: "2" then ". two" after a loose list starts a second list, a paragraph before an HTML
         line is lost. Its blocks are compared with a parse of the text, made in a thread."""
-        text = self.shown
-        fresh = await asyncio.to_thread(markdown_blocks, text)
-        if fresh != shown_blocks(self.body) and text == self.shown:
-            await self.body.update(text)
+        for markdown, text in ((self.body, self.answer), *(((self.fold.markdown, self.fold.shown),) if self.fold else ())):
+            fresh = await asyncio.to_thread(markdown_blocks, text)
+            if fresh != shown_blocks(markdown) and text == markdown.source:
+                await markdown.update(text)
+
+
+def thinking_stats(message: dict[str, Any]) -> dict[str, Any] | None:
+    """The daemon's count of a finished reply's reasoning tokens and seconds."""
+    stats: dict[str, Any] | None = (message.get("stats") or {}).get("thinking")
+    return stats
 
 
 def markdown_blocks(text: str) -> list[tuple[str, tuple[int, int]]]:

@@ -1,0 +1,49 @@
+"""A reply's reasoning block on screen: open while the model thinks, then folded into one line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.widgets import Collapsible, Markdown
+
+from vramchat.shared import thinking
+
+THINKING_TITLE = "thinking…"
+
+
+async def grow(markdown: Markdown, shown: str, text: str) -> None:
+    """Show `text` in `markdown`, which shows `shown`: append what extends it (Markdown.append
+    re-parses only from the last block on), else draw it afresh."""
+    if text.startswith(shown):
+        if rest := text[len(shown) :]:
+            await markdown.append(rest)
+    else:
+        await markdown.update(text)
+
+
+class ThinkingFold(Collapsible):
+    """The reasoning block of one reply. It streams open; when the block ends it folds once into
+    "thought for N tokens, X s" (the app's own count while streaming, the daemon's stats after).
+    Its title expands it again: a click, or Enter on it (and the `t` key on a focused message)."""
+
+    def __init__(self, text: str, closed: bool, stats: dict[str, Any] | None) -> None:
+        self.markdown = Markdown(text)
+        self.shown = text
+        self.folded = closed  # fold once, when the block ends: a reader who opens it keeps it open
+        super().__init__(self.markdown, title=self._title(closed, stats), collapsed=closed, classes="thinking")
+
+    @staticmethod
+    def _title(closed: bool, stats: dict[str, Any] | None) -> str:
+        if stats:
+            return thinking.summary(int(stats["tokens"]), float(stats["seconds"]))
+        return "thought" if closed else THINKING_TITLE
+
+    async def show(self, text: str, closed: bool, stats: dict[str, Any] | None) -> None:
+        """The block as it stands: its text, whether it has ended, and its tokens and seconds."""
+        await grow(self.markdown, self.shown, text)
+        self.shown = text
+        if closed:
+            self.title = self._title(closed, stats)
+            if not self.folded:
+                self.folded = True
+                self.collapsed = True
