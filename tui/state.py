@@ -53,8 +53,9 @@ class InFlight:
 
     def progress(self) -> dict[str, Any]:
         """The tokens and seconds of the reply so far, as the `tok` events told them."""
-        seconds = (self.last_stamp or 0.0) - (self.first_stamp or self.last_stamp or 0.0)
-        return {"tokens": self.tokens, "seconds": seconds}
+        if self.first_stamp is None or self.last_stamp is None:
+            return {"tokens": self.tokens, "seconds": 0.0}
+        return {"tokens": self.tokens, "seconds": self.last_stamp - self.first_stamp}
 
 
 @dataclass
@@ -165,7 +166,7 @@ class ChatState:
             flight.parts.append(body["text"])
             flight.tokens += body.get("count", 0)
             if stamps := body.get("t_tokens"):
-                flight.first_stamp = flight.first_stamp or stamps[0]
+                flight.first_stamp = stamps[0] if flight.first_stamp is None else flight.first_stamp
                 flight.last_stamp = stamps[-1]
         if body["conversation"] != self.current:
             return Changes()

@@ -30,20 +30,26 @@ class ThinkingFold(Collapsible):
         self.markdown = Markdown(text)
         self.shown = text
         self.folded = closed  # fold once, when the block ends: a reader who opens it keeps it open
-        super().__init__(self.markdown, title=self._title(closed, stats), collapsed=closed, classes="thinking")
+        super().__init__(self.markdown, title=self.heading(closed, stats), collapsed=closed, classes="thinking")
 
     @staticmethod
-    def _title(closed: bool, stats: dict[str, Any] | None) -> str:
-        if stats:
-            return thinking.summary(int(stats["tokens"]), float(stats["seconds"]))
-        return "thought" if closed else THINKING_TITLE
+    def heading(closed: bool, stats: dict[str, Any] | None) -> str:
+        if not closed:
+            return THINKING_TITLE
+        return thinking.summary(int(stats["tokens"]), float(stats["seconds"])) if stats else "thought"
+
+    def _watch_collapsed(self, collapsed: bool) -> None:
+        """As Collapsible's, but without scrolling the fold into view: when it folds itself, the
+        log keeps following the answer streaming below it."""
+        self._update_collapsed(collapsed)
+        self.post_message(self.Collapsed(self) if collapsed else self.Expanded(self))
 
     async def show(self, text: str, closed: bool, stats: dict[str, Any] | None) -> None:
         """The block as it stands: its text, whether it has ended, and its tokens and seconds."""
         await grow(self.markdown, self.shown, text)
         self.shown = text
         if closed:
-            self.title = self._title(closed, stats)
+            self.title = self.heading(closed, stats)
             if not self.folded:
                 self.folded = True
                 self.collapsed = True

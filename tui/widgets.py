@@ -105,7 +105,6 @@ class ChatMessage(Vertical):
         await self._show(self.shown + text, progress)
 
     async def _show(self, text: str, stats: dict[str, Any] | None) -> None:
-        self.shown = text
         parts = thinking.split(text)
         if parts.thinking is not None:
             if self.fold is None:
@@ -115,6 +114,7 @@ class ChatMessage(Vertical):
                 await self.fold.show(parts.thinking, parts.closed, stats)
         await grow(self.body, self.answer, parts.answer)
         self.answer = parts.answer
+        self.shown = text
 
     async def finish(self, message: dict[str, Any]) -> None:
         """The stored message is the truth. It usually extends what was streamed, so only the rest is
