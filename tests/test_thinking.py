@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Collapsible
+from test_tui_app import FIXED_SNAPSHOT, QUESTION, reply, shows, text_of, until
 from textual.widgets._collapsible import CollapsibleTitle
 from tui_stub import StubClient
 
@@ -17,11 +17,11 @@ from vramchat.shared import thinking
 from vramchat.shared.client import Client
 from vramchat.shared.thinking import ThinkingClock, split
 from vramchat.tui.app import VramchatApp
+from vramchat.tui.thinking_view import ThinkingFold
 from vramchat.tui.widgets import ChatMessage
 
 from gguf_factory import TinyModelSpec, write_tiny_llama
 from helpers import wait_ready
-from test_tui_app import FIXED_SNAPSHOT, QUESTION, reply, text_of, until
 
 # DeepSeek-R1's template in small: it opens the reasoning block at the end of the generation
 # prompt, and strips an earlier reply's block from the history.
@@ -60,7 +60,14 @@ def test_the_clock_counts_tokens_and_seconds_up_to_the_frame_that_closes_the_blo
     assert plain.stats is None
 
 
-THINK_PIECES = ["<think>\n", "The user asks ", "for a capital.\n\n", "France: Paris.", "</think>\n\n", "The capital is **Paris**."]
+THINK_PIECES = [
+    "<think>\n",
+    "The user asks ",
+    "for a capital.\n\n",
+    "France: Paris.",
+    "</think>\n\n",
+    "The capital is **Paris**.",
+]
 WHOLE = "".join(THINK_PIECES)
 
 
@@ -78,10 +85,17 @@ async def test_a_reply_thinks_live_then_folds_into_one_line_that_expands_and_kee
             text += piece
             client.publish(
                 "tok",
-                {"message": "m2", "conversation": "c1", "request": "r", "text": piece, "count": 2, "t_tokens": [index, index + 0.5]},
+                {
+                    "message": "m2",
+                    "conversation": "c1",
+                    "request": "r",
+                    "text": piece,
+                    "count": 2,
+                    "t_tokens": [index, index + 0.5],
+                },
             )
-            await until(pilot, lambda: widget.shown == text)
-        fold = widget.query_one(Collapsible)
+            await until(pilot, shows(widget, text))
+        fold = widget.query_one(ThinkingFold)
         assert fold.has_class("thinking") and not fold.collapsed and fold.title == "thinking…"
         assert fold.markdown.source == "The user asks for a capital.\n\nFrance: Paris." and widget.body.source == ""
         ending = "".join(THINK_PIECES[4:])
@@ -91,7 +105,10 @@ async def test_a_reply_thinks_live_then_folds_into_one_line_that_expands_and_kee
         await until(pilot, lambda: widget.shown == WHOLE)
         assert fold.collapsed and fold.title == "thought for 10 tokens, 4.5 s"  # the app's own count
         assert widget.body.source == "The capital is **Paris**."
-        done = {**reply("complete", WHOLE), "stats": {"generated_tokens": 12, "tokens_per_s": 3.0, "thinking": {"tokens": 9, "seconds": 4.2}}}
+        done = {
+            **reply("complete", WHOLE),
+            "stats": {"generated_tokens": 12, "tokens_per_s": 3.0, "thinking": {"tokens": 9, "seconds": 4.2}},
+        }
         client.publish("msg", done)
         await until(pilot, lambda: fold.title == "thought for 9 tokens, 4.2 s")  # the daemon's
         assert fold.collapsed and widget.shown == WHOLE and widget.message["content"] == WHOLE
@@ -110,7 +127,7 @@ async def test_a_stored_reply_with_a_block_is_drawn_folded() -> None:
     app = VramchatApp(StubClient(FIXED_SNAPSHOT, {"c1": [QUESTION, stored]}))
     async with app.run_test(size=(80, 30)) as pilot:
         await until(pilot, lambda: len(app.query(ChatMessage)) == 2)
-        fold = app.query_one(Collapsible)
+        fold = app.query_one(ThinkingFold)
         assert fold.collapsed and fold.title == "thought for 9 tokens, 4.2 s"
         assert app.chat.message_widget("m2").body.source == "The capital is **Paris**."  # type: ignore[union-attr]
 

@@ -168,7 +168,13 @@ THOUGHT_REPLY = {
     **MESSAGES[1],
     "content": "<think>\nThe user wants a reversed list. Slicing makes a copy; reverse() works in place.\n</think>\n\n"
     "Use **slicing**: `items[::-1]`.",
-    "stats": {**MESSAGES[1]["stats"], "thinking": {"tokens": 412, "seconds": 9.8}},
+    "stats": {
+        "prompt_tokens": 31,
+        "generated_tokens": 42,
+        "ttft_s": 0.412,
+        "tokens_per_s": 11.4,
+        "thinking": {"tokens": 412, "seconds": 9.8},
+    },
 }
 
 
