@@ -96,7 +96,7 @@ async def test_a_reply_thinks_live_then_folds_into_one_line_that_expands_and_kee
             )
             await until(pilot, shows(widget, text))
         fold = widget.query_one(ThinkingFold)
-        assert fold.has_class("thinking") and not fold.collapsed and fold.title == "thinking…"
+        assert fold.has_class("thinking") and not fold.collapsed and fold.title == "thinking… 8 tokens"
         assert fold.markdown.source == "The user asks for a capital.\n\nFrance: Paris." and widget.body.source == ""
         ending = "".join(THINK_PIECES[4:])
         client.publish(

@@ -27,15 +27,16 @@ class ThinkingFold(Collapsible):
     Its title expands it again: a click, or Enter on it (and the `t` key on a focused message)."""
 
     def __init__(self, text: str, closed: bool, stats: dict[str, Any] | None) -> None:
+        """`closed`: the block has ended, or the reply has (a reply stopped while it thought)."""
         self.markdown = Markdown(text)
         self.shown = text
-        self.folded = closed  # fold once, when the block ends: a reader who opens it keeps it open
+        self.closed = closed
         super().__init__(self.markdown, title=self.heading(closed, stats), collapsed=closed, classes="thinking")
 
     @staticmethod
     def heading(closed: bool, stats: dict[str, Any] | None) -> str:
         if not closed:
-            return THINKING_TITLE
+            return f"{THINKING_TITLE} {stats['tokens']} tokens" if stats else THINKING_TITLE
         return thinking.summary(int(stats["tokens"]), float(stats["seconds"])) if stats else "thought"
 
     def _watch_collapsed(self, collapsed: bool) -> None:
@@ -45,11 +46,13 @@ class ThinkingFold(Collapsible):
         self.post_message(self.Collapsed(self) if collapsed else self.Expanded(self))
 
     async def show(self, text: str, closed: bool, stats: dict[str, Any] | None) -> None:
-        """The block as it stands: its text, whether it has ended, and its tokens and seconds."""
+        """The block as it stands: its text, whether it has ended, and its tokens and seconds so
+        far (the title keeps the last ones it was given). It folds when it ends, once: a reader
+        who opens it again keeps it open."""
         await grow(self.markdown, self.shown, text)
         self.shown = text
-        if closed:
+        ended, self.closed = closed and not self.closed, closed
+        if stats or ended:
             self.title = self.heading(closed, stats)
-            if not self.folded:
-                self.folded = True
-                self.collapsed = True
+        if ended:
+            self.collapsed = True

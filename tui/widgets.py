@@ -88,7 +88,8 @@ class ChatMessage(Vertical):
         parts = thinking.split(self.shown)
         self.answer = parts.answer  # the text in `body`, which is its Markdown source
         self.body = Markdown(self.answer)
-        self.fold = None if parts.thinking is None else ThinkingFold(parts.thinking, parts.closed, thinking_stats(message))
+        closed = parts.closed or message["status"] != "generating"
+        self.fold = None if parts.thinking is None else ThinkingFold(parts.thinking, closed, thinking_stats(message))
         self.meta = Label(describe_reply(message), classes="meta")
 
     def compose(self) -> ComposeResult:
@@ -102,16 +103,18 @@ class ChatMessage(Vertical):
         """More streamed text. Markdown.append re-parses only from the last block on, so a frame's
         worth of tokens is cheap. `progress` ({"tokens", "seconds"} of the reply so far) titles a
         reasoning block that ends in this text."""
-        await self._show(self.shown + text, progress)
+        await self._show(self.shown + text, progress, ended=False)
 
-    async def _show(self, text: str, stats: dict[str, Any] | None) -> None:
+    async def _show(self, text: str, stats: dict[str, Any] | None, ended: bool) -> None:
+        """Show `text`, the reply's so far; once it has `ended`, a block it left open folds too."""
         parts = thinking.split(text)
         if parts.thinking is not None:
+            closed = parts.closed or ended
             if self.fold is None:
-                self.fold = ThinkingFold(parts.thinking, parts.closed, stats)
+                self.fold = ThinkingFold(parts.thinking, closed, stats)
                 await self.mount(self.fold, before=self.body)
             else:
-                await self.fold.show(parts.thinking, parts.closed, stats)
+                await self.fold.show(parts.thinking, closed, stats)
         await grow(self.body, self.answer, parts.answer)
         self.answer = parts.answer
         self.shown = text
@@ -122,7 +125,7 @@ class ChatMessage(Vertical):
         `settle` then checks, off that path, that appending left no block behind. The stats line
         changes last, so a screen that shows them shows the whole reply."""
         self.message = message
-        await self._show(message["content"] or "", thinking_stats(message))
+        await self._show(message["content"] or "", thinking_stats(message), ended=message["status"] != "generating")
         self.settle()
         self.meta.update(describe_reply(message))
 
