@@ -25,10 +25,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from textual._compositor import Compositor
+from textual.screen import Screen
+
 from benchmarks.common import PROMPT, cpu_seconds, daemon, demo_model, loadavg, median, target
-from vramchat.shared import scheduling
+from vramchat.shared import protocol, scheduling
 from vramchat.shared.client import Client
 from vramchat.tui.app import VramchatApp
+from vramchat.tui.widgets import ChatMessage
 
 SIZE = (100, 30)
 IDLE_S = 1.0
@@ -46,10 +50,64 @@ class CountingApp(VramchatApp):
         self.frames += 1
 
 
+class FrameCosts:
+    """What the parts of a frame cost the app, in CPU seconds: the Markdown appends, Textual's
+    layout and its render of the screen, and decoding each event. Measured by wrapping those
+    functions in the TUI process (benchmark only)."""
+
+    PARTS = ("append", "layout", "render", "decode")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.reset()
+
+    def wrap(self, owner: Any, name: str, part: str) -> None:
+        original = getattr(owner, name)
+        costs = self
+
+        if asyncio.iscoroutinefunction(original):
+
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                began = time.process_time()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    costs.add(part, began)
+
+            setattr(owner, name, timed_async)
+        else:
+
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                began = time.process_time()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    costs.add(part, began)
+
+            setattr(owner, name, timed)
+
+    def add(self, part: str, began: float) -> None:
+        self.seconds[part] += time.process_time() - began
+        self.calls[part] += 1
+
+    def install(self) -> None:
+        self.wrap(ChatMessage, "append", "append")
+        self.wrap(Compositor, "reflow", "layout")
+        self.wrap(Screen, "_compositor_refresh", "render")
+        self.wrap(protocol, "decode_event", "decode")
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.calls = dict.fromkeys(self.PARTS, 0)
+
+
 async def attached_tui(runtime_dir: str, conversation: str) -> None:
     """One TUI process: show `conversation`, say "ready", and run until stdin says to stop; then
     print the frames it painted."""
     scheduling.use_short_slice()  # as `vramchat` does (tui/app.py run_app)
+    costs = FrameCosts()
+    costs.install()
     app = CountingApp(Client(runtime_dir, name="vramchat tui"))
     async with app.run_test(size=SIZE) as pilot:
         while not (app.connected and app.state.model.get("state") == "ready"):
@@ -58,8 +116,11 @@ async def attached_tui(runtime_dir: str, conversation: str) -> None:
         await app.chat.show_conversation()
         await pilot.pause()
         print("ready", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        print(json.dumps({"frames": app.frames}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go": the reply is asked for
+        costs.reset()
+        app.frames = 0
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "stop": it ended
+        print(json.dumps({"frames": app.frames, "seconds": costs.seconds, "calls": costs.calls}), flush=True)
 
 
 def start_tui(runtime_dir: Path, conversation: str) -> subprocess.Popen[str]:
@@ -94,6 +155,10 @@ async def one_round(runtime_dir: Path, setup: str, max_tokens: int) -> dict[str,
             await asyncio.sleep(0.5)  # what the app does after its first screen settles
             idle_from = [cpu_seconds(tui.pid) for tui in tuis]
             await asyncio.sleep(IDLE_S)  # what it costs attached and idle: the baseline of its cost
+            for tui in tuis:
+                assert tui.stdin is not None
+                tui.stdin.write("go\n")
+                tui.stdin.flush()
             cpu_before = [cpu_seconds(tui.pid) for tui in tuis]
             idle = [(after - before) / IDLE_S for before, after in zip(idle_from, cpu_before, strict=True)]
             started = time.monotonic()
@@ -105,10 +170,10 @@ async def one_round(runtime_dir: Path, setup: str, max_tokens: int) -> dict[str,
                     break
             seconds = time.monotonic() - started
             cpu = [cpu_seconds(tui.pid) - before for tui, before in zip(tuis, cpu_before, strict=True)]
-            frames = []
+            reports = []
             for tui in tuis:
                 out, _ = tui.communicate("stop\n", timeout=60)
-                frames.append(json.loads(out.strip().splitlines()[-1])["frames"])
+                reports.append(json.loads(out.strip().splitlines()[-1]))
         finally:
             for tui in tuis:
                 if tui.poll() is None:
@@ -122,7 +187,15 @@ async def one_round(runtime_dir: Path, setup: str, max_tokens: int) -> dict[str,
         "tokens": tokens,
         "cpu_ms_per_token": [1000 * c / tokens for c in cpu],
         "cpu_ms_per_s": [1000 * c / seconds for c in cpu],
-        "frames_per_s": [f / seconds for f in frames],
+        "frames_per_s": [r["frames"] / seconds for r in reports],
+        # Per frame: the appends, layouts and renders (Textual also lays out and renders for other
+        # reasons: the prompt's cursor, telemetry), over the frames of streamed text.
+        **{
+            f"{part}_ms_per_frame": [1000 * r["seconds"][part] / max(r["frames"], 1) for r in reports]
+            for part in ("append", "layout", "render")
+        },
+        "decode_us_per_event": [1e6 * r["seconds"]["decode"] / max(r["calls"]["decode"], 1) for r in reports],
+        "events_per_s": [r["calls"]["decode"] / seconds for r in reports],
         "idle_cpu_ms_per_s": [1000 * c for c in idle],
     }
 
@@ -138,8 +211,9 @@ def measure(max_tokens: int, rounds: int) -> list[dict[str, Any]]:
     return results
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    rounds = 1 if quick else 4
+def run(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
+    """`rounds` per setup: 4 by default (about 3 minutes on 2 idle cores), 1 when quick."""
+    rounds = rounds or (1 if quick else 4)
     max_tokens = 60 if quick else 600
     results = measure(max_tokens, rounds)
 
@@ -165,6 +239,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "other_chat_tui_cpu_ms_per_token": of("one_other_chat", "cpu_ms_per_token"),
         "other_chat_tui_cpu_ms_per_s": of("one_other_chat", "cpu_ms_per_s"),
         "idle_tui_cpu_ms_per_s": of("one", "idle_cpu_ms_per_s"),
+        "one_tui_append_ms_per_frame": of("one", "append_ms_per_frame"),
+        "one_tui_layout_ms_per_frame": of("one", "layout_ms_per_frame"),
+        "one_tui_render_ms_per_frame": of("one", "render_ms_per_frame"),
+        "one_tui_decode_us_per_event": of("one", "decode_us_per_event"),
+        "one_tui_events_read_per_s": of("one", "events_per_s"),
     }
     why = (
         f"each TUI spent {figures['one_tui_cpu_ms_per_token']:.2f} ms of CPU per token alone and "

@@ -9,6 +9,7 @@ from typing import Any
 
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
 from vramchat.shared.client import RequestFailed
@@ -132,6 +133,8 @@ class ChatView(Vertical):
         `PAINT_CPU_SHARE`, between `FRAME_S` and `MAX_FRAME_S`."""
         while True:
             await self.paint_wanted.wait()
+            while self.hidden():
+                await asyncio.sleep(MAX_FRAME_S)
             self.paint_wanted.clear()
             started, cpu_started = time.monotonic(), time.process_time()
             async with self.drawing:
@@ -147,6 +150,12 @@ class ChatView(Vertical):
             await asyncio.sleep(FRAME_S)  # Textual lays out and renders the frame meanwhile
             paced = min(MAX_FRAME_S, (time.process_time() - cpu_started) / PAINT_CPU_SHARE)
             await asyncio.sleep(max(0.0, paced - (time.monotonic() - started)))
+
+    def hidden(self) -> bool:
+        """Another screen covers the chat (the dashboard, the models screen): its text is painted
+        when the chat shows again, not while nobody sees it. A dialog leaves the chat in view."""
+        top = self.app.screen
+        return top is not self.screen and not isinstance(top, ModalScreen)
 
     def message_widget(self, message_id: str) -> ChatMessage | None:
         for widget in self.query(ChatMessage):
