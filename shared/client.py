@@ -279,9 +279,12 @@ class Client:
                 self._paced_until = 0.0
 
     def _paced(self, event: Event) -> Event:
-        """A `tok` event starts a pace: the next events are read together, `token_pace_s` on."""
+        """A `tok` event starts a pace unless one runs: the events after it are read together,
+        once the events socket has none queued, `token_pace_s` after it."""
         if event.topic == "tok" and self.token_pace_s > 0 and self._events_loop is not None:
-            self._paced_until = self._paced_until or self._events_loop.time() + self.token_pace_s
+            now = self._events_loop.time()
+            if self._paced_until <= now:
+                self._paced_until = now + self.token_pace_s
         return event
 
     async def raw_events(self) -> AsyncIterator[Event]:
