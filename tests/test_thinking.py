@@ -124,9 +124,11 @@ async def test_a_reply_thinks_live_then_folds_into_one_line_that_expands_and_kee
 
 async def test_a_stored_reply_with_a_block_is_drawn_folded() -> None:
     stored = {**reply("complete", WHOLE), "stats": {"generated_tokens": 12, "thinking": {"tokens": 9, "seconds": 4.2}}}
-    app = VramchatApp(StubClient(FIXED_SNAPSHOT, {"c1": [QUESTION, stored]}))
+    question = {**QUESTION, "content": "<think>\nwhy</think> is this tag shown?"}  # a question has no block
+    app = VramchatApp(StubClient(FIXED_SNAPSHOT, {"c1": [question, stored]}))
     async with app.run_test(size=(80, 30)) as pilot:
         await until(pilot, lambda: len(app.query(ChatMessage)) == 2)
+        assert app.chat.message_widget("m1").body.source == question["content"]  # type: ignore[union-attr]
         fold = app.query_one(ThinkingFold)
         assert fold.collapsed and fold.title == "thought for 9 tokens, 4.2 s"
         assert app.chat.message_widget("m2").body.source == "The capital is **Paris**."  # type: ignore[union-attr]

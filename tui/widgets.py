@@ -85,7 +85,7 @@ class ChatMessage(Vertical):
         super().__init__(classes=f"message {message['role']}")
         self.message = message
         self.shown = message["content"] or ""  # the message's text so far, as stored
-        parts = thinking.split(self.shown)
+        parts = self._split(self.shown)
         self.answer = parts.answer  # the text in `body`, which is its Markdown source
         self.body = Markdown(self.answer)
         closed = parts.closed or message["status"] != "generating"
@@ -107,7 +107,7 @@ class ChatMessage(Vertical):
 
     async def _show(self, text: str, stats: dict[str, Any] | None, ended: bool) -> None:
         """Show `text`, the reply's so far; once it has `ended`, a block it left open folds too."""
-        parts = thinking.split(text)
+        parts = self._split(text)
         if parts.thinking is not None:
             closed = parts.closed or ended
             if self.fold is None:
@@ -118,6 +118,10 @@ class ChatMessage(Vertical):
         await grow(self.body, self.answer, parts.answer)
         self.answer = parts.answer
         self.shown = text
+
+    def _split(self, text: str) -> thinking.Parts:
+        """A reply's text at its reasoning block; a question's is all answer, whatever it starts with."""
+        return thinking.split(text) if self.message["role"] == "assistant" else thinking.Parts(None, text, True)
 
     async def finish(self, message: dict[str, Any]) -> None:
         """The stored message is the truth. It usually extends what was streamed, so only the rest is
