@@ -35,8 +35,9 @@ from vramchat.tui.widgets import PromptInput
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from gguf_factory import write_tiny_llama
 
-# The screen may be one frame behind by design; twice that is still "keeping up".
-KEEPS_UP_S = 2 * FRAME_S
+# The end of a reply is drawn when its final message is read, whatever the frame rate: within two
+# frames of a 30 Hz screen is "keeping up".
+KEEPS_UP_S = 2 / 30
 
 
 class TimedApp(VramchatApp):
@@ -164,7 +165,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "targets": [
             target(
                 "worst_end_lag_ms",
-                f"<= {1000 * KEEPS_UP_S:.0f} ms (two frames)",
+                f"<= {1000 * KEEPS_UP_S:.0f} ms (two frames at 30 Hz)",
                 worst <= 1000 * KEEPS_UP_S,
                 f"the median end lag was {fastest['fastest_end_lag_ms']:.0f} ms on the fastest stream and "
                 f"{demo['demo_end_lag_ms']:.0f} ms on the demo model; the worst round is the app waiting for a core, "

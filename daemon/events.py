@@ -42,13 +42,14 @@ class EventBus:
     async def watch_subscriptions(self, events: zmq.asyncio.Socket) -> None:
         """XPUB hands us each (un)subscription. Publishing on every change also tells a new
         subscriber that its subscription is active (it sees an event), which the Clone pattern's
-        snapshot-after-subscribe needs."""
+        snapshot-after-subscribe needs. A client is its subscription to every topic (the empty
+        prefix); one to a single topic (the TUI's `msg` doorbell, shared/client.py) is not another."""
         while True:
             frame = await events.recv()
-            if frame[:1] == b"\x01":
+            if frame == b"\x01":
                 self.subscribers += 1
                 self.new_subscriber.set()
-            elif frame[:1] == b"\x00":
+            elif frame == b"\x00":
                 self.subscribers = max(0, self.subscribers - 1)
             else:
                 continue

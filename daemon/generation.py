@@ -20,6 +20,7 @@ from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.store import AT_HEAD, AtHead, NotFound, Store, StoreError
 from vramchat.daemon.supervisor import EngineProcess, describe_exit
 from vramchat.shared.protocol import CONTEXT_OVERFLOW_POLICIES, SAMPLING_FIELDS, ProtocolError, field_of
+from vramchat.shared.thinking import ThinkingClock
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ class GenerationQueue:
 
         status, error, stats, code, finish_reason = "complete", None, None, None, None
         last_flush = time.monotonic()
+        reasoning = ThinkingClock()  # the tokens and seconds of the reply's <think> block
         while True:
             event = await engine.events.get()
             kind = event.get("ev")
@@ -300,6 +302,7 @@ class GenerationQueue:
                 flight.text += text
                 flight.tokens += len(stamps)
                 flight.first_token_at = flight.first_token_at or time.monotonic()
+                reasoning.add(text, stamps)
                 job.emit(text)
                 if message is None:
                     continue
@@ -323,6 +326,8 @@ class GenerationQueue:
                 finish_reason = event["finish_reason"]
                 stats = {**event["stats"], "finish_reason": finish_reason}
                 stats["context"] = turn.context(stats.pop("dropped_messages", 0))
+                if reasoning.stats is not None:
+                    stats["thinking"] = reasoning.stats
                 self.last_stats = stats
                 self.model.state_cache_changed(stats["state_cache_bytes"])
                 if event["finish_reason"] == "cancelled":

@@ -82,6 +82,14 @@ class Client:
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self.max_request_bytes = protocol.MAX_REQUEST_BYTES
+        # With `token_pace_s` set (the TUI sets its frame interval's half), `tok` events are read in
+        # batches at most that often: a reply's frames then wake this process a few times a second
+        # instead of once per frame. A second socket subscribed to `msg` alone (the doorbell) still
+        # wakes it at once for a message, so the end of a reply is not held back.
+        self.token_pace_s = 0.0
+        self.doorbell: zmq.Socket[bytes] | None = None
+        self._paced_until = 0.0  # loop time: until then the events socket's descriptor is not watched
+        self._watching_events = False
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -206,7 +214,13 @@ class Client:
         self.events_socket = socket
         self._events_ready = asyncio.Event()
         self._events_loop = asyncio.get_running_loop()
-        self._events_loop.add_reader(socket.FD, self._events_signalled)
+        self._watch_events(True)
+        if self.token_pace_s > 0:
+            doorbell: zmq.Socket[bytes] = self._secured(zmq.Socket(self.context, zmq.SUB))
+            doorbell.setsockopt(zmq.SUBSCRIBE, b"msg")
+            doorbell.connect(self._endpoints()[1])
+            self.doorbell = doorbell
+            self._events_loop.add_reader(doorbell.FD, self._doorbell_rang)
         self._first_events: list[Event] = []
         try:
             frames = await asyncio.wait_for(self._next_frames(), self.timeout)
@@ -220,16 +234,58 @@ class Client:
         if self.events_socket is not None and self._events_ready and cast(int, self.events_socket.get(zmq.EVENTS)) & zmq.POLLIN:
             self._events_ready.set()
 
+    def _watch_events(self, watch: bool) -> None:
+        """Wake on the events socket's descriptor, or not (while `tok` events are paced)."""
+        assert self.events_socket is not None and self._events_loop is not None
+        if watch and not self._watching_events:
+            self._events_loop.add_reader(self.events_socket.FD, self._events_signalled)
+        elif not watch and self._watching_events:
+            self._events_loop.remove_reader(self.events_socket.FD)
+        self._watching_events = watch
+
+    def _doorbell_rang(self) -> None:
+        """A `msg` event is on its way on the events socket: stop pacing and read it now. The
+        doorbell's own copy only wakes; it is drained, which also resets its descriptor."""
+        if self.doorbell is None or self._events_ready is None:
+            return
+        rang = False
+        while cast(int, self.doorbell.get(zmq.EVENTS)) & zmq.POLLIN:
+            self.doorbell.recv_multipart(zmq.NOBLOCK)
+            rang = True
+        if rang:
+            self._paced_until = 0.0
+            self._events_ready.set()
+
     async def _next_frames(self) -> list[bytes]:
         """The next event's frames. Messages already queued do not signal the descriptor again,
-        so read until there are none before waiting for it."""
-        assert self.events_socket is not None and self._events_ready is not None
+        so read until there are none before waiting for it. While `tok` events are paced, wait
+        for the pace's end or the doorbell instead of the events socket."""
+        assert self.events_socket is not None and self._events_ready is not None and self._events_loop is not None
         while True:
             try:
                 return self.events_socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 self._events_ready.clear()
-                await self._events_ready.wait()
+                wait = self._paced_until - self._events_loop.time()
+                self._watch_events(wait <= 0)
+                if wait <= 0:
+                    await self._events_ready.wait()
+                    continue
+                timer = self._events_loop.call_later(wait, self._events_ready.set)
+                try:
+                    await self._events_ready.wait()
+                finally:
+                    timer.cancel()
+                self._paced_until = 0.0
+
+    def _paced(self, event: Event) -> Event:
+        """A `tok` event starts a pace unless one runs: the events after it are read together,
+        once the events socket has none queued, `token_pace_s` after it."""
+        if event.topic == "tok" and self.token_pace_s > 0 and self._events_loop is not None:
+            now = self._events_loop.time()
+            if self._paced_until <= now:
+                self._paced_until = now + self.token_pace_s
+        return event
 
     async def raw_events(self) -> AsyncIterator[Event]:
         """Every event as it arrives, with no snapshot and no gap handling (for `ask`)."""
@@ -240,7 +296,7 @@ class Client:
         while True:
             event = protocol.decode_event(await self._next_frames())
             if event is not None:
-                yield event
+                yield self._paced(event)
 
     async def stream(self) -> AsyncIterator[Snapshot | Event]:
         """A Snapshot, then the events after it, in order; a new Snapshot after any gap or restart."""
@@ -274,10 +330,16 @@ class Client:
         if self._reader:
             self._reader.cancel()
             self._reader = None
+        loop_open = self._events_loop is not None and not self._events_loop.is_closed()
         if self.events_socket is not None:
-            if self._events_loop is not None and not self._events_loop.is_closed():
-                self._events_loop.remove_reader(self.events_socket.FD)
+            if loop_open:
+                self._watch_events(False)
             self.events_socket.close()
+        if self.doorbell is not None:
+            if loop_open and self._events_loop is not None:
+                self._events_loop.remove_reader(self.doorbell.FD)
+            self.doorbell.close()
         if self.control is not None:
             self.control.close()
-        self.control = self.events_socket = None
+        self.control = self.events_socket = self.doorbell = None
+        self._paced_until = 0.0

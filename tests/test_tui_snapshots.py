@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import LONG_MODEL_NAME
 from textual.widgets import DataTable
+from textual.widgets._collapsible import CollapsibleTitle
 from tui_stub import StubClient
 
 from vramchat.shared import speed
@@ -179,6 +180,36 @@ def test_chat_screen_with_a_focused_reply(snap_compare: Any) -> None:
         await pilot.pause()
 
     app = FixedApp(messages=[MESSAGES[0], {**MESSAGES[1], "versions": versions}])
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+THOUGHT_REPLY = {
+    **MESSAGES[1],
+    "content": "<think>\nThe user wants a reversed list. Slicing makes a copy; reverse() works in place.\n</think>\n\n"
+    "Use **slicing**: `items[::-1]`.",
+    "stats": {
+        "prompt_tokens": 31,
+        "generated_tokens": 42,
+        "ttft_s": 0.412,
+        "tokens_per_s": 11.4,
+        "thinking": {"tokens": 412, "seconds": 9.8},
+    },
+}
+
+
+@pytest.mark.parametrize("expanded", [False, True], ids=["folded", "expanded"])
+def test_a_reply_with_its_reasoning(snap_compare: Any, expanded: bool) -> None:
+    """The reasoning block folds into one line above the answer; Enter on that line expands it."""
+    app = FixedApp()
+    app.client.messages["c1"] = [MESSAGES[0], THOUGHT_REPLY]  # type: ignore[attr-defined]
+
+    async def run_before(pilot: Any) -> None:
+        await pilot.app.feed(pilot)
+        if expanded:
+            pilot.app.query_one(CollapsibleTitle).focus()
+            await pilot.press("enter")
+        await pilot.pause()
+
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
 
 

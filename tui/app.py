@@ -27,7 +27,7 @@ from vramchat.shared import scheduling
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.shared.text import title_from
 from vramchat.tui import keys
-from vramchat.tui.chat import ChatView
+from vramchat.tui.chat import TOKEN_PACE_S, ChatView
 from vramchat.tui.dashboard import DashboardScreen
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
 from vramchat.tui.message_actions import ChatActions
@@ -58,6 +58,7 @@ class VramchatApp(ChatActions):
     def __init__(self, client: Client) -> None:
         super().__init__()
         self.client = client
+        client.token_pace_s = TOKEN_PACE_S
         self.state = ChatState()
         self.connected = False
         self.last_event = 0.0

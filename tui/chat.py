@@ -9,22 +9,27 @@ from typing import Any
 
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
 from vramchat.shared.client import RequestFailed
 from vramchat.tui.state import Changes, ChatState, view_marker, view_start
 from vramchat.tui.widgets import ChatMessage, PromptInput
 
-# Streamed text reaches the screen at most this often. A small model on a GPU makes hundreds of
-# tokens a second; drawing each one would put the screen further behind with every token.
-FRAME_S = 1 / 30
-# A frame costs far more than its Markdown append: Textual then lays out and renders the screen,
-# about 20 ms of CPU on a 2-core VM. Where the engine's threads fill every core, that CPU is taken
-# from generation (the demo model made 44 to 46 tok/s with no TUI attached and 23 to 25 with the
-# TUI painting 30 frames a second, docs/benchmarks.md), so frames are spaced to keep what the app
-# spends on them under this share of a core. The end of a reply is drawn when it arrives, unpaced.
-PAINT_CPU_SHARE = 0.1
-MAX_FRAME_S = 0.5
+# Streamed text reaches the screen at most this often: the app's cost is set by the screen, not by
+# the token rate. A frame costs far more than its Markdown append: Textual then lays out and
+# renders the screen, 10 to 20 ms of CPU on a 2-core VM, and over SSH the app runs beside the
+# llama threads, which lose what it takes (docs/benchmarks.md, tui_cost: at 30 frames a second
+# one attached app cost the demo model 17% of its speed). Five frames a second still reads as
+# live; the end of a reply is drawn when it arrives, unpaced.
+FRAME_S = 0.2
+# Where a frame costs more, frames are spaced further, to keep what the app spends on them under
+# this share of a core, but never fewer than four a second.
+PAINT_CPU_SHARE = 0.05
+MAX_FRAME_S = 0.25
+# `tok` events are read in batches at most this often (shared/client.py, `token_pace_s`): each
+# read wakes the app, which costs it a third of a millisecond of CPU, once per event otherwise.
+TOKEN_PACE_S = FRAME_S / 2
 
 Fetch = Callable[[str], Awaitable[list[dict[str, Any]]]]
 Painted = Callable[[dict[str, list[str]]], None]
@@ -128,19 +133,29 @@ class ChatView(Vertical):
         `PAINT_CPU_SHARE`, between `FRAME_S` and `MAX_FRAME_S`."""
         while True:
             await self.paint_wanted.wait()
+            while self.hidden():
+                await asyncio.sleep(MAX_FRAME_S)
             self.paint_wanted.clear()
             started, cpu_started = time.monotonic(), time.process_time()
             async with self.drawing:
                 pending = self.state.take_unpainted()
+                flight = self.state.in_flight
                 for message_id, parts in pending.items():
                     widget = self.message_widget(message_id)
                     if widget is not None:
-                        await widget.append("".join(parts))
+                        progress = flight.progress() if flight and flight.message == message_id else None
+                        await widget.append("".join(parts), progress)
             if self.painted is not None:
                 self.painted(pending)
             await asyncio.sleep(FRAME_S)  # Textual lays out and renders the frame meanwhile
             paced = min(MAX_FRAME_S, (time.process_time() - cpu_started) / PAINT_CPU_SHARE)
             await asyncio.sleep(max(0.0, paced - (time.monotonic() - started)))
+
+    def hidden(self) -> bool:
+        """Another screen covers the chat (the dashboard, the models screen): its text is painted
+        when the chat shows again, not while nobody sees it. A dialog leaves the chat in view."""
+        top = self.app.screen
+        return top is not self.screen and not isinstance(top, ModalScreen)
 
     def message_widget(self, message_id: str) -> ChatMessage | None:
         for widget in self.query(ChatMessage):

@@ -43,10 +43,19 @@ class InFlight:
     message: str
     conversation: str
     parts: list[str]
+    tokens: int = 0  # received in `tok` events (the snapshot's text so far is not counted)
+    first_stamp: float | None = None  # the engine's time of the first token received, and of the latest
+    last_stamp: float | None = None
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def progress(self) -> dict[str, Any]:
+        """The tokens and seconds of the reply so far, as the `tok` events told them."""
+        if self.first_stamp is None or self.last_stamp is None:
+            return {"tokens": self.tokens, "seconds": 0.0}
+        return {"tokens": self.tokens, "seconds": self.last_stamp - self.first_stamp}
 
 
 @dataclass
@@ -154,8 +163,12 @@ class ChatState:
         return Changes(message=message)
 
     def _token(self, body: dict[str, Any]) -> Changes:
-        if self.in_flight and self.in_flight.message == body["message"]:
-            self.in_flight.parts.append(body["text"])
+        if (flight := self.in_flight) and flight.message == body["message"]:
+            flight.parts.append(body["text"])
+            flight.tokens += body.get("count", 0)
+            if stamps := body.get("t_tokens"):
+                flight.first_stamp = stamps[0] if flight.first_stamp is None else flight.first_stamp
+                flight.last_stamp = stamps[-1]
         if body["conversation"] != self.current:
             return Changes()
         self.unpainted.setdefault(body["message"], []).append(body["text"])

@@ -14,9 +14,11 @@ from textual.message import Message
 from textual.widgets import Label, ListItem, ListView, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownBlock
 
+from vramchat.shared import thinking
 from vramchat.shared.units import format_bytes
 from vramchat.tui.message_keys import MessageKeys
 from vramchat.tui.telemetry_view import rpc_devices, rpc_used, swapping
+from vramchat.tui.thinking_view import ThinkingFold, grow
 
 if TYPE_CHECKING:
     from vramchat.tui.app import VramchatApp
@@ -81,25 +83,51 @@ class PromptInput(TextArea, inherit_bindings=False):
 
 
 class ChatMessage(MessageKeys):
-    """One message: its Markdown body and, for replies, a status and stats line. It takes the
-    focus, and then its keys (MessageKeys): copy, edit, regenerate, versions."""
+    """One message: its Markdown body and, for replies, a status and stats line. A reply that opens
+    with a reasoning block shows it in a `ThinkingFold` above the answer (shared/thinking.py). It
+    takes the focus, and then its keys (MessageKeys): copy, edit, regenerate, versions."""
 
     def __init__(self, message: dict[str, Any]) -> None:
         super().__init__(classes=f"message {message['role']}")
         self.message = message
-        self.shown = message["content"] or ""  # the text in `body`, which is its Markdown source
-        self.body = Markdown(self.shown)
+        self.shown = message["content"] or ""  # the message's text so far, as stored
+        parts = self._split(self.shown)
+        self.answer = parts.answer  # the text in `body`, which is its Markdown source
+        self.body = Markdown(self.answer)
+        closed = parts.closed or message["status"] != "generating"
+        self.fold = None if parts.thinking is None else ThinkingFold(parts.thinking, closed, thinking_stats(message))
         self.meta = Label(describe_reply(message), classes="meta")
 
     def compose(self) -> ComposeResult:
+        if self.fold is not None:
+            yield self.fold
         yield self.body
         if self.message["role"] == "assistant":
             yield self.meta
 
-    async def append(self, text: str) -> None:
-        """Markdown.append re-parses only from the last block on, so a frame's worth of tokens is cheap."""
-        self.shown += text
-        await self.body.append(text)
+    async def append(self, text: str, progress: dict[str, Any] | None = None) -> None:
+        """More streamed text. Markdown.append re-parses only from the last block on, so a frame's
+        worth of tokens is cheap. `progress` ({"tokens", "seconds"} of the reply so far) titles a
+        reasoning block that ends in this text."""
+        await self._show(self.shown + text, progress, ended=False)
+
+    async def _show(self, text: str, stats: dict[str, Any] | None, ended: bool) -> None:
+        """Show `text`, the reply's so far; once it has `ended`, a block it left open folds too."""
+        parts = self._split(text)
+        if parts.thinking is not None:
+            closed = parts.closed or ended
+            if self.fold is None:
+                self.fold = ThinkingFold(parts.thinking, closed, stats)
+                await self.mount(self.fold, before=self.body)
+            else:
+                await self.fold.show(parts.thinking, closed, stats)
+        await grow(self.body, self.answer, parts.answer)
+        self.answer = parts.answer
+        self.shown = text
+
+    def _split(self, text: str) -> thinking.Parts:
+        """A reply's text at its reasoning block; a question's is all answer, whatever it starts with."""
+        return thinking.split(text) if self.message["role"] == "assistant" else thinking.Parts(None, text, True)
 
     async def finish(self, message: dict[str, Any]) -> None:
         """The stored message is the truth. It usually extends what was streamed, so only the rest is
@@ -107,14 +135,8 @@ class ChatMessage(MessageKeys):
         `settle` then checks, off that path, that appending left no block behind. The stats line
         changes last, so a screen that shows them shows the whole reply."""
         self.message = message
-        content = message["content"] or ""
-        if self.shown and content.startswith(self.shown):
-            if rest := content[len(self.shown) :]:
-                await self.append(rest)
-            self.settle()
-        else:
-            self.shown = content
-            await self.body.update(content)
+        await self._show(message["content"] or "", thinking_stats(message), ended=message["status"] != "generating")
+        self.settle()
         self.meta.update(describe_reply(message))
 
     @work(exclusive=True, group="settle", exit_on_error=False)
@@ -122,10 +144,16 @@ class ChatMessage(MessageKeys):
         """Draw the text afresh if appending left block state behind that a fresh render does not
         have: "2" then ". two" after a loose list starts a second list, a paragraph before an HTML
         line is lost. Its blocks are compared with a parse of the text, made in a thread."""
-        text = self.shown
-        fresh = await asyncio.to_thread(markdown_blocks, text)
-        if fresh != shown_blocks(self.body) and text == self.shown:
-            await self.body.update(text)
+        for markdown, text in ((self.body, self.answer), *(((self.fold.markdown, self.fold.shown),) if self.fold else ())):
+            fresh = await asyncio.to_thread(markdown_blocks, text)
+            if fresh != shown_blocks(markdown) and text == markdown.source:
+                await markdown.update(text)
+
+
+def thinking_stats(message: dict[str, Any]) -> dict[str, Any] | None:
+    """The daemon's count of a finished reply's reasoning tokens and seconds."""
+    stats: dict[str, Any] | None = (message.get("stats") or {}).get("thinking")
+    return stats
 
 
 def markdown_blocks(text: str) -> list[tuple[str, tuple[int, int]]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramchat.daemon.llama import params as llama_params
+from vramchat.shared import thinking
 
 # Plain ChatML, for models whose GGUF carries no chat template (the tiny test models, some
 # base models). llama-cpp-python would fall back to the llama-2 format instead.
@@ -40,6 +41,9 @@ class Prompt:
     tokens: list[int]
     stops: list[str]  # the reply ends where one of these appears
     dropped: int = 0  # messages after the system prompt left out to make it fit
+    # The template opened the reply's reasoning block itself (DeepSeek-R1's ends the prompt with
+    # "<think>\n"): the model's text starts inside it, so the engine stores the opening with it.
+    opens_thinking: bool = False
 
 
 class PromptTooLong(Exception):
@@ -107,7 +111,8 @@ class ChatModel:
         formatted = self.formatter(messages=messages)  # type: ignore[arg-type]  # role/content dicts are what it reads
         tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
-        return Prompt(tokens, stops + self._extra_stops)
+        opens_thinking = formatted.prompt.rstrip().endswith(thinking.OPEN)
+        return Prompt(tokens, stops + self._extra_stops, opens_thinking=opens_thinking)
 
     def fitted_prompt(self, messages: list[dict[str, str]], *, overflow: str, dropped: int, reply_room: int) -> Prompt:
         """The prompt for `messages` with room for `reply_room` tokens of reply, or PromptTooLong.

@@ -41,7 +41,7 @@ from vramchat.daemon.engine_channel import ChannelClosed, EngineEnd
 from vramchat.daemon.llama import rpc
 from vramchat.daemon.llama.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
 from vramchat.daemon.llama.state_cache import ConversationStates
-from vramchat.shared import scheduling
+from vramchat.shared import scheduling, thinking
 
 # RAM for the KV state of conversations not in the context right now (see ConversationStates).
 DEFAULT_STATE_CACHE_BYTES = 512 * 1024 * 1024
@@ -195,7 +195,7 @@ class Engine:
         seed = reply.sampling["seed"]
         llm.set_seed(seed if seed is not None else random.randrange(2**31))
 
-        frames = TokenFrames(self.send, request_id)
+        frames = TokenFrames(self.send, request_id, opening=thinking.OPEN + "\n" if prompt.opens_thinking else "")
         started = time.monotonic()
         cancel_seen_at: int | None = None  # tokens generated when the engine saw the cancel
         try:
@@ -299,8 +299,13 @@ class TokenFrames:
     per `window_s`, go at once; a fast model costs one frame per `window_s`.
     """
 
-    def __init__(self, send: Callable[[dict[str, Any]], None], request_id: str, window_s: float = FRAME_WINDOW_S) -> None:
+    def __init__(
+        self, send: Callable[[dict[str, Any]], None], request_id: str, window_s: float = FRAME_WINDOW_S, opening: str = ""
+    ) -> None:
+        """`opening` is text the reply starts with that the model did not generate (the reasoning
+        block a template opened): it goes first in the first frame, and is no token."""
         self.send, self.request_id, self.window_s = send, request_id, window_s
+        self.opening = opening
         self.texts: list[str] = []
         self.stamps: list[float] = []  # time.time() of each token in `texts`
         self.last_at = -math.inf  # of the previous token
@@ -317,7 +322,8 @@ class TokenFrames:
 
     def flush(self) -> None:
         if self.texts:
-            self.send({"ev": "tok", "request": self.request_id, "text": "".join(self.texts), "t": self.stamps})
+            text, self.opening = self.opening + "".join(self.texts), ""
+            self.send({"ev": "tok", "request": self.request_id, "text": text, "t": self.stamps})
             self.texts, self.stamps = [], []
 
 
