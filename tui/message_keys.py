@@ -129,7 +129,9 @@ class ChatFooter(Footer):
 
     def compose(self) -> ComposeResult:
         widgets = list(super().compose())
-        if isinstance(self.screen.focused, MessageKeys):
+        focused = self.screen.focused
+        # A message's own keys apply inside it too (the title of its reasoning fold has the focus).
+        if focused is not None and any(isinstance(node, MessageKeys) for node in focused.ancestors_with_self):
             widgets = [w for w in widgets if not isinstance(w, FooterKey) or self.message_key(w)]
             self.styles.grid_size_columns = sum(1 for w in widgets if not w.has_class("-command-palette"))
         yield from widgets
