@@ -38,6 +38,7 @@ BENCHMARKS = [
     "hub_list",
     "hub_pull",
     "dry_run",
+    "structured_output",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}

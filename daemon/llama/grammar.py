@@ -82,6 +82,7 @@ def check_schema(schema: Any, *, strict: bool, where: str = "schema") -> None:
 class Checker:
     def __init__(self, root: Any, strict: bool) -> None:
         self.root, self.strict = root, strict
+        self.followed: set[str] = set()  # the $refs whose targets were checked
 
     def visit(self, schema: Any, where: str, depth: int) -> None:
         if depth > MAX_DEPTH:
@@ -135,6 +136,9 @@ class Checker:
                 if not isinstance(target, dict) or part not in target:
                     raise SchemaError(f"{where}.$ref: {value} points to nothing")
                 target = target[part]
+            if value not in self.followed:
+                self.followed.add(value)
+                self.visit(target, value, depth + 1)
         elif keyword == "anyOf":
             if not isinstance(value, list) or not value:
                 raise SchemaError(f"{where}.anyOf must be a non-empty list of schemas")
@@ -146,8 +150,8 @@ class Checker:
     def _object(self, schema: dict[str, Any], where: str, depth: int) -> None:
         properties = schema.get("properties", {})
         required = schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(required, list):
-            raise SchemaError(f"{where}: properties must be an object and required a list")
+        if not isinstance(properties, dict) or not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise SchemaError(f"{where}: properties must be an object and required a list of names")
         missing = [name for name in required if name not in properties]
         if missing:
             raise SchemaError(f"{where}.required names {missing[0]!r}, which is not in its properties")
@@ -192,7 +196,7 @@ def _convert(schema: Any, name: str) -> tuple[Any, str]:
     try:
         resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "input")
         rule = converter.visit(resolved, name)
-    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+    except Exception as exc:  # the converter's own code: whatever it fails on, it cannot express
         raise SchemaError(f"the grammar converter cannot express this schema ({exc})") from None
     return converter, rule
 

@@ -1,0 +1,159 @@
+"""Structured outputs: response_format's JSON schema holds the demo model to valid JSON, through
+the real `openai` package against a real daemon; what the grammar cannot enforce is a 400."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+from http_daemon import HttpDaemon, model_ready, start_http_daemon
+from openai.types.chat import ChatCompletionMessageParam
+
+from vramchat.daemon.llama.grammar import SchemaError, schema_grammar
+
+from helpers import DaemonFactory, DaemonProcess
+from test_daemon import run_cli
+
+# Nested object, enum, array and required fields; its lengths are bounded, so a whole reply fits
+# in max_tokens whatever a 135M model at temperature 1 writes into the strings.
+PET: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "species": {"enum": ["cat", "dog", "parrot"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        "owner": {
+            "type": "object",
+            "properties": {"age": {"type": "integer"}, "verified": {"type": "boolean"}},
+            "required": ["age", "verified"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "species", "tags", "owner"],
+    "additionalProperties": False,
+}
+ASK_PET: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Describe a pet as JSON."}]
+PET_FORMAT: Any = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET, "strict": True}}
+
+
+@pytest.fixture
+def demo_http(daemon_factory: DaemonFactory) -> HttpDaemon:
+    return start_http_daemon(daemon_factory)
+
+
+async def streamed_text(client: openai.AsyncOpenAI, **request: Any) -> tuple[str, str | None]:
+    stream = await client.chat.completions.create(model="any", stream=True, **request)
+    text, finish = "", None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return text, finish
+
+
+@pytest.mark.demo
+async def test_a_json_schema_reply_validates_every_time_at_temperature_1_streamed_or_not(demo_http: HttpDaemon) -> None:
+    await model_ready(demo_http)
+    valid = 0
+    async with demo_http.client() as client:
+        for seed in range(10):
+            whole = await client.chat.completions.create(
+                model="any", messages=ASK_PET, response_format=PET_FORMAT, temperature=1.0, seed=seed, max_tokens=256
+            )
+            jsonschema.validate(json.loads(whole.choices[0].message.content or ""), PET)
+            assert whole.choices[0].finish_reason == "stop"
+            valid += 1
+        for seed in range(10, 20):
+            text, finish = await streamed_text(
+                client, messages=ASK_PET, response_format=PET_FORMAT, temperature=1.0, seed=seed, max_tokens=256
+            )
+            jsonschema.validate(json.loads(text), PET)
+            assert finish == "stop"
+            valid += 1
+    assert valid == 20
+
+
+@pytest.mark.demo
+async def test_json_object_parses_and_a_cut_json_reply_says_so(demo_http: HttpDaemon) -> None:
+    await model_ready(demo_http)
+    async with demo_http.client() as client:
+        reply = await client.chat.completions.create(
+            model="any",
+            messages=[{"role": "user", "content": 'Reply with a JSON object whose key "capital" is the capital of France.'}],
+            response_format={"type": "json_object"},
+            temperature=0.0,
+            seed=1,
+            max_tokens=200,
+        )
+        assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+        cut = await client.chat.completions.create(
+            model="any", messages=ASK_PET, response_format=PET_FORMAT, temperature=0.0, max_tokens=4
+        )
+    choice = cut.choices[0]
+    assert choice.finish_reason == "length"
+    assert "max_tokens" in (choice.model_extra or {})["note"]
+    with pytest.raises(ValueError):
+        json.loads(choice.message.content or "")
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 0}}}}, "minimum"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a+$"}}}}, "pattern"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}}}, "not"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/s.json"}}}}, "$ref"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}}, "strict"),
+        ({"n": 2}, "n: one choice"),
+        ({"logprobs": True}, "logprobs"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"functions": [{"name": "f"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "image_url"),
+    ],
+)  # fmt: skip
+def test_what_the_api_cannot_honour_is_a_400_that_says_why(tiny_http: HttpDaemon, body: dict[str, Any], named: str) -> None:
+    status, reply = tiny_http.post(
+        "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}).encode()
+    )
+    assert status == 400, reply
+    assert named in reply["error"]["message"] and reply["error"]["code"] == "invalid_value"
+
+
+@pytest.fixture
+def tiny_http(daemon_factory: DaemonFactory, models_dir: Path) -> HttpDaemon:
+    return start_http_daemon(daemon_factory, "--model", str(models_dir / "tiny.gguf"))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]},
+        {"type": "number", "multipleOf": 2},
+        {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+        {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
+        {"type": "string", "format": "email"},
+        {"anyOf": [{"type": "string"}], "type": "string", "maxLength": 3},
+        {"type": "string", "maxLength": 10**9},
+        {"if": {"type": "string"}, "then": {"maxLength": 2}},
+    ],
+)
+def test_every_part_the_converter_would_ignore_is_refused_by_name(schema: dict[str, Any]) -> None:
+    with pytest.raises(SchemaError, match=r"schema"):
+        schema_grammar(schema, strict=False)
+
+
+@pytest.mark.demo
+def test_ask_with_a_json_schema_file_prints_a_reply_that_validates(demo_daemon: DaemonProcess, tmp_path: Path) -> None:
+    schema_file = tmp_path / "pet.json"
+    schema_file.write_text(json.dumps(PET))
+    result = run_cli(demo_daemon, "ask", "--json-schema", str(schema_file), "--temperature", "1", "Describe a pet.", timeout=300)
+    assert result.returncode == 0, result.stderr + demo_daemon.log()
+    jsonschema.validate(json.loads(result.stdout), PET)
+
+    schema_file.write_text(json.dumps({"type": "integer", "maximum": 3}))
+    refused = run_cli(demo_daemon, "ask", "--json-schema", str(schema_file), "Pick a number.")
+    assert refused.returncode != 0 and "json_schema.schema.maximum" in refused.stderr
