@@ -17,7 +17,7 @@ from vramchat.daemon.generation import checked_sampling
 from vramchat.shared import protocol
 from vramchat.shared.protocol import ProtocolError
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "developer")
 IGNORED = (
     "model",
     "user",
@@ -39,9 +39,7 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "web_search_options": (None, "web search is not supported; leave web_search_options out"),
     "functions": (None, "the deprecated functions field is not supported; send tools (type function) instead"),
     "function_call": (None, "the deprecated function_call field is not supported; send tool_choice instead"),
-    "frequency_penalty": (0, "frequency_penalty is not supported (only 0); repeat_penalty is"),
-    "presence_penalty": (0, "presence_penalty is not supported (only 0); repeat_penalty is"),
-    "logit_bias": (None, "logit_bias is not supported; leave it out"),
+    "logit_bias": ({}, "logit_bias is not supported; leave it out or send {}"),
 }
 MAX_TOOLS = 128
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -118,6 +116,12 @@ def parse_sampling(body: dict[str, Any]) -> dict[str, Any]:
     sampling = checked_sampling(sampling)
     if "temperature" in sampling and sampling["temperature"] > 2:
         raise ProtocolError("invalid_value", "temperature must be between 0 and 2")
+    for name in ("frequency_penalty", "presence_penalty"):  # llama.cpp's, over its last 64 tokens
+        value = protocol.field_of(body, name, (int, float), None)
+        if value is not None and not -2 <= value <= 2:
+            raise ProtocolError("invalid_value", f"{name} must be between -2 and 2")
+        if value:
+            sampling[name] = float(value)
     return sampling
 
 

@@ -12,11 +12,11 @@ import openai
 import pytest
 from http_daemon import HttpDaemon, model_ready, start_http_daemon
 from openai.types.chat import ChatCompletionMessageParam
+from test_daemon import run_cli
 
 from vramchat.daemon.llama.grammar import SchemaError, schema_grammar
 
 from helpers import DaemonFactory, DaemonProcess
-from test_daemon import run_cli
 
 # Nested object, enum, array and required fields; its lengths are bounded, so a whole reply fits
 # in max_tokens whatever a 135M model at temperature 1 writes into the strings.
@@ -100,21 +100,28 @@ async def test_json_object_parses_and_a_cut_json_reply_says_so(demo_http: HttpDa
         json.loads(choice.message.content or "")
 
 
+def schema_format(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, **extra}}}
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+
+
 @pytest.mark.parametrize(
     ("body", "named"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 0}}}}, "minimum"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a+$"}}}}, "pattern"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}}}, "not"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/s.json"}}}}, "$ref"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}}, "strict"),
+        (schema_format({"type": "integer", "minimum": 0}), "schema.minimum"),
+        (schema_format({"type": "string", "pattern": "^a+$"}), "schema.pattern"),
+        (schema_format({"not": {"type": "null"}}), "schema.not"),
+        (schema_format({"$ref": "https://example.com/s.json"}), "schema.$ref"),
+        (schema_format({"type": "object", "properties": {"a": {"type": "string"}}}, strict=True), "with strict"),
         ({"n": 2}, "n: one choice"),
         ({"logprobs": True}, "logprobs"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"functions": [{"name": "f"}]}, "tools"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "image_url"),
+        ({"messages": [{"role": "user", "content": [IMAGE]}]}, "image_url"),
     ],
-)  # fmt: skip
+)
 def test_what_the_api_cannot_honour_is_a_400_that_says_why(tiny_http: HttpDaemon, body: dict[str, Any], named: str) -> None:
     status, reply = tiny_http.post(
         "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}).encode()

@@ -42,6 +42,7 @@ TOOLS: list[ChatCompletionToolParam] = [
     },
 ]
 PARAMETERS = {"get_weather": WEATHER_PARAMETERS, "get_time": TIME_PARAMETERS}
+BOUNDED = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}
 WEATHER_QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -131,7 +132,7 @@ def test_tool_choice_and_tools_are_checked(daemon_factory: DaemonFactory) -> Non
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": BOUNDED}}]},
             "tools[0].function.parameters.properties.n.minimum",
         ),
         ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),

@@ -212,6 +212,8 @@ class Reply:
             top_k=int(sampling["top_k"]),
             min_p=float(sampling["min_p"]),
             repeat_penalty=float(sampling["repeat_penalty"]),
+            frequency_penalty=float(sampling.get("frequency_penalty", 0.0)),  # the HTTP API's
+            presence_penalty=float(sampling.get("presence_penalty", 0.0)),
             grammar=LlamaGrammar.from_string(self.grammar) if self.grammar else None,
         )
         try:
