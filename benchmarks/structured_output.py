@@ -57,7 +57,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     build_ms = 1000 * (time.perf_counter() - started)
     model = ChatModel.load(str(demo_model()), n_gpu_layers=0, n_ctx=2048, n_threads=None)
     decode(model, 0, 8, None)  # warm the caches
-    free, bound, free_tokens, bound_tokens = [], [], [], []
+    free: list[float] = []
+    bound: list[float] = []
+    free_tokens: list[int] = []
+    bound_tokens: list[int] = []
     valid = 0
     for seed in range(rounds):
         for constrained in (seed % 2 == 0, seed % 2 == 1):  # alternate which goes first
