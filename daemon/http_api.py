@@ -202,7 +202,7 @@ def client_of(request: web.Request) -> tuple[bytes, str]:
 
 def result_status(result: JobResult) -> int:
     """The status of a reply that failed in the engine or the queue."""
-    if result.code in ("prompt_too_long", "bad_request"):
+    if result.code in ("prompt_too_long", "bad_request", "invalid_value"):
         return 400
     return STATUS_OF.get(result.code or "", 500)
 

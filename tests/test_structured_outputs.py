@@ -3,7 +3,9 @@ the real `openai` package against a real daemon; what the grammar cannot enforce
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,17 @@ import jsonschema
 import openai
 import pytest
 from http_daemon import HttpDaemon, model_ready, start_http_daemon
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionMessageParam
 from test_daemon import run_cli
+from test_hostile_http import SCHEMAS
 
+from vramchat.daemon.llama.chat_model import ChatModel
 from vramchat.daemon.llama.grammar import SchemaError, schema_grammar
+from vramchat.daemon.llama.tools import check_grammar
 
+from gguf_factory import TinyModelSpec, write_tiny_llama
 from helpers import DaemonFactory, DaemonProcess
 
 # Nested object, enum, array and required fields; its lengths are bounded, so a whole reply fits
@@ -151,6 +159,26 @@ def tiny_http(daemon_factory: DaemonFactory, models_dir: Path) -> HttpDaemon:
 def test_every_part_the_converter_would_ignore_is_refused_by_name(schema: dict[str, Any]) -> None:
     with pytest.raises(SchemaError, match=r"schema"):
         schema_grammar(schema, strict=False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(SCHEMAS, st.booleans())
+def test_any_schema_gets_a_grammar_or_a_schema_error_never_a_crash(schema: Any, strict: bool) -> None:
+    """Hostile schemas (test_hostile_http's strategy) at the converter directly, many more of them."""
+    try:
+        grammar = schema_grammar(schema, strict=strict)
+    except SchemaError as exc:
+        assert str(exc).startswith("schema")
+    else:
+        check_grammar(tiny_model(), grammar)  # llama.cpp parses it: the engine would refuse it otherwise
+
+
+@functools.cache
+def tiny_model() -> ChatModel:
+    """A vocabulary for llama.cpp's grammar parser (the random-weights model: nothing is generated)."""
+    directory = Path(tempfile.mkdtemp(prefix="vc-grammar-"))
+    write_tiny_llama(directory / "tiny.gguf", TinyModelSpec())
+    return ChatModel.load(str(directory / "tiny.gguf"), n_gpu_layers=0, n_ctx=64, n_threads=1)
 
 
 @pytest.mark.demo

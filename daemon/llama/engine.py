@@ -186,7 +186,11 @@ class Engine:
             )
             return
         prompt.stops.extend(request.get("stop") or [])  # the request's own, as OpenAI's `stop`
-        reply = tools.reply_for(model, prompt, sampling, request)
+        try:
+            reply = tools.reply_for(model, prompt, sampling, request)
+        except tools.InvalidGrammar as exc:
+            self.send({"ev": "failed", "request": request_id, "code": "invalid_value", "error": str(exc)})
+            return
         llm = model.llm
         conversation = request.get("conversation")
         if conversation != self.conversation:

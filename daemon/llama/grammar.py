@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from functools import cache
 from types import ModuleType
@@ -69,6 +70,10 @@ def converter_module() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.PRIMITIVE_RULES["char"] = module.BuiltinRule(JSON_CHAR, [])
+    # Its literals escape quotes and newlines but not backslashes, so a name or an enum value with
+    # a \ or a " (JSON-escaped: \\ or \") would end its GBNF literal early, or mean another text.
+    module.GRAMMAR_LITERAL_ESCAPE_RE = re.compile(r'[\r\n"\\]')
+    module.GRAMMAR_LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
     sys.modules.pop("vramchat_llama_grammar", None)
     return module
 
@@ -76,12 +81,12 @@ def converter_module() -> ModuleType:
 def check_schema(schema: Any, *, strict: bool, where: str = "schema") -> None:
     """Refuse (SchemaError) what the grammar would not enforce; with `strict`, also what OpenAI's
     strict mode refuses: an object whose properties are not all required, or that allows others."""
-    Checker(schema, strict).visit(schema, where, 0)
+    Checker(schema, strict, where).visit(schema, where, 0)
 
 
 class Checker:
-    def __init__(self, root: Any, strict: bool) -> None:
-        self.root, self.strict = root, strict
+    def __init__(self, root: Any, strict: bool, root_where: str) -> None:
+        self.root, self.strict, self.root_where = root, strict, root_where
         self.followed: set[str] = set()  # the $refs whose targets were checked
 
     def visit(self, schema: Any, where: str, depth: int) -> None:
@@ -113,7 +118,7 @@ class Checker:
             if not kind or not all(isinstance(k, str) and k in BY_TYPE for k in kind):
                 raise SchemaError(f"{where}.type: a list of types needs names of {', '.join(BY_TYPE)}")
             return self._only(schema, keys, {"type"}, where)
-        if kind not in BY_TYPE:
+        if not isinstance(kind, str) or kind not in BY_TYPE:
             raise SchemaError(f"{where}.type: {json.dumps(kind)[:40]} is not one of {', '.join(BY_TYPE)}")
         self._only(schema, keys, {"type"} | BY_TYPE[kind], where)
         getattr(self, f"_{kind}", lambda *_: None)(schema, where, depth)
@@ -138,7 +143,7 @@ class Checker:
                 target = target[part]
             if value not in self.followed:
                 self.followed.add(value)
-                self.visit(target, value, depth + 1)
+                self.visit(target, self.root_where + value[1:].replace("/", "."), depth + 1)
         elif keyword == "anyOf":
             if not isinstance(value, list) or not value:
                 raise SchemaError(f"{where}.anyOf must be a non-empty list of schemas")
@@ -189,7 +194,7 @@ class Checker:
             raise SchemaError(f"{where}: {names[0]} is above {names[1]}")
 
 
-def _convert(schema: Any, name: str) -> tuple[Any, str]:
+def _convert(schema: Any, name: str, where: str) -> tuple[Any, str]:
     """The converter after visiting `schema` as rule `name` (its refs resolved)."""
     module = converter_module()
     converter = module.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
@@ -197,7 +202,7 @@ def _convert(schema: Any, name: str) -> tuple[Any, str]:
         resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "input")
         rule = converter.visit(resolved, name)
     except Exception as exc:  # the converter's own code: whatever it fails on, it cannot express
-        raise SchemaError(f"the grammar converter cannot express this schema ({exc})") from None
+        raise SchemaError(f"{where}: the grammar converter cannot express this schema ({exc})") from None
     return converter, rule
 
 
@@ -205,7 +210,7 @@ def schema_grammar(schema: Any, *, strict: bool, where: str = "schema") -> str:
     """The GBNF of replies that validate against `schema` (checked first: SchemaError naming
     the part, from `where`)."""
     check_schema(schema, strict=strict, where=where)
-    converter, _ = _convert(schema, "")
+    converter, _ = _convert(schema, "", where)
     return str(converter.format_grammar())
 
 
@@ -227,7 +232,7 @@ def tool_call_grammar(functions: list[tuple[str, dict[str, Any]]], *, opened: bo
         }
         for name, parameters in functions
     ]
-    converter, rule = _convert(options[0] if len(options) == 1 else {"anyOf": options}, "call")
+    converter, rule = _convert(options[0] if len(options) == 1 else {"anyOf": options}, "call", "tools")
     opening = "" if opened else json.dumps(TOOL_OPEN) + " "
     converter._rules["root"] = f'{opening}"\\n" {rule} "\\n" {json.dumps(TOOL_CLOSE)}'
     return str(converter.format_grammar())

@@ -122,9 +122,27 @@ class AutoToolReply:
         yield from self.bound
 
 
+class InvalidGrammar(ValueError):
+    pass
+
+
+def check_grammar(model: ChatModel, grammar: str) -> None:
+    """Parse `grammar` as llama.cpp will: a grammar it cannot parse would crash the sampler chain
+    (a segfault in llama-cpp-python 0.3), so it ends the request here instead (InvalidGrammar)."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(model.llm._model.vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise InvalidGrammar("llama.cpp cannot parse the grammar built for this request; see the engine's log")
+    llama_cpp.llama_sampler_free(sampler)
+
+
 def reply_for(model: ChatModel, prompt: Prompt, sampling: dict[str, Any], request: dict[str, Any]) -> Reply | AutoToolReply:
     """The reply a `generate` request asks for: under its grammar (a schema, or a required call),
-    able to call a tool (auto), or free."""
+    able to call a tool (auto), or free. InvalidGrammar if llama.cpp cannot parse its grammar."""
+    for text in (request.get("grammar"), request.get("tool_grammar")):
+        if text:
+            check_grammar(model, text)
     if grammar := request.get("grammar"):
         prompt.stops = []  # the grammar ends the reply; a stop string could only cut it short
         return model.reply(prompt, sampling, grammar)
