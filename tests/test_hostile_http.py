@@ -70,21 +70,12 @@ RESPONSE_FORMATS = st.fixed_dictionaries(
     {"type": st.sampled_from(["json_schema", "json_object", "text"]) | JSON_VALUES},
     optional={"json_schema": st.fixed_dictionaries({"name": ANY_TEXT, "schema": SCHEMAS}, optional={"strict": JSON_VALUES})},
 )
-TOOLS = st.lists(
-    st.fixed_dictionaries(
-        {
-            "type": st.just("function") | JSON_VALUES,
-            "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g", "a b"])}),
-        },
-        optional={"parameters": SCHEMAS},
-    ).map(
-        lambda tool: {
-            "type": tool["type"],
-            "function": {**tool["function"], **({"parameters": tool["parameters"]} if "parameters" in tool else {})},
-        }
-    ),
-    max_size=3,
+FUNCTIONS = st.builds(
+    lambda name, parameters: {"name": name, **({} if parameters is None else {"parameters": parameters})},
+    st.sampled_from(["f", "g", "a b"]) | JSON_VALUES,
+    st.none() | SCHEMAS,
 )
+TOOLS = st.lists(st.fixed_dictionaries({"type": st.just("function") | JSON_VALUES, "function": FUNCTIONS}), max_size=3)
 TOOL_CHOICES = st.sampled_from(["auto", "none", "required"]) | st.builds(
     lambda name: {"type": "function", "function": {"name": name}}, st.sampled_from(["f", "g"]) | JSON_VALUES
 )

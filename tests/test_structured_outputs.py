@@ -3,9 +3,10 @@ the real `openai` package against a real daemon; what the grammar cannot enforce
 
 from __future__ import annotations
 
-import functools
 import json
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,24 +162,26 @@ def test_every_part_the_converter_would_ignore_is_refused_by_name(schema: dict[s
         schema_grammar(schema, strict=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_model() -> Iterator[ChatModel]:
+    """A vocabulary for llama.cpp's grammar parser (the random-weights model: nothing is generated)."""
+    directory = Path(tempfile.mkdtemp(prefix="vc-grammar-"))
+    model = ChatModel.load(str(write_tiny_llama(directory / "tiny.gguf", TinyModelSpec())), n_gpu_layers=0, n_ctx=64, n_threads=1)
+    yield model
+    model.llm.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @settings(max_examples=400, deadline=None)
-@given(SCHEMAS, st.booleans())
-def test_any_schema_gets_a_grammar_or_a_schema_error_never_a_crash(schema: Any, strict: bool) -> None:
+@given(schema=SCHEMAS, strict=st.booleans())
+def test_any_schema_gets_a_grammar_or_a_schema_error_never_a_crash(tiny_model: ChatModel, schema: Any, strict: bool) -> None:
     """Hostile schemas (test_hostile_http's strategy) at the converter directly, many more of them."""
     try:
         grammar = schema_grammar(schema, strict=strict)
     except SchemaError as exc:
         assert str(exc).startswith("schema")
     else:
-        check_grammar(tiny_model(), grammar)  # llama.cpp parses it: the engine would refuse it otherwise
-
-
-@functools.cache
-def tiny_model() -> ChatModel:
-    """A vocabulary for llama.cpp's grammar parser (the random-weights model: nothing is generated)."""
-    directory = Path(tempfile.mkdtemp(prefix="vc-grammar-"))
-    write_tiny_llama(directory / "tiny.gguf", TinyModelSpec())
-    return ChatModel.load(str(directory / "tiny.gguf"), n_gpu_layers=0, n_ctx=64, n_threads=1)
+        check_grammar(tiny_model, grammar)  # llama.cpp parses it: the engine would refuse it otherwise
 
 
 @pytest.mark.demo

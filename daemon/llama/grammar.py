@@ -72,8 +72,10 @@ def converter_module() -> ModuleType:
     module.PRIMITIVE_RULES["char"] = module.BuiltinRule(JSON_CHAR, [])
     # Its literals escape quotes and newlines but not backslashes, so a name or an enum value with
     # a \ or a " (JSON-escaped: \\ or \") would end its GBNF literal early, or mean another text.
-    module.GRAMMAR_LITERAL_ESCAPE_RE = re.compile(r'[\r\n"\\]')
-    module.GRAMMAR_LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+    vars(module).update(
+        GRAMMAR_LITERAL_ESCAPE_RE=re.compile(r'[\r\n"\\]'),
+        GRAMMAR_LITERAL_ESCAPES={"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"},
+    )
     sys.modules.pop("vramchat_llama_grammar", None)
     return module
 
