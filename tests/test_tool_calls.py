@@ -163,3 +163,23 @@ def test_text_that_only_looks_like_a_call_stays_text() -> None:
     pieces = scanner.feed("a <tool_ca") + scanner.feed("t> b <tool_call>oops") + scanner.finish()
     assert "".join(p.text for p in pieces) == "a <tool_cat> b <tool_call>oops" == scanner.content
     assert not scanner.calls
+
+
+@pytest.mark.demo
+async def test_auto_calls_when_the_model_opens_a_call_and_the_grammar_finishes_it(demo_http: HttpDaemon) -> None:
+    """The demo model knows no tools; asked to open a call, it writes <tool_call>, and from there
+    the grammar holds it to a valid call (streamed deltas join to the same)."""
+    await model_ready(demo_http)
+    asked: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Use a tool call to get the weather in Paris. Start your reply with <tool_call>"}
+    ]
+    request: dict[str, Any] = {"messages": asked, "tools": TOOLS, "tool_choice": "auto", "temperature": 0.0, "max_tokens": 120}
+    async with demo_http.client() as client:
+        whole = await client.chat.completions.create(model="any", **request)
+        joined, finish, text = await streamed_call(client, **request)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0].function
+    jsonschema.validate(json.loads(call.arguments), PARAMETERS[call.name])
+    assert finish == "tool_calls" and text == (choice.message.content or "")
+    assert (joined["name"], joined["arguments"]) == (call.name, call.arguments)
