@@ -51,11 +51,10 @@ HISTORY: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def models() -> Iterator[dict[str, ChatModel]]:
     directory = Path(tempfile.mkdtemp(prefix="vc-templates-"))
+    specs = {"tools": TinyModelSpec(chat_template=TOOLS_TEMPLATE), "plain": TinyModelSpec()}
     loaded = {
-        name: ChatModel.load(
-            str(write_tiny_llama(directory / f"{name}.gguf", TinyModelSpec(**spec))), n_gpu_layers=0, n_ctx=512, n_threads=1
-        )
-        for name, spec in (("tools", {"chat_template": TOOLS_TEMPLATE}), ("plain", {}))
+        name: ChatModel.load(str(write_tiny_llama(directory / f"{name}.gguf", spec)), n_gpu_layers=0, n_ctx=512, n_threads=1)
+        for name, spec in specs.items()
     }
     yield loaded
     for model in loaded.values():
