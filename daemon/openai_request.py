@@ -18,6 +18,29 @@ from vramchat.shared import protocol
 from vramchat.shared.protocol import ProtocolError
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+SUPPORTED = (
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+    "stream",
+    "stream_options",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "conversation",
+)
+# Read by nobody: they label or tune what vramchat has no knob for. Listed, as SUPPORTED is, for
+# the test that keeps docs/protocol.md's table of fields whole.
 IGNORED = (
     "model",
     "user",
@@ -29,7 +52,7 @@ IGNORED = (
     "reasoning_effort",
     "verbosity",
 )
-# Refused unless absent, null, or the value that means "as without it".
+# Refused unless absent, null, or the value that means "as without it"; "modalities" too (below).
 REFUSED: dict[str, tuple[Any, str]] = {
     "n": (1, "one choice per request is supported; send n: 1 or leave it out, and send several requests for more"),
     "logprobs": (False, "log probabilities are not supported; leave logprobs out"),

@@ -20,6 +20,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from test_daemon import run_cli
 from test_hostile_http import SCHEMAS
 
+from vramchat.daemon import openai_request
 from vramchat.daemon.llama.chat_model import ChatModel
 from vramchat.daemon.llama.grammar import SchemaError, schema_grammar
 from vramchat.daemon.llama.tools import check_grammar
@@ -195,3 +196,11 @@ def test_ask_with_a_json_schema_file_prints_a_reply_that_validates(demo_daemon: 
     schema_file.write_text(json.dumps({"type": "integer", "maximum": 3}))
     refused = run_cli(demo_daemon, "ask", "--json-schema", str(schema_file), "Pick a number.")
     assert refused.returncode != 0 and "json_schema.schema.maximum" in refused.stderr
+
+
+def test_the_protocol_doc_says_what_becomes_of_every_request_field() -> None:
+    """docs/protocol.md's HTTP API table names every field that is supported, refused or ignored."""
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    http = doc[doc.index("## HTTP API") :]
+    fields = {*openai_request.SUPPORTED, *openai_request.IGNORED, *openai_request.REFUSED, "modalities", "model"}
+    assert [name for name in sorted(fields) if f"`{name}`" not in http] == []
