@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import demo_model, target
+from benchmarks.common import CPUS, demo_model, target
 from vramchat.daemon.llama import tools
 from vramchat.daemon.llama.chat_model import ChatModel
 from vramchat.daemon.llama.grammar import schema_grammar
@@ -55,7 +55,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     grammar = schema_grammar(SCHEMA, strict=True)
     build_ms = 1000 * (time.perf_counter() - started)
-    model = ChatModel.load(str(demo_model()), n_gpu_layers=0, n_ctx=2048, n_threads=None)
+    model = ChatModel.load(str(demo_model()), n_gpu_layers=0, n_ctx=2048, n_threads=CPUS)
     decode(model, 0, 8, None)  # warm the caches
     free: list[float] = []
     bound: list[float] = []
@@ -78,6 +78,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "max_tokens": max_tokens,
             "temperature": 1.0,
             "measured": "in-process, the engine's reply code, alternating",
+            "threads": CPUS,
         },
         "grammar_build_ms": build_ms,
         "tokens_per_s_without_schema": statistics.median(free),
