@@ -12,7 +12,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"  # as daemon/llama/grammar.py writes them
+from vramchat.daemon.llama.grammar import TOOL_CLOSE, TOOL_OPEN  # pure Python (see its docstring)
+
 CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\{)')
 CALL_TAIL = re.compile(r"\s*\}\s*" + re.escape(TOOL_CLOSE))
 

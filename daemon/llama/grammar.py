@@ -87,6 +87,8 @@ def check_schema(schema: Any, *, strict: bool, where: str = "schema") -> None:
 
 
 class Checker:
+    """Walks a schema, naming the path of each part as a JSON-path-like `where`."""
+
     def __init__(self, root: Any, strict: bool, root_where: str) -> None:
         self.root, self.strict, self.root_where = root, strict, root_where
         self.followed: set[str] = set()  # the $refs whose targets were checked
