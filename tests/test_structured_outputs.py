@@ -22,7 +22,7 @@ from test_hostile_http import SCHEMAS
 
 from vramchat.daemon import openai_request
 from vramchat.daemon.llama.chat_model import ChatModel
-from vramchat.daemon.llama.grammar import SchemaError, schema_grammar
+from vramchat.daemon.llama.grammar import GrammarDeadEnd, SchemaError, schema_grammar
 from vramchat.daemon.llama.tools import check_grammar
 
 from gguf_factory import TinyModelSpec, write_tiny_llama
@@ -167,7 +167,9 @@ def test_every_part_the_converter_would_ignore_is_refused_by_name(schema: dict[s
 def tiny_model() -> Iterator[ChatModel]:
     """A vocabulary for llama.cpp's grammar parser (the random-weights model: nothing is generated)."""
     directory = Path(tempfile.mkdtemp(prefix="vc-grammar-"))
-    model = ChatModel.load(str(write_tiny_llama(directory / "tiny.gguf", TinyModelSpec())), n_gpu_layers=0, n_ctx=64, n_threads=1)
+    model = ChatModel.load(
+        str(write_tiny_llama(directory / "tiny.gguf", TinyModelSpec())), n_gpu_layers=0, n_ctx=512, n_threads=1
+    )
     yield model
     model.llm.close()
     shutil.rmtree(directory, ignore_errors=True)
@@ -204,3 +206,29 @@ def test_the_protocol_doc_says_what_becomes_of_every_request_field() -> None:
     http = doc[doc.index("## HTTP API") :]
     fields = {*openai_request.SUPPORTED, *openai_request.IGNORED, *openai_request.REFUSED, "modalities", "model"}
     assert [name for name in sorted(fields) if f"`{name}`" not in http] == []
+
+
+def test_a_vocabulary_that_cannot_write_the_schema_ends_the_reply_not_the_process(tiny_model: ChatModel) -> None:
+    """The tiny model has no token that reads "{": under the grammar nothing may come first, and
+    llama.cpp would abort on whatever it drew. The reply fails with an exception instead."""
+    prompt = tiny_model.prompt([{"role": "user", "content": "pet"}])
+    with pytest.raises(GrammarDeadEnd, match="cannot write this schema"):
+        "".join(tiny_model.reply(prompt, {"temperature": 1.0, "max_tokens": 50}, schema_grammar(PET, strict=True)))
+
+
+@pytest.mark.demo
+def test_valid_json_even_when_most_draws_break_the_grammar(demo_model: Path) -> None:
+    """At temperature 2 with no top-k most tokens drawn break the grammar, so most steps take
+    grammar_sampling's second path (the grammar over the whole vocabulary)."""
+    model = ChatModel.load(str(demo_model), n_gpu_layers=0, n_ctx=1024, n_threads=None)
+    try:
+        prompt = model.prompt([{"role": "user", "content": "Describe a pet as JSON."}])
+        for seed in range(3):
+            model.llm.set_seed(seed)
+            sampling = {"temperature": 2.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "max_tokens": 400}
+            reply = model.reply(prompt, sampling, schema_grammar(PET, strict=True))
+            text = "".join(reply)
+            assert reply.finish_reason == "stop", text
+            jsonschema.validate(json.loads(text), PET)
+    finally:
+        model.llm.close()

@@ -197,8 +197,15 @@ class Reply:
         self._stop_requested = True
 
     def __iter__(self) -> Iterator[str]:
-        from llama_cpp import LlamaGrammar
+        if not self.grammar:
+            yield from self._pieces()
+            return
+        from vramchat.daemon.llama.grammar_sampling import grammar_last
 
+        with grammar_last(self.model.llm, self.grammar):  # llama.cpp's order: sample, then check
+            yield from self._pieces()
+
+    def _pieces(self) -> Iterator[str]:
         llm, sampling = self.model.llm, self.sampling
         text_out = self.text_out
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -214,7 +221,6 @@ class Reply:
             repeat_penalty=float(sampling["repeat_penalty"]),
             frequency_penalty=float(sampling.get("frequency_penalty", 0.0)),  # the HTTP API's
             presence_penalty=float(sampling.get("presence_penalty", 0.0)),
-            grammar=LlamaGrammar.from_string(self.grammar) if self.grammar else None,
         )
         try:
             for token in tokens:

@@ -41,6 +41,7 @@ from typing import Any
 from vramchat.daemon.engine_channel import ChannelClosed, EngineEnd
 from vramchat.daemon.llama import rpc, tools
 from vramchat.daemon.llama.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
+from vramchat.daemon.llama.grammar import GrammarDeadEnd
 from vramchat.daemon.llama.state_cache import ConversationStates
 from vramchat.shared import scheduling
 
@@ -213,7 +214,8 @@ class Engine:
                     reply.stop()
         except Exception as exc:
             frames.flush()
-            self.send({"ev": "failed", "request": request_id, "code": "internal", "error": f"generation failed: {exc}"})
+            code = "invalid_value" if isinstance(exc, GrammarDeadEnd) else "internal"  # the schema, for this model
+            self.send({"ev": "failed", "request": request_id, "code": code, "error": f"generation failed: {exc}"})
             return
         ended = time.monotonic()
         frames.flush()

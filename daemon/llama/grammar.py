@@ -58,6 +58,10 @@ class SchemaError(ValueError):
     """A schema the grammar cannot enforce; the message names the part and what to do."""
 
 
+class GrammarDeadEnd(RuntimeError):
+    """While sampling: no token of the model's vocabulary can continue what the grammar allows."""
+
+
 @cache
 def converter_module() -> ModuleType:
     """llama-cpp-python's llama_grammar.py, loaded from its file without the llama_cpp package."""
