@@ -39,6 +39,7 @@ BENCHMARKS = [
     "hub_pull",
     "dry_run",
     "tui_cost",
+    "structured_output",
 ]
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 META = {"name", "settings", "targets", "target", "met", "why", "error"}

@@ -287,6 +287,7 @@ class GenerationQueue:
                 "sampling": turn.sampling,
                 "overflow": turn.overflow,
                 "stop": job.stop,
+                **job.engine,
             }
         )
 
@@ -347,7 +348,7 @@ class GenerationQueue:
         self.publish()
 
 
-def state_key(messages: list[dict[str, str]]) -> str:
+def state_key(messages: list[dict[str, Any]]) -> str:
     """The engine's KV state cache key for a reply that is not stored: its messages up to the first
     user message, so a chat client that resends a growing history finds its state again."""
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))

@@ -17,6 +17,7 @@ from vramchat.daemon.generation import GenerationQueue, checked_sampling, checke
 from vramchat.daemon.jobs import Job
 from vramchat.daemon.model_lifecycle import ModelLifecycle
 from vramchat.daemon.monitor import Monitor
+from vramchat.daemon.openai_request import control_json_schema
 from vramchat.daemon.store import NotFound, Store, StoreError
 from vramchat.daemon.transport import Replier
 from vramchat.shared import __version__, protocol
@@ -196,6 +197,8 @@ class Handlers:
         if not content.strip():
             raise ProtocolError("invalid_value", "the message is empty")
         sampling = checked_sampling(field_of(body, "sampling", dict, {}))
+        schema = field_of(body, "json_schema", dict, None)
+        engine = control_json_schema(schema, sampling) if schema is not None else {}
         self.generation.check_room(client)
         if conversation_ref := field_of(body, "conversation", str, None):
             conversation = self.store.get_conversation(self.store.resolve_conversation(conversation_ref))
@@ -203,7 +206,7 @@ class Handlers:
             conversation = self.store.create_conversation(title=title_from(content))
             self.bus.publish("conversation", {"action": "created", "conversation": conversation})
         user_message = self.generation.add_user_message(conversation["id"], content)
-        return self._enqueue(Job(request.id, conversation["id"], client, sampling), user_message)
+        return self._enqueue(Job(request.id, conversation["id"], client, sampling, engine=engine), user_message)
 
     async def on_regenerate(self, request: Request, client: bytes) -> dict[str, Any]:
         """Queue a new reply beside an earlier one (by default the last): the earlier reply, and

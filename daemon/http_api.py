@@ -13,18 +13,18 @@ import hmac
 import ipaddress
 import json
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from vramchat.daemon.generation import GenerationQueue, checked_sampling
+from vramchat.daemon.generation import GenerationQueue
 from vramchat.daemon.jobs import Job, JobResult
 from vramchat.daemon.metrics import DaemonMetrics
 from vramchat.daemon.model_lifecycle import ModelLifecycle
+from vramchat.daemon.openai_reply import Completion, openai_error, sse
+from vramchat.daemon.openai_request import ChatRequest, parse_request
 from vramchat.daemon.store import NotFound, Store
 from vramchat.daemon.transport import RATE_PER_S, RateLimiter
 from vramchat.shared import protocol
@@ -41,7 +41,6 @@ STATUS_OF = {
     "no_model": 503,
     "internal": 500,
 }
-ROLES = ("system", "user", "assistant")
 
 
 def parse_address(address: str, *, allow_remote: bool) -> tuple[str, int]:
@@ -140,20 +139,17 @@ class HttpApi:
         return web.json_response({"object": "list", "data": data})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        stream = protocol.field_of(body, "stream", bool, False)
-        options = protocol.field_of(body, "stream_options", dict, {})
-        include_usage = stream and protocol.field_of(options, "include_usage", bool, False)
-        job = self._job(request, body, streamed=stream)
+        chat = parse_request(await read_json(request))
+        job = self._job(request, chat)
         self.generation.check_room(job.client)
         if job.conversation_id is not None:
             user = job.messages[-1]["content"] if job.messages else ""
             self.generation.add_user_message(job.conversation_id, user)
             job.messages = None  # from the stored conversation, which now ends with this message
-        reply = Completion(self.model.state.name or "", include_usage)
+        reply = Completion(self.model.state.name or "", chat.include_usage, tools=chat.tools_offered, structured=chat.structured)
         self.generation.enqueue(job)
         try:
-            if not stream:
+            if not chat.stream:
                 result = await job.result()
                 return web.json_response(reply.whole(result), status=200 if result.ok else result_status(result))
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -174,79 +170,27 @@ class HttpApi:
                 with contextlib.suppress(ProtocolError):
                     self.generation.cancel(job.request_id, reason="the HTTP client disconnected")
 
-    def _job(self, request: web.Request, body: dict[str, Any], *, streamed: bool) -> Job:
-        messages = parse_messages(body.get("messages"))
-        sampling: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "seed"):
-            if body.get(name) is not None:
-                sampling[name] = body[name]
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None:
-            sampling["max_tokens"] = max_tokens
-        sampling = checked_sampling(sampling)
-        if "temperature" in sampling and sampling["temperature"] > 2:
-            raise ProtocolError("invalid_value", "temperature must be between 0 and 2")
-        conversation = body.get("conversation")
+    def _job(self, request: web.Request, chat: ChatRequest) -> Job:
+        conversation = chat.conversation
         if conversation is not None:
-            if not isinstance(conversation, str):
-                raise ProtocolError("invalid_value", "conversation must be a conversation id (a string)")
             try:
                 conversation = self.store.resolve_conversation(conversation)
             except NotFound as exc:
                 raise ProtocolError("not_found", str(exc.args[0])) from None
-            if messages[-1]["role"] != "user":
+            if chat.messages[-1]["role"] != "user":
                 raise ProtocolError("invalid_value", "with a conversation, the last message must be the user's new one")
         client, label = client_of(request)
         return Job(
             request_id=f"http-{uuid.uuid4().hex}",
             conversation_id=conversation,
             client=client,
-            sampling=sampling,
+            sampling=chat.sampling,
             label=label,
-            messages=messages,
-            stop=parse_stop(body.get("stop")),
-            streamed=streamed,
+            messages=chat.messages,
+            stop=chat.stop,
+            streamed=chat.stream,
+            engine=chat.engine,
         )
-
-
-class Completion:
-    """OpenAI's reply shapes for one completion: the whole object, or server-sent chunks."""
-
-    def __init__(self, model: str, include_usage: bool) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model, self.include_usage = model, include_usage
-
-    def _envelope(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def whole(self, result: JobResult) -> dict[str, Any]:
-        if not result.ok:
-            return openai_error(result.error or "the reply failed", "server_error", result.code)
-        return {
-            **self._envelope("chat.completion"),
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish_reason(result)}
-            ],
-            "usage": usage(result),
-        }
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
-        data = {**self._envelope("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return sse(data)
-
-    async def chunks(self, job: Job) -> AsyncIterator[bytes]:
-        yield self._chunk({"role": "assistant", "content": ""}, None)
-        async for text in job.pieces():
-            yield self._chunk({"content": text}, None)
-        result = await job.result()
-        if not result.ok:
-            yield sse(openai_error(result.error or "the reply failed", "server_error", result.code))
-        else:
-            yield self._chunk({}, finish_reason(result))
-            if self.include_usage:
-                yield sse({**self._envelope("chat.completion.chunk"), "choices": [], "usage": usage(result)})
-        yield b"data: [DONE]\n\n"
 
 
 def client_of(request: web.Request) -> tuple[bytes, str]:
@@ -256,37 +200,11 @@ def client_of(request: web.Request) -> tuple[bytes, str]:
     return f"http:{host}".encode(), f"http {host}:{port}"
 
 
-def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
-
-
-def finish_reason(result: JobResult) -> str:
-    return "length" if result.finish_reason == "length" else "stop"
-
-
-def usage(result: JobResult) -> dict[str, Any]:
-    """OpenAI's usage, from the engine's counts; `cached_tokens` are prompt tokens the KV state
-    cache spared from evaluation (a client resending a growing history)."""
-    stats = result.stats or {}
-    prompt, completion = int(stats.get("prompt_tokens") or 0), int(stats.get("generated_tokens") or 0)
-    cached = int(stats.get("prompt_cached_tokens") or 0)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
 def result_status(result: JobResult) -> int:
     """The status of a reply that failed in the engine or the queue."""
-    if result.code in ("prompt_too_long", "bad_request"):
+    if result.code in ("prompt_too_long", "bad_request", "invalid_value"):
         return 400
     return STATUS_OF.get(result.code or "", 500)
-
-
-def openai_error(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 def error_response(error: ProtocolError) -> web.Response:
@@ -312,31 +230,3 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ProtocolError("bad_request", "the body must be a JSON object")
     return body
-
-
-def parse_messages(raw: Any) -> list[dict[str, str]]:
-    """OpenAI's messages, with content as a string or a list of text parts."""
-    if not isinstance(raw, list) or not raw:
-        raise ProtocolError("invalid_value", "messages must be a non-empty list of {role, content}")
-    messages = []
-    for index, message in enumerate(raw):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ProtocolError("invalid_value", f"messages[{index}] needs a role of {', '.join(ROLES)}")
-        content = message.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise ProtocolError("invalid_value", f"messages[{index}]: only text content parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ProtocolError("invalid_value", f"messages[{index}].content must be a string")
-        messages.append({"role": message["role"], "content": content})
-    if not any(m["role"] == "user" for m in messages):
-        raise ProtocolError("invalid_value", "messages needs at least one user message")
-    return messages
-
-
-def parse_stop(raw: Any) -> list[str]:
-    stops = [raw] if isinstance(raw, str) else raw if raw is not None else []
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
-        raise ProtocolError("invalid_value", "stop must be a string or a list of at most 16 non-empty strings")
-    return stops

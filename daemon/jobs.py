@@ -35,8 +35,10 @@ class Job:
     client: bytes  # for the per-client limit
     sampling: dict[str, Any]
     label: str | None = None  # who asked, when it is not a vramchat client: "http 127.0.0.1:53122"
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None  # OpenAI's, tool calls and results included
     stop: list[str] = field(default_factory=list)  # extra stop strings
+    # For the engine's `generate`: "grammar" (GBNF of the whole reply), "tools", "tool_grammar".
+    engine: dict[str, Any] = field(default_factory=dict)
     streamed: bool = False  # someone reads pieces() (an HTTP stream); otherwise tokens are not queued
     enqueued_at: float = field(default_factory=time.time)
     # Told once how the job ended, wherever that happens (set by the queue: the daemon's metrics).
@@ -85,7 +87,7 @@ class Job:
 class Turn:
     """What the engine gets for a job, and what maps its answer back to the stored messages."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     sampling: dict[str, Any]
     overflow: dict[str, Any]  # {"policy", "dropped"}: see ChatModel.fitted_prompt
     passed: list[str] = field(default_factory=list)  # ids of the stored messages sent, after the system prompt

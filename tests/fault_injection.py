@@ -30,11 +30,10 @@ def fails(stage: str, text: Any) -> bool:
 def install() -> None:
     job_of = http_api.HttpApi._job
 
-    def http_job(self: http_api.HttpApi, request: Any, body: dict[str, Any], *, streamed: bool) -> Any:
-        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-        if messages and isinstance(messages[-1], dict) and fails("intake", messages[-1].get("content")):
+    def http_job(self: http_api.HttpApi, request: Any, chat: Any) -> Any:
+        if fails("intake", chat.messages[-1].get("content")):
             raise InjectedFault("intake (HTTP)")
-        return job_of(self, request, body, streamed=streamed)
+        return job_of(self, request, chat)
 
     on_chat = handlers.Handlers.on_chat
 

@@ -46,6 +46,39 @@ CONTENT = ANY_TEXT | st.lists(
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "tool", "", "USER"]) | JSON_VALUES, "content": CONTENT | JSON_VALUES}
 )
+# JSON schemas of every kind the grammar converter meets, with odd names, values and bounds (issue 25).
+SCHEMAS = st.recursive(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["string", "integer", "number", "boolean", "null", "object", "array"]) | JSON_VALUES},
+        optional={"maxLength": EXTREMES | JSON_VALUES, "format": ANY_TEXT, "minimum": EXTREMES},
+    )
+    | st.fixed_dictionaries({"enum": st.lists(JSON_VALUES, max_size=3) | JSON_VALUES})
+    | st.fixed_dictionaries({"const": JSON_VALUES})
+    | st.fixed_dictionaries({"$ref": st.sampled_from(["#", "#/$defs/a", "#/properties", "https://x/s.json"]) | ANY_TEXT}),
+    lambda children: (
+        st.fixed_dictionaries(
+            {"type": st.just("object"), "properties": st.dictionaries(ANY_TEXT, children, max_size=3)},
+            optional={"required": st.lists(ANY_TEXT, max_size=3) | JSON_VALUES, "additionalProperties": st.booleans() | children},
+        )
+        | st.fixed_dictionaries({"type": st.just("array"), "items": children}, optional={"maxItems": EXTREMES})
+        | st.fixed_dictionaries({"anyOf": st.lists(children, max_size=3)})
+        | st.fixed_dictionaries({"$defs": st.fixed_dictionaries({"a": children}), "$ref": st.just("#/$defs/a")})
+    ),
+    max_leaves=6,
+)
+RESPONSE_FORMATS = st.fixed_dictionaries(
+    {"type": st.sampled_from(["json_schema", "json_object", "text"]) | JSON_VALUES},
+    optional={"json_schema": st.fixed_dictionaries({"name": ANY_TEXT, "schema": SCHEMAS}, optional={"strict": JSON_VALUES})},
+)
+FUNCTIONS = st.builds(
+    lambda name, parameters: {"name": name, **({} if parameters is None else {"parameters": parameters})},
+    st.sampled_from(["f", "g", "a b"]) | JSON_VALUES,
+    st.none() | SCHEMAS,
+)
+TOOLS = st.lists(st.fixed_dictionaries({"type": st.just("function") | JSON_VALUES, "function": FUNCTIONS}), max_size=3)
+TOOL_CHOICES = st.sampled_from(["auto", "none", "required"]) | st.builds(
+    lambda name: {"type": "function", "function": {"name": name}}, st.sampled_from(["f", "g"]) | JSON_VALUES
+)
 FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "model": ANY_TEXT | JSON_VALUES,
     "messages": st.lists(MESSAGE, min_size=1, max_size=4) | JSON_VALUES,
@@ -59,8 +92,11 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "stop": ANY_TEXT | st.lists(ANY_TEXT, max_size=20) | JSON_VALUES,
     "conversation": st.sampled_from(["CONVERSATION", "", "0", "%", "_"]) | JSON_VALUES,
     "n": EXTREMES | JSON_VALUES,
-    "tools": JSON_VALUES,
-    "response_format": JSON_VALUES,
+    "tools": TOOLS | JSON_VALUES,
+    "tool_choice": TOOL_CHOICES | JSON_VALUES,
+    "response_format": RESPONSE_FORMATS | JSON_VALUES,
+    "logprobs": st.booleans() | JSON_VALUES,
+    "frequency_penalty": EXTREMES | JSON_VALUES,
 }
 # A request that is right but for one or two fields reaches the queue and the engine.
 VALID_MESSAGES = st.lists(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,11 @@ FORBIDDEN = {
     "daemon": ("textual", "vramchat.tui"),
     "tui": ("llama_cpp", "vramchat.daemon"),
 }
+
+
+# The one module of daemon/llama/ the daemon may import: JSON schemas to grammars, pure Python that
+# loads llama-cpp-python's converter from its file without the native library (checked below).
+PURE_LLAMA_MODULE = "vramchat.daemon.llama.grammar"
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -50,6 +57,18 @@ def test_llama_cpp_lives_in_daemon_llama_alone() -> None:
     outside = {p: names for p, names in imports.items() if inside not in p.parents}
     assert [str(p.relative_to(ROOT)) for p, names in outside.items() if any(n.split(".")[0] == "llama_cpp" for n in names)] == []
     assert [
-        str(p.relative_to(ROOT)) for p, names in outside.items() if any(n.startswith("vramchat.daemon.llama") for n in names)
+        str(p.relative_to(ROOT))
+        for p, names in outside.items()
+        if any(n.startswith("vramchat.daemon.llama") and not n.startswith(PURE_LLAMA_MODULE) for n in names)
     ] == []
     assert any("llama_cpp" in {n.split(".")[0] for n in names} for p, names in imports.items() if inside in p.parents)
+
+
+def test_the_grammar_module_loads_no_native_code() -> None:
+    """The daemon builds grammars from schemas (daemon/llama/grammar.py) without llama_cpp."""
+    probe = (
+        "import sys; import vramchat.daemon.llama.grammar as g; g.schema_grammar({'type': 'object'}, strict=False); "
+        "loaded = [m for m in sys.modules if m.split('.')[0] == 'llama_cpp' or m == 'vramchat.daemon.llama.engine']; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)

@@ -106,15 +106,29 @@ class ChatModel:
         model._llama_params = keep
         return model
 
-    def prompt(self, messages: list[dict[str, str]]) -> Prompt:
-        """The conversation formatted and tokenized as the model was trained to read it."""
-        formatted = self.formatter(messages=messages)  # type: ignore[arg-type]  # role/content dicts are what it reads
+    @property
+    def template_knows_tools(self) -> bool:
+        """Whether the chat template renders `tools` itself (as llama.cpp's minja decides it)."""
+        return "tools" in self.formatter.template
+
+    def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        """The conversation formatted and tokenized as the model was trained to read it; `tools`
+        are passed to the template (daemon/llama/tools.py decides when)."""
+        formatted = self.formatter(messages=messages, tools=tools)  # type: ignore[arg-type]  # role/content dicts are what it reads
         tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else ([formatted.stop] if formatted.stop else [])
         opens_thinking = formatted.prompt.rstrip().endswith(thinking.OPEN)
         return Prompt(tokens, stops + self._extra_stops, opens_thinking=opens_thinking)
 
-    def fitted_prompt(self, messages: list[dict[str, str]], *, overflow: str, dropped: int, reply_room: int) -> Prompt:
+    def fitted_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        overflow: str,
+        dropped: int,
+        reply_room: int,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Prompt:
         """The prompt for `messages` with room for `reply_room` tokens of reply, or PromptTooLong.
 
         With overflow "drop_oldest" the oldest messages after the system prompt are left out,
@@ -129,7 +143,7 @@ class ChatModel:
         limit = self.n_ctx - (reply_room if overflow == "drop_oldest" else 1)
 
         def without(first: int) -> Prompt:
-            prompt = self.prompt(system + history[first:])
+            prompt = self.prompt(system + history[first:], tools)
             prompt.dropped = first
             return prompt
 
@@ -163,9 +177,9 @@ class ChatModel:
             '(the conversation setting context_overflow = "drop_oldest").'
         )
 
-    def reply(self, prompt: Prompt, sampling: dict[str, Any]) -> Reply:
-        """A reply to `prompt`; `sampling` overrides SAMPLING_DEFAULTS."""
-        return Reply(self, prompt, {**SAMPLING_DEFAULTS, **sampling})
+    def reply(self, prompt: Prompt, sampling: dict[str, Any], grammar: str | None = None) -> Reply:
+        """A reply to `prompt`; `sampling` overrides SAMPLING_DEFAULTS; `grammar` (GBNF) constrains it."""
+        return Reply(self, prompt, {**SAMPLING_DEFAULTS, **sampling}, grammar)
 
 
 class Reply:
@@ -175,20 +189,30 @@ class Reply:
     ended: "stop" (end of generation or a stop string), "length" or "cancelled".
     """
 
-    def __init__(self, model: ChatModel, prompt: Prompt, sampling: dict[str, Any]) -> None:
-        self.model, self.prompt, self.sampling = model, prompt, sampling
+    def __init__(self, model: ChatModel, prompt: Prompt, sampling: dict[str, Any], grammar: str | None = None) -> None:
+        self.model, self.prompt, self.sampling, self.grammar = model, prompt, sampling, grammar
         self.max_tokens = min(int(sampling["max_tokens"]), model.n_ctx - len(prompt.tokens))  # what the context has room for
         self.generated = 0
         self.first_token_at: float | None = None
         self.finish_reason = "length"
+        self.text_out = StopFilter(prompt.stops)
         self._stop_requested = False
 
     def stop(self) -> None:
         self._stop_requested = True
 
     def __iter__(self) -> Iterator[str]:
+        if not self.grammar:
+            yield from self._pieces()
+            return
+        from vramchat.daemon.llama.grammar_sampling import grammar_last
+
+        with grammar_last(self.model.llm, self.grammar):  # llama.cpp's order: sample, then check
+            yield from self._pieces()
+
+    def _pieces(self) -> Iterator[str]:
         llm, sampling = self.model.llm, self.sampling
-        text_out = StopFilter(self.prompt.stops)
+        text_out = self.text_out
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # generate() yields token ids. Detokenizing each one on its own, through an incremental
         # UTF-8 decoder, keeps the cost per token constant; create_completion(stream=True)
@@ -200,6 +224,8 @@ class Reply:
             top_k=int(sampling["top_k"]),
             min_p=float(sampling["min_p"]),
             repeat_penalty=float(sampling["repeat_penalty"]),
+            frequency_penalty=float(sampling.get("frequency_penalty", 0.0)),  # the HTTP API's
+            presence_penalty=float(sampling.get("presence_penalty", 0.0)),
         )
         try:
             for token in tokens:
@@ -233,13 +259,14 @@ class StopFilter:
         # Text can end in the start of a stop string only if its last character is one of these.
         self._starts = frozenset(ch for stop in self.stops for ch in stop[:-1])
         self.held = ""
+        self.reached: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached."""
         self.held += text
         for stop in self.stops:
             if (at := self.held.find(stop)) != -1:
-                out, self.held = self.held[:at], ""
+                out, self.held, self.reached = self.held[:at], "", stop
                 return out, True
         if not self.held or self.held[-1] not in self._starts:  # most tokens: nothing to hold back
             out, self.held = self.held, ""

@@ -9,7 +9,8 @@ It talks to the daemon over its end of a private Unix socketpair, one msgpack ma
 
 daemon -> engine: {"op": "load", "model_path", "llama": {Llama() arguments}, "cpu_tensors", "flash_attn_auto",
                   "devices", "rpc_servers", "state_cache_bytes"}, {"op": "generate", "request", "conversation",
-                  "messages", "sampling", "stop", "overflow": {"policy", "dropped"}},
+                  "messages", "sampling", "stop", "overflow": {"policy", "dropped"}, "grammar"?: GBNF of the
+                  whole reply, "tools"?: [OpenAI tools], "tool_grammar"?: GBNF of a call (tools.py)},
                   {"op": "cancel", "request"}, {"op": "shutdown"}
 daemon -> engine, between tokens too: {"op": "devices"}, answered by {"ev": "devices", "devices": [...]}
 engine -> daemon: {"ev": "started", "pid"}, {"ev": "progress", "fraction"}, {"ev": "ready", ...}, {"ev": "load_failed",
@@ -38,8 +39,9 @@ from collections.abc import Callable
 from typing import Any
 
 from vramchat.daemon.engine_channel import ChannelClosed, EngineEnd
-from vramchat.daemon.llama import rpc
+from vramchat.daemon.llama import rpc, tools
 from vramchat.daemon.llama.chat_model import SAMPLING_DEFAULTS, ChatModel, PromptTooLong
+from vramchat.daemon.llama.grammar import GrammarDeadEnd
 from vramchat.daemon.llama.state_cache import ConversationStates
 from vramchat.shared import scheduling, thinking
 
@@ -168,11 +170,13 @@ class Engine:
         sampling = {**SAMPLING_DEFAULTS, **(request.get("sampling") or {})}
         overflow = request.get("overflow") or {}
         try:
+            messages, rendered_tools = tools.template_messages(model, request["messages"], request.get("tools"))
             prompt = model.fitted_prompt(
-                request["messages"],
+                messages,
                 overflow=overflow.get("policy", "error"),
                 dropped=int(overflow.get("dropped", 0)),
                 reply_room=min(int(sampling["max_tokens"]), model.n_ctx // 4),
+                tools=rendered_tools,
             )
         except PromptTooLong as exc:
             self.send({"ev": "failed", "request": request_id, "code": "prompt_too_long", "error": str(exc)})
@@ -183,7 +187,11 @@ class Engine:
             )
             return
         prompt.stops.extend(request.get("stop") or [])  # the request's own, as OpenAI's `stop`
-        reply = model.reply(prompt, sampling)
+        try:
+            reply = tools.reply_for(model, prompt, sampling, request)
+        except tools.InvalidGrammar as exc:
+            self.send({"ev": "failed", "request": request_id, "code": "invalid_value", "error": str(exc)})
+            return
         llm = model.llm
         conversation = request.get("conversation")
         if conversation != self.conversation:
@@ -206,7 +214,8 @@ class Engine:
                     reply.stop()
         except Exception as exc:
             frames.flush()
-            self.send({"ev": "failed", "request": request_id, "code": "internal", "error": f"generation failed: {exc}"})
+            code = "invalid_value" if isinstance(exc, GrammarDeadEnd) else "internal"  # the schema, for this model
+            self.send({"ev": "failed", "request": request_id, "code": code, "error": f"generation failed: {exc}"})
             return
         ended = time.monotonic()
         frames.flush()

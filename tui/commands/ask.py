@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from vramchat.shared import scheduling
@@ -28,6 +30,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--max-tokens", type=int)
     ask.add_argument("--seed", type=int)
     ask.add_argument("--json", action="store_true", help="print the stored reply as JSON instead of streaming text")
+    ask.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        type=Path,
+        help="make the reply JSON that validates against the JSON schema in FILE (a schema, or OpenAI's {name, schema, strict})",
+    )
     ask.set_defaults(handler=cmd_ask)
 
     chat = commands.add_parser("chat", help="a line-by-line chat in the terminal")
@@ -51,25 +59,52 @@ async def cmd_ask(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
+    try:
+        schema = read_json_schema(args.json_schema) if args.json_schema else None
+    except ValueError as exc:
+        print(f"vramchat: {exc}", file=sys.stderr)
+        return 2
     async with open_client(args, "ask") as client:
         conversation = args.conversation
         if args.continue_last:
             listed = (await client.request("conversation.list"))["conversations"]
             conversation = listed[0]["id"] if listed else None
-        reply = await stream_reply(client, prompt, conversation, sampling, echo=not args.json)
+        reply = await stream_reply(client, prompt, conversation, sampling, echo=not args.json, json_schema=schema)
     if args.json:
         print_json(reply)
     return 0 if reply["status"] == "complete" else 1
 
 
+def read_json_schema(path: Path) -> dict[str, Any]:
+    """The `chat` request's json_schema from FILE: a bare schema (properties may be optional), or
+    OpenAI's response_format.json_schema object with its own `strict`."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the JSON schema in {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a JSON schema object")
+    if isinstance(loaded.get("schema"), dict) and "name" in loaded:
+        return {"schema": loaded["schema"], "strict": bool(loaded.get("strict", False))}
+    return {"schema": loaded, "strict": False}
+
+
 async def stream_reply(
-    client: Client, prompt: str, conversation: str | None, sampling: dict[str, Any], *, echo: bool
+    client: Client,
+    prompt: str,
+    conversation: str | None,
+    sampling: dict[str, Any],
+    *,
+    echo: bool,
+    json_schema: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Send a chat request and print its tokens as they arrive; returns the stored reply."""
     await client.subscribe()
     events = client.raw_events()
     request_id = uuid.uuid4().hex
     body: dict[str, Any] = {"content": prompt, "sampling": sampling}
+    if json_schema is not None:
+        body["json_schema"] = json_schema
     if conversation:
         body["conversation"] = conversation
     accepted = await client.request("chat", body, request_id=request_id)
