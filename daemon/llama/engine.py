@@ -203,7 +203,9 @@ class Engine:
         seed = reply.sampling["seed"]
         llm.set_seed(seed if seed is not None else random.randrange(2**31))
 
-        frames = TokenFrames(self.send, request_id, opening=thinking.OPEN + "\n" if prompt.opens_thinking else "")
+        # A reply under a grammar is JSON or a tool call from its first token: no reasoning opening.
+        opens_thinking = prompt.opens_thinking and not request.get("grammar")
+        frames = TokenFrames(self.send, request_id, opening=thinking.OPEN + "\n" if opens_thinking else "")
         started = time.monotonic()
         cancel_seen_at: int | None = None  # tokens generated when the engine saw the cancel
         try:
