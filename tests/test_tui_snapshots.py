@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 from conftest import LONG_MODEL_NAME
-from textual.widgets import DataTable
+from textual.widgets import Collapsible, DataTable
 from textual.widgets._collapsible import CollapsibleTitle
+from textual.widgets._footer import FooterKey
 from tui_stub import StubClient
 
 from vramchat.shared import speed
@@ -208,6 +209,10 @@ def test_a_reply_with_its_reasoning(snap_compare: Any, expanded: bool) -> None:
         if expanded:
             pilot.app.query_one(CollapsibleTitle).focus()
             await pilot.press("enter")
+            # Expanded, and the footer redrawn with the message's keys: both follow the key press
+            # by a refresh or two, later on a loaded machine.
+            while pilot.app.query_one(Collapsible).collapsed or not any(k.key == "t" for k in pilot.app.query(FooterKey)):
+                await pilot.pause(0.02)
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
