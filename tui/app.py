@@ -156,7 +156,7 @@ class VramchatApp(ChatActions):
         sample = self.state.latest_sample()
         for screen in self.screen_stack:
             for bar in screen.query(MemoryBar):
-                bar.show(sample, self.state.model)
+                bar.show(sample, self.state.model, streaming=self.state.in_flight is not None)
             if screen is not self.screen_stack[0]:
                 screen.post_message(StateChanged())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from markdown_it import MarkdownIt
@@ -11,6 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.dom import DOMNode
 from textual.message import Message
+from textual.timer import Timer
 from textual.widgets import Label, ListItem, ListView, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownBlock
 
@@ -56,10 +58,16 @@ class PromptInput(TextArea, inherit_bindings=False):
     """Enter sends; Ctrl+J (and Shift+Enter where the terminal reports it) adds a newline; ↑ in an
     empty prompt goes to the last message.
 
-    TextArea's F6 (select line) and F7 (select all) are left out: the app uses the F keys.
+    TextArea's F6 (select line) and F7 (select all) are left out: the app uses the F keys. Its
+    cursor does not blink: each blink renders the screen, 7 ms of CPU a second in an idle app,
+    taken from the llama threads on a machine they fill (docs/benchmarks.md, tui_cost).
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [b for b in TextArea.BINDINGS if _keys_of(b) not in ("f6", "f7")]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cursor_blink = False
 
     class Submitted(Message):
         def __init__(self, text: str) -> None:
@@ -238,9 +246,33 @@ def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str
     )
 
 
-class MemoryBar(Static):
-    """Always visible, on every screen; the app updates each one."""
+# While a reply streams, the memory bar changes at most this often: each change lays the screen out
+# and renders it again, CPU taken from the llama threads (docs/benchmarks.md, tui_cost).
+BAR_STREAMING_PERIOD_S = 1.0
 
-    def show(self, sample: dict[str, Any] | None, model: dict[str, Any]) -> None:
-        self.update(memory_bar_text(sample, model))
-        self.set_class(sample is not None and swapping(sample), "swapping")
+
+class MemoryBar(Static):
+    """Always visible, on every screen; the app updates each one. It is drawn only when its text
+    changes, and while a reply streams at most once per `BAR_STREAMING_PERIOD_S` (the latest text
+    then follows on a timer)."""
+
+    drawn: tuple[str, bool] | None = None  # the text and swapping flag on screen
+    drawn_at = float("-inf")
+    waiting: tuple[str, bool] | None = None  # what the timer draws
+    timer: Timer | None = None
+
+    def show(self, sample: dict[str, Any] | None, model: dict[str, Any], streaming: bool = False) -> None:
+        self.waiting = (memory_bar_text(sample, model), sample is not None and swapping(sample))
+        wait = self.drawn_at + BAR_STREAMING_PERIOD_S - time.monotonic() if streaming else 0.0
+        if wait <= 0:
+            self.draw_waiting()
+        elif self.timer is None:
+            self.timer = self.set_timer(wait, self.draw_waiting)
+
+    def draw_waiting(self) -> None:
+        self.timer, shown, self.waiting = None, self.waiting, None
+        if shown is None or shown == self.drawn:
+            return
+        self.drawn, self.drawn_at = shown, time.monotonic()
+        self.update(shown[0])
+        self.set_class(shown[1], "swapping")
