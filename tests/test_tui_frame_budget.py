@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_tui_app import FIXED_SNAPSHOT, until
 from test_tui_snapshots import sample
 from textual.app import App, ComposeResult
+from tui_stub import StubClient
 
 from vramchat.tui import widgets
+from vramchat.tui.app import VramchatApp
 from vramchat.tui.chat import NO_SPARE_CORE, SPARE_CORE, frame_budget
 from vramchat.tui.widgets import MemoryBar, PromptInput
 
@@ -60,3 +63,13 @@ async def test_the_prompt_cursor_does_not_blink() -> None:
     app = BarApp()
     async with app.run_test():
         assert app.query_one(PromptInput).cursor_blink is False
+
+
+async def test_the_app_reads_tok_events_less_often_where_the_engine_fills_every_core() -> None:
+    """The client's pace follows the model the daemon reports: its `n_threads` against this machine's CPUs."""
+    busy = {**FIXED_SNAPSHOT, "model": {**FIXED_SNAPSHOT["model"], "n_threads": 1 << 20}}
+    app = VramchatApp(StubClient(busy))
+    assert app.client.token_pace_s == SPARE_CORE.token_pace_s
+    async with app.run_test() as pilot:
+        await until(pilot, lambda: app.connected)
+        assert app.client.token_pace_s == NO_SPARE_CORE.token_pace_s > SPARE_CORE.token_pace_s

@@ -30,19 +30,22 @@ FRAME_S = 0.2
 @dataclass(frozen=True)
 class FrameBudget:
     """How often to paint: after a frame, the wait for the next is the app's CPU time over the
-    frame over `cpu_share`, between `FRAME_S` and `max_frame_s`."""
+    frame over `cpu_share`, between `FRAME_S` and `max_frame_s`. `tok` events are read in batches
+    at most every `token_pace_s` (shared/client.py): each read wakes the app, which costs it a
+    third of a millisecond of CPU, once per event otherwise."""
 
     cpu_share: float
     max_frame_s: float
+    token_pace_s: float
 
 
 # Where the engine's threads leave a core free, the app may take 5% of one, and paints at least
 # four frames a second.
-SPARE_CORE = FrameBudget(cpu_share=0.05, max_frame_s=0.25)
+SPARE_CORE = FrameBudget(cpu_share=0.05, max_frame_s=0.25, token_pace_s=FRAME_S / 2)
 # Where they fill every core, each millisecond the app spends is taken from a llama thread (about
 # 1.4 ms of generation per ms): 2% of a core, and still at least one frame a second, so that the
 # reply reads as live (docs/benchmarks.md, tui_cost).
-NO_SPARE_CORE = FrameBudget(cpu_share=0.02, max_frame_s=1.0)
+NO_SPARE_CORE = FrameBudget(cpu_share=0.02, max_frame_s=1.0, token_pace_s=0.5)
 
 
 def frame_budget(model: dict[str, Any], cpus: int) -> FrameBudget:
@@ -55,10 +58,6 @@ def frame_budget(model: dict[str, Any], cpus: int) -> FrameBudget:
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-
-# `tok` events are read in batches at most this often (shared/client.py, `token_pace_s`): each
-# read wakes the app, which costs it a third of a millisecond of CPU, once per event otherwise.
-TOKEN_PACE_S = FRAME_S / 2
 
 Fetch = Callable[[str], Awaitable[list[dict[str, Any]]]]
 Painted = Callable[[dict[str, list[str]]], None]
