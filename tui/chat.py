@@ -16,7 +16,7 @@ from textual.widgets import Label, Static
 
 from vramchat.shared.client import RequestFailed
 from vramchat.tui.state import Changes, ChatState, view_marker, view_start
-from vramchat.tui.widgets import ChatMessage, PromptInput
+from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput
 
 # Streamed text reaches the screen at most this often: the app's cost is set by the screen, not by
 # the token rate. A frame costs far more than its Markdown append: Textual then lays out and
@@ -176,6 +176,8 @@ class ChatView(Vertical):
                     if widget is not None:
                         progress = flight.progress() if flight and flight.message == message_id else None
                         await widget.append("".join(parts), progress)
+                for bar in self.screen.query(MemoryBar):
+                    bar.draw_waiting()  # in this frame's layout, not one of its own
             if self.painted is not None:
                 self.painted(pending)
             await asyncio.sleep(FRAME_S)  # Textual lays out and renders the frame meanwhile

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from markdown_it import MarkdownIt
@@ -246,33 +245,34 @@ def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str
     )
 
 
-# While a reply streams, the memory bar changes at most this often: each change lays the screen out
-# and renders it again, CPU taken from the llama threads (docs/benchmarks.md, tui_cost).
-BAR_STREAMING_PERIOD_S = 1.0
+# While a reply streams, the memory bar is drawn with the chat's frames, whose layout and render
+# then serve both (each draw of its own lays out and renders the screen, CPU taken from the llama
+# threads: docs/benchmarks.md, tui_cost); where no frame comes, after this long.
+BAR_STREAMING_PERIOD_S = 3.0
 
 
 class MemoryBar(Static):
     """Always visible, on every screen; the app updates each one. It is drawn only when its text
-    changes, and while a reply streams at most once per `BAR_STREAMING_PERIOD_S` (the latest text
-    then follows on a timer)."""
+    changes; while a reply streams, by the chat's next frame (`draw_waiting`) or at the latest
+    `BAR_STREAMING_PERIOD_S` later."""
 
     drawn: tuple[str, bool] | None = None  # the text and swapping flag on screen
-    drawn_at = float("-inf")
-    waiting: tuple[str, bool] | None = None  # what the timer draws
+    waiting: tuple[str, bool] | None = None  # the latest, not drawn yet
     timer: Timer | None = None
 
     def show(self, sample: dict[str, Any] | None, model: dict[str, Any], streaming: bool = False) -> None:
         self.waiting = (memory_bar_text(sample, model), sample is not None and swapping(sample))
-        wait = self.drawn_at + BAR_STREAMING_PERIOD_S - time.monotonic() if streaming else 0.0
-        if wait <= 0:
+        if not streaming:
             self.draw_waiting()
         elif self.timer is None:
-            self.timer = self.set_timer(wait, self.draw_waiting)
+            self.timer = self.set_timer(BAR_STREAMING_PERIOD_S, self.draw_waiting)
 
     def draw_waiting(self) -> None:
+        if self.timer is not None:
+            self.timer.stop()
         self.timer, shown, self.waiting = None, self.waiting, None
         if shown is None or shown == self.drawn:
             return
-        self.drawn, self.drawn_at = shown, time.monotonic()
+        self.drawn = shown
         self.update(shown[0])
         self.set_class(shown[1], "swapping")
