@@ -27,7 +27,7 @@ from vramchat.shared import scheduling
 from vramchat.shared.client import Client, DaemonNotRunning, RequestFailed, Snapshot
 from vramchat.shared.text import title_from
 from vramchat.tui import keys
-from vramchat.tui.chat import TOKEN_PACE_S, ChatView
+from vramchat.tui.chat import SPARE_CORE, ChatView, frame_budget, usable_cpus
 from vramchat.tui.dashboard import DashboardScreen
 from vramchat.tui.dialogs import ConfirmDialog, SettingsDialog, TextDialog
 from vramchat.tui.message_actions import ChatActions
@@ -58,7 +58,8 @@ class VramchatApp(ChatActions):
     def __init__(self, client: Client) -> None:
         super().__init__()
         self.client = client
-        client.token_pace_s = TOKEN_PACE_S
+        client.token_pace_s = SPARE_CORE.token_pace_s  # until the daemon says what its engine runs
+        self.cpus = usable_cpus()
         self.state = ChatState()
         self.connected = False
         self.last_event = 0.0
@@ -149,6 +150,7 @@ class VramchatApp(ChatActions):
         elif changes.message is not None:
             self.message_redrawn(changes.message)
         if changes.state:
+            self.client.token_pace_s = frame_budget(self.state.model, self.cpus).token_pace_s
             self.state_changed()
 
     def state_changed(self) -> None:
@@ -156,7 +158,7 @@ class VramchatApp(ChatActions):
         sample = self.state.latest_sample()
         for screen in self.screen_stack:
             for bar in screen.query(MemoryBar):
-                bar.show(sample, self.state.model)
+                bar.show(sample, self.state.model, streaming=self.state.in_flight is not None)
             if screen is not self.screen_stack[0]:
                 screen.post_message(StateChanged())
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from textual.app import ComposeResult
@@ -14,7 +16,7 @@ from textual.widgets import Label, Static
 
 from vramchat.shared.client import RequestFailed
 from vramchat.tui.state import Changes, ChatState, view_marker, view_start
-from vramchat.tui.widgets import ChatMessage, PromptInput
+from vramchat.tui.widgets import ChatMessage, MemoryBar, PromptInput
 
 # Streamed text reaches the screen at most this often: the app's cost is set by the screen, not by
 # the token rate. A frame costs far more than its Markdown append: Textual then lays out and
@@ -23,13 +25,39 @@ from vramchat.tui.widgets import ChatMessage, PromptInput
 # one attached app cost the demo model 17% of its speed). Five frames a second still reads as
 # live; the end of a reply is drawn when it arrives, unpaced.
 FRAME_S = 0.2
-# Where a frame costs more, frames are spaced further, to keep what the app spends on them under
-# this share of a core, but never fewer than four a second.
-PAINT_CPU_SHARE = 0.05
-MAX_FRAME_S = 0.25
-# `tok` events are read in batches at most this often (shared/client.py, `token_pace_s`): each
-# read wakes the app, which costs it a third of a millisecond of CPU, once per event otherwise.
-TOKEN_PACE_S = FRAME_S / 2
+
+
+@dataclass(frozen=True)
+class FrameBudget:
+    """How often to paint: after a frame, the wait for the next is the app's CPU time over the
+    frame over `cpu_share`, between `FRAME_S` and `max_frame_s`. `tok` events are read in batches
+    at most every `token_pace_s` (shared/client.py): each read wakes the app, which costs it a
+    third of a millisecond of CPU, once per event otherwise."""
+
+    cpu_share: float
+    max_frame_s: float
+    token_pace_s: float
+
+
+# Where the engine's threads leave a core free, the app may take 5% of one, and paints at least
+# four frames a second.
+SPARE_CORE = FrameBudget(cpu_share=0.05, max_frame_s=0.25, token_pace_s=FRAME_S / 2)
+# Where they fill every core, each millisecond the app spends is taken from a llama thread (about
+# 1.4 ms of generation per ms): 2% of a core, and still at least one frame a second, so that the
+# reply reads as live (docs/benchmarks.md, tui_cost).
+NO_SPARE_CORE = FrameBudget(cpu_share=0.02, max_frame_s=1.0, token_pace_s=0.5)
+
+
+def frame_budget(model: dict[str, Any], cpus: int) -> FrameBudget:
+    """The budget for a machine with `cpus` CPUs, running the engine that `model` describes (its
+    `n_threads`; a TUI attached to vramchatd runs on the daemon's machine)."""
+    threads = model.get("n_threads")
+    return NO_SPARE_CORE if isinstance(threads, int) and threads >= cpus else SPARE_CORE
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 Fetch = Callable[[str], Awaitable[list[dict[str, Any]]]]
 Painted = Callable[[dict[str, list[str]]], None]
@@ -128,13 +156,16 @@ class ChatView(Vertical):
     async def paint_tokens(self) -> None:
         """Draw what arrived since the last frame, in one Markdown append per message, forever.
 
-        After a frame, the wait for the next is the app's CPU time over the frame (the append, the
-        layout and rendering Textual does after it, the events read meanwhile) over
-        `PAINT_CPU_SHARE`, between `FRAME_S` and `MAX_FRAME_S`."""
+        After a frame, the wait for the next is set by the app's CPU time over the frame (the
+        append, the layout and rendering Textual does after it, the events read meanwhile) and
+        the `frame_budget` for the engine that runs; it is the budget's longest while the user
+        reads older messages."""
+        cpus = usable_cpus()
         while True:
             await self.paint_wanted.wait()
+            budget = frame_budget(self.state.model, cpus)
             while self.hidden():
-                await asyncio.sleep(MAX_FRAME_S)
+                await asyncio.sleep(budget.max_frame_s)
             self.paint_wanted.clear()
             started, cpu_started = time.monotonic(), time.process_time()
             async with self.drawing:
@@ -145,11 +176,20 @@ class ChatView(Vertical):
                     if widget is not None:
                         progress = flight.progress() if flight and flight.message == message_id else None
                         await widget.append("".join(parts), progress)
+                for bar in self.screen.query(MemoryBar):
+                    bar.draw_waiting()  # in this frame's layout, not one of its own
             if self.painted is not None:
                 self.painted(pending)
             await asyncio.sleep(FRAME_S)  # Textual lays out and renders the frame meanwhile
-            paced = min(MAX_FRAME_S, (time.process_time() - cpu_started) / PAINT_CPU_SHARE)
+            paced = min(budget.max_frame_s, (time.process_time() - cpu_started) / budget.cpu_share)
+            if self.reading_older():  # the end of the log, where the reply grows, is out of view
+                paced = budget.max_frame_s
             await asyncio.sleep(max(0.0, paced - (time.monotonic() - started)))
+
+    def reading_older(self) -> bool:
+        """The user scrolled up from the end of the log."""
+        log = self.message_log
+        return log.scroll_y < log.max_scroll_y
 
     def hidden(self) -> bool:
         """Another screen covers the chat (the dashboard, the models screen): its text is painted

@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.dom import DOMNode
 from textual.message import Message
+from textual.timer import Timer
 from textual.widgets import Label, ListItem, ListView, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownBlock
 
@@ -56,10 +57,16 @@ class PromptInput(TextArea, inherit_bindings=False):
     """Enter sends; Ctrl+J (and Shift+Enter where the terminal reports it) adds a newline; ↑ in an
     empty prompt goes to the last message.
 
-    TextArea's F6 (select line) and F7 (select all) are left out: the app uses the F keys.
+    TextArea's F6 (select line) and F7 (select all) are left out: the app uses the F keys. Its
+    cursor does not blink: each blink renders the screen, 7 ms of CPU a second in an idle app,
+    taken from the llama threads on a machine they fill (docs/benchmarks.md, tui_cost).
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [b for b in TextArea.BINDINGS if _keys_of(b) not in ("f6", "f7")]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cursor_blink = False
 
     class Submitted(Message):
         def __init__(self, text: str) -> None:
@@ -238,9 +245,34 @@ def memory_bar_text(sample: dict[str, Any] | None, model: dict[str, Any]) -> str
     )
 
 
-class MemoryBar(Static):
-    """Always visible, on every screen; the app updates each one."""
+# While a reply streams, the memory bar is drawn with the chat's frames, whose layout and render
+# then serve both (each draw of its own lays out and renders the screen, CPU taken from the llama
+# threads: docs/benchmarks.md, tui_cost); where no frame comes, after this long.
+BAR_STREAMING_PERIOD_S = 3.0
 
-    def show(self, sample: dict[str, Any] | None, model: dict[str, Any]) -> None:
-        self.update(memory_bar_text(sample, model))
-        self.set_class(sample is not None and swapping(sample), "swapping")
+
+class MemoryBar(Static):
+    """Always visible, on every screen; the app updates each one. It is drawn only when its text
+    changes; while a reply streams, by the chat's next frame (`draw_waiting`) or at the latest
+    `BAR_STREAMING_PERIOD_S` later."""
+
+    drawn: tuple[str, bool] | None = None  # the text and swapping flag on screen
+    waiting: tuple[str, bool] | None = None  # the latest, not drawn yet
+    timer: Timer | None = None
+
+    def show(self, sample: dict[str, Any] | None, model: dict[str, Any], streaming: bool = False) -> None:
+        self.waiting = (memory_bar_text(sample, model), sample is not None and swapping(sample))
+        if not streaming:
+            self.draw_waiting()
+        elif self.timer is None:
+            self.timer = self.set_timer(BAR_STREAMING_PERIOD_S, self.draw_waiting)
+
+    def draw_waiting(self) -> None:
+        if self.timer is not None:
+            self.timer.stop()
+        self.timer, shown, self.waiting = None, self.waiting, None
+        if shown is None or shown == self.drawn:
+            return
+        self.drawn = shown
+        self.update(shown[0])
+        self.set_class(shown[1], "swapping")
