@@ -24,7 +24,7 @@ lint: install
 
 test: lint
 	@scripts/install-test-tools.sh
-	@$(BIN)/python -m pytest -q -ra
+	@$(BIN)/python -m pytest -q -ra --durations=20
 
 bench: install
 	@$(BIN)/python -m benchmarks
